@@ -1,0 +1,52 @@
+"""Data backends. Each registers a module with `build_train(source, cfg, device, rank, world)` and
+`build_val(...)` returning loaders that follow `pipelines.contract`. Optional backends (dali,
+ffcv) register only when their library imports.
+"""
+import importlib
+
+_BACKENDS = {"torch": "pipelines.torch_backend"}
+_OPTIONAL = {}  # name -> (module, library it needs); filled in by later backends
+
+
+def available_pipelines():
+    names = list(_BACKENDS)
+    for name, (mod, lib) in _OPTIONAL.items():
+        if importlib.util.find_spec(lib) is not None:
+            names.append(name)
+    return tuple(names)
+
+
+def get_backend(name: str):
+    if name in _BACKENDS:
+        return importlib.import_module(_BACKENDS[name])
+    if name in _OPTIONAL:
+        return importlib.import_module(_OPTIONAL[name][0])
+    raise ValueError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
+
+
+def build_loaders(cfg, device, rank: int = 0, world: int = 1):
+    """(train_loader, val_loader, train_source) for the configured dataset and backend."""
+    from pipelines.sources import open_source
+    train_src = open_source(cfg.data, train=True)
+    if cfg.data.subset:
+        train_src = subset(train_src, cfg.data.subset)
+    val_src = open_source(cfg.data, train=False, train_classes=train_src.classes)
+    backend = get_backend(cfg.pipeline.name)
+    return (backend.build_train(train_src, cfg, device, rank, world),
+            backend.build_val(val_src, cfg, device, rank, world), train_src)
+
+
+def subset(src, n: int):
+    """An evenly strided n-sample subset (class-balanced for sorted folders); it becomes the
+    source's canonical order, so `index` counts positions within the subset."""
+    import copy
+
+    import numpy as np
+    out = copy.copy(src)
+    keep = np.linspace(0, len(src) - 1, num=min(n, len(src))).round().astype(np.int64)
+    out.labels = src.labels[keep]
+    if hasattr(src, "images"):
+        out.images = src.images[keep]
+    if hasattr(src, "files"):
+        out.files = [src.files[k] for k in keep]
+    return out

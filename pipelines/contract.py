@@ -1,0 +1,43 @@
+"""The batch contract every backend (torch, dali, ffcv) follows.
+
+Training batches are `Batch(weak, strong, target, index)`:
+  weak, strong  float32, shape (N, 3, H, W), `torch.channels_last` memory format, on the training
+                device, normalised as (x / 255 - mean) / std with the dataset's mean/std; H = W =
+                `data.image_size`. Autocast (bf16/fp16) casts inside the model, so inputs stay fp32.
+  target        int64, shape (N,), class index in the sorted class list of the source.
+  index         int64, shape (N,), the sample's position in the source's canonical order
+                (`pipelines.sources`), so (epoch, index, view) identifies a view exactly.
+Validation batches are `ValBatch(image, target, index)` with the same conventions.
+Backends do the uint8 -> float conversion and normalisation on the device, after the copy.
+"""
+from typing import NamedTuple
+
+import torch
+
+
+class Batch(NamedTuple):
+    weak: torch.Tensor
+    strong: torch.Tensor
+    target: torch.Tensor
+    index: torch.Tensor
+
+
+class ValBatch(NamedTuple):
+    image: torch.Tensor
+    target: torch.Tensor
+    index: torch.Tensor
+
+
+class Normalizer:
+    """uint8 NHWC (host or device) -> normalised float32 NCHW channels-last on `device`."""
+
+    def __init__(self, mean_std, device):
+        mean, std = mean_std
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0)
+
+    def __call__(self, x_nhwc_uint8: torch.Tensor) -> torch.Tensor:
+        x = x_nhwc_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # channels-last view
+        x = (x.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last)

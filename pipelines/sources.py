@@ -1,0 +1,177 @@
+"""Dataset sources shared by every backend: ImageFolder trees, CIFAR python pickles, the demo set.
+
+A source is an indexable list of (image, label); `index` is the position in this canonical order
+(sorted class folders and file names; pickle order for CIFAR; file order for the demo). Every
+backend reports that same index with each sample.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# (mean, std) in [0, 1] units.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names the file or folder."""
+
+
+class ArraySource:
+    """In-memory uint8 NHWC images with integer labels (CIFAR, demo)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], mean_std, name: str):
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.classes, self.mean_std, self.name = list(classes), mean_std, name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+    def size_of(self, i: int) -> Tuple[int, int]:
+        return self.images.shape[1], self.images.shape[2]
+
+
+class FolderSource:
+    """ImageFolder layout: root/<class>/<image>, classes and files in sorted order."""
+
+    def __init__(self, root: str, classes: Optional[List[str]] = None, skip_bad: bool = False,
+                 mean_std=NORMALIZATION["imagenet"], name: str = "imagefolder"):
+        found = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not found:
+            raise DataError(f"{root}: no class folders (expected root/<class>/<image>)")
+        if classes is not None and found != list(classes):
+            extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+            raise DataError(f"{root}: class folders differ from the training split "
+                            f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        self.classes, self.mean_std, self.name, self.skip_bad = found, mean_std, name, skip_bad
+        self.files: List[str] = []
+        labels = []
+        for c, cls in enumerate(found):
+            names = sorted(f for f in os.listdir(os.path.join(root, cls)) if not f.startswith("."))
+            for f in names:
+                path = os.path.join(root, cls, f)
+                if not f.lower().endswith(IMG_EXTENSIONS):
+                    if skip_bad:
+                        log.warning("skipping non-image file %s", path)
+                        continue
+                    raise DataError(f"{path}: not an image file (use data.skip_bad_images=true to skip)")
+                self.files.append(path)
+                labels.append(c)
+        if not self.files:
+            raise DataError(f"{root}: no images found")
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.skipped: List[str] = []
+
+    def __len__(self):
+        return len(self.files)
+
+    def _open(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+    def load(self, i: int) -> Image.Image:
+        if not self.skip_bad:
+            return self._open(self.files[i])
+        # Skip mode: a corrupt file is logged and replaced by the next readable sample, chosen
+        # deterministically so every backend and every run substitutes the same one.
+        for k in range(len(self.files)):
+            j = (i + k) % len(self.files)
+            try:
+                return self._open(self.files[j])
+            except DataError as e:
+                log.warning("skipping unreadable image: %s", e)
+        raise DataError("no readable image in the dataset")
+
+    def size_of(self, i: int) -> Tuple[int, int]:
+        with Image.open(self.files[i]) as im:
+            return im.size[1], im.size[0]
+
+
+def _unpickle(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing CIFAR pickle (expected the 'python version' archive contents)")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise DataError(f"{path}: unreadable CIFAR pickle ({type(e).__name__}: {e})") from None
+
+
+def cifar_source(root: str, train: bool, num_classes: int) -> ArraySource:
+    """CIFAR-10/100 'python version' folder (root itself or root/cifar-{10-batches,100}-py)."""
+    sub = "cifar-100-python" if num_classes == 100 else "cifar-10-batches-py"
+    if os.path.isdir(os.path.join(root, sub)):
+        root = os.path.join(root, sub)
+    if num_classes == 100:
+        files, label_key, meta, names_key = (["train"] if train else ["test"]), b"fine_labels", "meta", b"fine_label_names"
+    else:
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        label_key, meta, names_key = b"labels", "batches.meta", b"label_names"
+    data, labels = [], []
+    for f in files:
+        d = _unpickle(os.path.join(root, f))
+        data.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels += list(d[label_key])
+    classes = [n.decode() for n in _unpickle(os.path.join(root, meta))[names_key]]
+    name = f"cifar{num_classes}"
+    return ArraySource(np.ascontiguousarray(np.concatenate(data)), np.asarray(labels), classes,
+                       NORMALIZATION[name], name)
+
+
+def demo_source(root: str, train: bool) -> ArraySource:
+    """The embedded demo set written by `datasets_prep/make_demo.py` (npz + meta.json)."""
+    path = os.path.join(root, "train.npz" if train else "test.npz")
+    meta_path = os.path.join(root, "meta.json")
+    for p in (path, meta_path):
+        if not os.path.isfile(p):
+            raise DataError(f"{p}: missing (create it with: python datasets_prep/make_demo.py --out {root})")
+    with np.load(path) as z:
+        images, labels = z["images"], z["labels"]
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return ArraySource(images, labels, meta["classes"], (tuple(meta["mean"]), tuple(meta["std"])), "demo")
+
+
+def open_source(data_cfg, train: bool, train_classes: Optional[List[str]] = None):
+    """The configured dataset's train or validation split."""
+    root, ds = data_cfg.root, data_cfg.dataset
+    if not root or not os.path.exists(root):
+        raise DataError(f"data.root '{root}' does not exist")
+    if not os.path.isdir(root) or not os.listdir(root):
+        raise DataError(f"data.root '{root}' is empty or not a folder")
+    if ds in ("cifar10", "cifar100"):
+        src = cifar_source(root, train, 100 if ds == "cifar100" else 10)
+    elif ds == "demo":
+        src = demo_source(root, train)
+    else:
+        split = os.path.join(root, "train" if train else "val")
+        if not os.path.isdir(split):
+            raise DataError(f"{split}: missing split folder (expected {root}/train and {root}/val)")
+        src = FolderSource(split, classes=train_classes, skip_bad=data_cfg.skip_bad_images,
+                           mean_std=NORMALIZATION.get(ds, NORMALIZATION["imagenet"]), name=ds)
+    if len(src.classes) != data_cfg.num_classes:
+        raise DataError(f"{root}: dataset has {len(src.classes)} classes but data.num_classes="
+                        f"{data_cfg.num_classes}")
+    return src

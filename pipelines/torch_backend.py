@@ -1,0 +1,128 @@
+"""`torch`: the reference two-view backend (PyTorch DataLoader + PIL), and the speed baseline.
+
+Each sample is decoded once; the weak view (crop + flip) and the strong view (its own crop + flip,
+then the paper's RandAugment + Cutout) are made from that decode with parameters from
+`pipelines.view_params`, so views are a pure function of (seed, epoch, index, view).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipelines.contract import Batch, Normalizer, ValBatch
+from pipelines.randaugment_pil import apply_strong
+from pipelines.sampler import EpochSampler
+from pipelines.view_params import Crop, sample_views
+
+
+def apply_crop(img: Image.Image, c: Crop, size: int) -> Image.Image:
+    box = (c.left, c.top, c.left + c.width, c.top + c.height)
+    if c.height == size and c.width == size:
+        out = img.crop(box)  # PIL fills outside the image with zeros == RandomCrop's zero padding
+    else:
+        out = img.resize((size, size), Image.BILINEAR, box=box)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if c.flip else out
+
+
+class TwoViewDataset(Dataset):
+    """Item key is (epoch, index) so persistent workers need no epoch broadcast."""
+
+    def __init__(self, source, data_cfg, pipe_cfg, seed: int):
+        self.source, self.seed = source, seed
+        self.size, self.crop, self.pad = data_cfg.image_size, data_cfg.train_crop, data_cfg.crop_padding
+        self.n_ops, self.strong_aug = pipe_cfg.randaug_n, pipe_cfg.strong_aug
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        img = self.source.load(index)
+        weak_c, strong_c, sp = sample_views(self.seed, epoch, index, img.size[1], img.size[0],
+                                            crop=self.crop, size=self.size, pad=self.pad,
+                                            n_ops=self.n_ops, strong_aug=self.strong_aug)
+        weak = apply_crop(img, weak_c, self.size)
+        strong = apply_crop(img, strong_c, self.size)
+        if sp is not None:
+            strong = apply_strong(strong, sp)
+        return np.asarray(weak), np.asarray(strong), int(self.source.labels[index]), index
+
+
+class ValDataset(Dataset):
+    def __init__(self, source, data_cfg):
+        self.source, self.size, self.resize = source, data_cfg.image_size, data_cfg.val_resize
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, key):
+        _, index = key
+        img = self.source.load(index)
+        if self.resize:  # resize shorter side, then centre crop (ImageNet protocol)
+            w, h = img.size
+            s = self.resize / min(w, h)
+            img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        elif img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), Image.BILINEAR)
+        return np.asarray(img), int(self.source.labels[index]), index
+
+
+def _collate(items):
+    cols = list(zip(*items))
+    out = [torch.from_numpy(np.stack(c)) if isinstance(c[0], np.ndarray) else torch.as_tensor(c)
+           for c in cols]
+    return out
+
+
+class _DeviceLoader:
+    """Wraps a DataLoader: uint8 host batches -> contract batches on the device."""
+
+    def __init__(self, loader, sampler, normalize, kind):
+        self.loader, self.sampler, self.normalize, self.kind = loader, sampler, normalize, kind
+
+    def set_epoch(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        dev = self.normalize.device
+        for cols in self.loader:
+            if self.kind == "train":
+                w, s, y, i = cols
+                yield Batch(self.normalize(w), self.normalize(s), y.to(dev, non_blocking=True),
+                            i.to(dev, non_blocking=True))
+            else:
+                x, y, i = cols
+                yield ValBatch(self.normalize(x), y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
+
+
+def _loader(dataset, sampler, pipe_cfg, device, per_rank_batch, drop_last, seed):
+    workers = pipe_cfg.num_workers
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
+                      collate_fn=_collate, pin_memory=torch.device(device).type == "cuda",
+                      drop_last=drop_last, persistent_workers=workers > 0, generator=g,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def build_train(source, cfg, device, rank: int = 0, world: int = 1):
+    per_rank = cfg.pipeline.batch_size // world
+    sampler = EpochSampler(len(source), seed=cfg.run.seed, shuffle=True, rank=rank, world=world)
+    ds = TwoViewDataset(source, cfg.data, cfg.pipeline, cfg.run.seed)
+    dl = _loader(ds, sampler, cfg.pipeline, device, per_rank, cfg.pipeline.drop_last, cfg.run.seed)
+    return _DeviceLoader(dl, sampler, Normalizer(source.mean_std, device), "train")
+
+
+def build_val(source, cfg, device, rank: int = 0, world: int = 1):
+    sampler = EpochSampler(len(source), seed=0, shuffle=False, rank=rank, world=world, pad=False)
+    dl = _loader(ValDataset(source, cfg.data), sampler, cfg.pipeline, device,
+                 cfg.pipeline.val_batch_size, False, 0)
+    return _DeviceLoader(dl, sampler, Normalizer(source.mean_std, device), "val")

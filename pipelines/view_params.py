@@ -1,0 +1,89 @@
+"""Replayable view parameters: every random choice of a view is a pure function of
+(seed, epoch, sample index, view), drawn from a counter-based Philox generator.
+
+No hidden global RNG state is involved, so any backend, worker count or process layout that is
+handed the same (seed, epoch, index, view) makes the same view.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Tuple
+
+import numpy as np
+
+from pipelines.augment_spec import CUTOUT_MAX_FRAC, N_OPS, STRONG_OPS
+
+WEAK, STRONG = 0, 1
+
+
+def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(key=seed & (2**64 - 1),
+                                                counter=[view, index, epoch, 0]))
+
+
+class Crop(NamedTuple):
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+class StrongParams(NamedTuple):
+    ops: Tuple[Tuple[int, float], ...]   # (index into STRONG_OPS, magnitude)
+    cutout_frac: float                   # side / image width, in [0, CUTOUT_MAX_FRAC)
+    cutout_cx: float                     # centre, as a fraction of width / height, in [0, 1)
+    cutout_cy: float
+
+
+def pad_crop(rng, img_h: int, img_w: int, size: int, pad: int) -> Crop:
+    """RandomCrop(size, padding=pad) + flip: the box may reach `pad` pixels outside the image."""
+    top = int(rng.integers(0, img_h + 2 * pad - size + 1)) - pad
+    left = int(rng.integers(0, img_w + 2 * pad - size + 1)) - pad
+    return Crop(top, left, size, size, bool(rng.random() < 0.5))
+
+
+def random_resized_crop(rng, img_h: int, img_w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Crop:
+    """torchvision's RandomResizedCrop box algorithm (10 tries, then a clamped centre crop) + flip."""
+    area = img_h * img_w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    box = None
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_r[0], log_r[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= img_w and 0 < h <= img_h:
+            box = (int(rng.integers(0, img_h - h + 1)), int(rng.integers(0, img_w - w + 1)), h, w)
+            break
+    if box is None:
+        in_ratio = img_w / img_h
+        if in_ratio < ratio[0]:
+            w, h = img_w, int(round(img_w / ratio[0]))
+        elif in_ratio > ratio[1]:
+            h, w = img_h, int(round(img_h * ratio[1]))
+        else:
+            w, h = img_w, img_h
+        box = ((img_h - h) // 2, (img_w - w) // 2, h, w)
+    return Crop(*box, bool(rng.random() < 0.5))
+
+
+def strong_params(rng, n_ops: int = N_OPS) -> StrongParams:
+    idx = rng.integers(0, len(STRONG_OPS), size=n_ops)
+    ops: List[Tuple[int, float]] = []
+    for i in idx:
+        spec = STRONG_OPS[int(i)]
+        ops.append((int(i), float(spec.low + (spec.high - spec.low) * rng.random())))
+    return StrongParams(tuple(ops), float(rng.random() * CUTOUT_MAX_FRAC), float(rng.random()),
+                        float(rng.random()))
+
+
+def sample_views(seed: int, epoch: int, index: int, img_h: int, img_w: int, *, crop: str, size: int,
+                 pad: int, n_ops: int = N_OPS, strong_aug: bool = True):
+    """(weak Crop, strong Crop, StrongParams or None) for one sample in one epoch."""
+    views = []
+    for v in (WEAK, STRONG):
+        rng = view_rng(seed, epoch, index, v)
+        c = pad_crop(rng, img_h, img_w, size, pad) if crop == "pad" else random_resized_crop(rng, img_h, img_w)
+        views.append((c, strong_params(rng, n_ops) if v == STRONG and strong_aug else None))
+    return views[0][0], views[1][0], views[1][1]

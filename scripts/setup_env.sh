@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install everything the project needs (idempotent).
+#   bash scripts/setup_env.sh          # called by `make demo` / `make test`
+# A stamp file keyed on the requirement files makes a second run a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP="$VENV/.installed-$(cat requirements.txt requirements-ffcv.txt scripts/setup_env.sh | sha1sum | cut -c1-12)"
+[ -f "$STAMP" ] && exit 0
+
+# System libraries for the FFCV build.
+SYS_PKGS="pkg-config libturbojpeg0-dev libopencv-dev"
+missing=""
+for p in $SYS_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] apt-get install -y$missing"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null
+  else
+    echo "[setup] cannot apt-get (not root or no apt): install$missing with your package manager for FFCV; continuing without FFCV" >&2
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+"$VENV/bin/python" -m pip install -q -r requirements.txt
+if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
+  # ffcv's setup.py imports numpy and pkg-config at build time: no build isolation.
+  "$VENV/bin/python" -m pip install -q --no-build-isolation -r requirements-ffcv.txt \
+    || echo "[setup] FFCV failed to build; the ffcv pipeline will be unavailable" >&2
+else
+  echo "[setup] skipping FFCV: pkg-config cannot find libturbojpeg/opencv4" >&2
+fi
+rm -f "$VENV"/.installed-*
+touch "$STAMP"
+echo "[setup] environment ready in $VENV"
