@@ -1,4 +1,4 @@
-"""Data backends. Each registers a module with `build_train(source, cfg, device, rank, world)` and
+"""Data backends. Each registers a module with `build_train(source, cfg, device, rank, world, views)` and
 `build_val(...)` returning loaders that follow `pipelines.contract`. Optional backends (dali,
 ffcv) register only when their library imports.
 """
@@ -32,7 +32,8 @@ def build_loaders(cfg, device, rank: int = 0, world: int = 1):
         train_src = subset(train_src, cfg.data.subset)
     val_src = open_source(cfg.data, train=False, train_classes=train_src.classes)
     backend = get_backend(cfg.pipeline.name)
-    return (backend.build_train(train_src, cfg, device, rank, world),
+    views = 2 if cfg.method.name == "crld" else 1  # single-view methods skip the strong view
+    return (backend.build_train(train_src, cfg, device, rank, world, views),
             backend.build_val(val_src, cfg, device, rank, world), train_src)
 
 

@@ -7,6 +7,8 @@ Training batches are `Batch(weak, strong, target, index)`:
   target        int64, shape (N,), class index in the sorted class list of the source.
   index         int64, shape (N,), the sample's position in the source's canonical order
                 (`pipelines.sources`), so (epoch, index, view) identifies a view exactly.
+A backend built with `views=1` (single-view methods: ce, kd, dkd) yields `strong=None` and skips
+the strong augmentation entirely.
 Validation batches are `ValBatch(image, target, index)` with the same conventions.
 Backends do the uint8 -> float conversion and normalisation on the device, after the copy.
 """

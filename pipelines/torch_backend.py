@@ -29,8 +29,8 @@ def apply_crop(img: Image.Image, c: Crop, size: int) -> Image.Image:
 class TwoViewDataset(Dataset):
     """Item key is (epoch, index) so persistent workers need no epoch broadcast."""
 
-    def __init__(self, source, data_cfg, pipe_cfg, seed: int):
-        self.source, self.seed = source, seed
+    def __init__(self, source, data_cfg, pipe_cfg, seed: int, views: int = 2):
+        self.source, self.seed, self.views = source, seed, views
         self.size, self.crop, self.pad = data_cfg.image_size, data_cfg.train_crop, data_cfg.crop_padding
         self.n_ops, self.strong_aug = pipe_cfg.randaug_n, pipe_cfg.strong_aug
 
@@ -44,6 +44,8 @@ class TwoViewDataset(Dataset):
                                             crop=self.crop, size=self.size, pad=self.pad,
                                             n_ops=self.n_ops, strong_aug=self.strong_aug)
         weak = apply_crop(img, weak_c, self.size)
+        if self.views == 1:
+            return np.asarray(weak), int(self.source.labels[index]), index
         strong = apply_crop(img, strong_c, self.size)
         if sp is not None:
             strong = apply_strong(strong, sp)
@@ -95,9 +97,9 @@ class _DeviceLoader:
         dev = self.normalize.device
         for cols in self.loader:
             if self.kind == "train":
-                w, s, y, i = cols
-                yield Batch(self.normalize(w), self.normalize(s), y.to(dev, non_blocking=True),
-                            i.to(dev, non_blocking=True))
+                w, s, y, i = cols if len(cols) == 4 else (cols[0], None, *cols[1:])
+                yield Batch(self.normalize(w), None if s is None else self.normalize(s),
+                            y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
             else:
                 x, y, i = cols
                 yield ValBatch(self.normalize(x), y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
@@ -113,10 +115,10 @@ def _loader(dataset, sampler, pipe_cfg, device, per_rank_batch, drop_last, seed)
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def build_train(source, cfg, device, rank: int = 0, world: int = 1):
+def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
     per_rank = cfg.pipeline.batch_size // world
     sampler = EpochSampler(len(source), seed=cfg.run.seed, shuffle=True, rank=rank, world=world)
-    ds = TwoViewDataset(source, cfg.data, cfg.pipeline, cfg.run.seed)
+    ds = TwoViewDataset(source, cfg.data, cfg.pipeline, cfg.run.seed, views)
     dl = _loader(ds, sampler, cfg.pipeline, device, per_rank, cfg.pipeline.drop_last, cfg.run.seed)
     return _DeviceLoader(dl, sampler, Normalizer(source.mean_std, device), "train")
 

@@ -1,0 +1,82 @@
+"""Train a student (or a teacher, with method ce) with CE, KD, DKD or CRLD.
+
+    python train.py --config configs/cifar100/crld/res32x4_res8x4.yaml \
+        teacher.ckpt=checkpoints/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth optim.lr=0.05
+    python train.py --config configs/demo/crld.yaml --resume          # continue runs/<name>/last.pt
+    torchrun --nproc_per_node=2 train.py --config ...                 # one process per device
+
+Writes runs/<run.name>/: config.yaml (resolved), run_info.json (git commit, argv, versions),
+metrics.jsonl (one line per epoch), best.pt / last.pt (atomic), summary.json.
+"""
+import argparse
+import logging
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from training.cli import run_main  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="CRLD knowledge-distillation trainer",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", help="YAML file: a small diff over the defaults")
+    ap.add_argument("--pipeline", help="data backend (shorthand for pipeline.name=...)")
+    ap.add_argument("--resume", action="store_true", help="continue from runs/<name>/last.pt")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 method.name=kd")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from training.config import load_config, to_yaml
+    from training.loop import Trainer
+    from training.runtime import dist_from_env, resolve_device, seed_everything, write_run_info
+    from pipelines import build_loaders
+
+    overrides = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return None
+    dist = dist_from_env()
+    device = resolve_device(cfg.run.device, dist)
+    if dist.world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    name = cfg.run.name or f"{cfg.method.name}_{cfg.model.name}"
+    run_dir = os.path.join(cfg.run.out_dir, name)
+    last = os.path.join(run_dir, "last.pt")
+    if args.resume and not os.path.isfile(last):
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    if not args.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and dist.is_main:
+        if not args.overwrite:
+            raise FileExistsError(f"{run_dir} already holds a run; use --resume, --overwrite "
+                                  f"or another run.name")
+        shutil.rmtree(run_dir)
+    seed_everything(cfg.run.seed + dist.rank, cfg.run.deterministic)
+    if dist.is_main:
+        write_run_info(run_dir, to_yaml(cfg), device)
+    train_loader, val_loader, _ = build_loaders(cfg, device, dist.rank, dist.world)
+    trainer = Trainer(cfg, device, run_dir, train_loader, val_loader, dist)
+    if args.resume:
+        trainer.resume(last)
+        logging.info("resumed %s at epoch %d", last, trainer.epoch)
+    summary = trainer.fit()
+    if dist.is_main:
+        print(f"done: best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
+              f"last top-1 {summary['last_top1']:.2f}, {summary['wall_time_s']:.0f}s -> {run_dir}")
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

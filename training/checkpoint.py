@@ -1,0 +1,80 @@
+"""Checkpoints: atomic writes, safe loading (`weights_only=True`), and lenient weight import.
+
+`load_model_weights` accepts this project's checkpoints, `{"model": sd}` / `{"state_dict": sd}`
+files (the CRD / mdistiller teacher zoo), bare state dicts and `module.`-prefixed keys.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Dict
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def safe_load(path: str, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused to load (weights_only=True: it contains objects "
+                              f"beyond tensors and plain containers): {first}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def extract_state_dict(obj, path: str = "<checkpoint>") -> Dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict", "student"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no state dict found (expected a state dict or a dict with "
+                              f"'model' or 'state_dict')")
+    sd = dict(obj)
+    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    """Strictly load weights into `model`, with a message listing what does not fit."""
+    sd = extract_state_dict(safe_load(path), path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__} "
+                              f"(wrong architecture or class count?): " + " | ".join(parts))
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,42 @@
+"""Entry-point plumbing: user errors become one line on stderr and exit code 2, not a traceback."""
+import logging
+import os
+import sys
+
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "RuntimeConfigError", "NonFiniteLoss",
+               "FileNotFoundError", "FileExistsError")
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc`; for errors re-raised from DataLoader workers, the original line."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1]
+    for name in USER_ERRORS:  # "pipelines.sources.DataError: <msg>" from a worker traceback
+        marker = f"{name}: "
+        if marker in line and len(lines) > 1:
+            return line.split(marker, 1)[1]
+    return line
+
+
+def is_user_error(exc: BaseException) -> bool:
+    names = {type(exc).__name__} | {c.__name__ for c in type(exc).__mro__}
+    if names & set(USER_ERRORS):
+        return True
+    return any(f"{n}: " in str(exc) for n in USER_ERRORS)
+
+
+def run_main(main) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        main()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the point is to classify
+        if is_user_error(e) and not os.environ.get("CRLD_TRACEBACK"):
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+        raise

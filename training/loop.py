@@ -1,0 +1,260 @@
+"""The training loop: one small readable `Trainer` for ce / kd / dkd / crld.
+
+The teacher is frozen, in eval mode, never wrapped, and runs once per step on both views
+concatenated under `torch.inference_mode()`. The student runs the two views as two forwards (BN
+statistics per view, as the paper) unless `method.joint_forward`. The hot loop has no host syncs
+except every `run.log_every` steps, where progress and the non-finite check are read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
+from training.losses import crld_masks, method_loss
+from training.models import create_model
+from training.runtime import autocast_for, rng_state, set_rng_state
+from training.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_optimizer(params, optim, device: torch.device):
+    kw = dict(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+    impl = optim.impl
+    if impl == "apex":
+        try:
+            from apex.optimizers import FusedSGD  # NVIDIA apex, only when already installed
+        except ImportError:
+            raise RuntimeError("optim.impl=apex but NVIDIA apex is not importable "
+                               "(it ships in NVIDIA's PyTorch containers; use optim.impl=auto)") from None
+        return FusedSGD(params, **kw)
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    return torch.optim.SGD(params, **{impl: True}, **kw)
+
+
+def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """Number of correct top-k predictions, as a device tensor (no sync)."""
+    k = min(max(ks), logits.shape[1])
+    pred = logits.topk(k, 1).indices
+    hit = pred.eq(target[:, None])
+    return torch.stack([hit[:, :min(kk, k)].any(1).sum() for kk in ks])
+
+
+class Trainer:
+    def __init__(self, cfg, device: torch.device, run_dir: str, train_loader, val_loader, dist=None):
+        self.cfg, self.device, self.run_dir = cfg, device, run_dir
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.method = cfg.method
+        nc = cfg.data.num_classes
+        mf = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+        self.student = create_model(cfg.model.name, nc).to(device, memory_format=mf)
+        if cfg.model.ckpt:
+            load_model_weights(self.student, cfg.model.ckpt)
+        self.teacher = None
+        if self.method.name != "ce":
+            if not cfg.teacher.ckpt:
+                raise CheckpointError(f"teacher.ckpt is required for method '{self.method.name}'")
+            self.teacher = create_model(cfg.teacher.name, nc)
+            load_model_weights(self.teacher, cfg.teacher.ckpt)
+            self.teacher.to(device, memory_format=mf).eval().requires_grad_(False)
+        self.model = self.student
+        if dist is not None and dist.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = build_optimizer(self.student.parameters(), cfg.optim, device)
+        self.autocast, self.amp_dtype, use_scaler = autocast_for(cfg.run.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.steps_per_epoch = len(train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training set is smaller than one batch (lower pipeline.batch_size)")
+        self.epoch, self.step, self.best_top1 = 0, 0, -1.0
+        self.history = []
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        from omegaconf import OmegaConf
+        return {"model": self.student.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "best_top1": self.best_top1, "lr": self.opt.param_groups[0]["lr"],
+                "model_name": self.cfg.model.name, "config": OmegaConf.to_yaml(self.cfg),
+                "rng": rng_state(), "history": json.dumps(self.history)}
+
+    def save(self, name: str):
+        if self.is_main:
+            atomic_save(self.state(), os.path.join(self.run_dir, name))
+
+    def resume(self, path: str):
+        ck = safe_load(path, map_location=self.device)
+        for key in ("model", "optimizer", "epoch", "step"):
+            if key not in ck:
+                raise CheckpointError(f"{path}: not a training checkpoint (no '{key}'); "
+                                      f"use model.ckpt to start from weights")
+        self.student.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.epoch, self.step, self.best_top1 = ck["epoch"], ck["step"], ck["best_top1"]
+        self.history = json.loads(ck.get("history", "[]"))
+        set_rng_state(ck["rng"])
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _forward_losses(self, batch):
+        w, s, y = batch.weak, batch.strong, batch.target
+        two_views = self.method.name == "crld"
+        t_w = t_s = None
+        if self.teacher is not None:
+            with torch.inference_mode(), self.autocast():
+                t = self.teacher(torch.cat([w, s]) if two_views else w)
+            # Clone leaves inference mode so the loss may save these for backward.
+            t = t.float().clone()
+            t_w, t_s = (t.chunk(2) if two_views else (t, None))
+        with self.autocast():
+            if not two_views:
+                s_w, s_s = self.model(w), None
+            elif self.method.joint_forward:
+                s_w, s_s = self.model(torch.cat([w, s])).chunk(2)
+            else:
+                s_w, s_s = self.model(w), self.model(s)
+        losses = method_loss(self.method, s_w, s_s, t_w, t_s, y, epoch=self.epoch + 1)
+        if two_views:  # pass rates of the confidence gates, for the logs
+            m_w, m_s = crld_masks(t_w, t_s, self.method.tau_w, self.method.tau_s)
+            losses["mask_w_rate"], losses["mask_s_rate"] = m_w.float().mean(), m_s.float().mean()
+        return losses, s_w, t_w, t_s
+
+    def train_epoch(self):
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        names, sums, acc, n_seen = None, None, None, 0
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_comps = None
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
+                   disable=not (self.is_main and self.cfg.run.progress), leave=False, dynamic_ncols=True)
+        t0, wait = time.perf_counter(), 0.0
+        t_fetch = time.perf_counter()
+        for i, batch in enumerate(self.train_loader):
+            wait += time.perf_counter() - t_fetch
+            lr = lr_at(self.step, self.steps_per_epoch, self.cfg.optim)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            losses, s_w, t_w, t_s = self._forward_losses(batch)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(losses["loss"]).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            with torch.no_grad():
+                comps = torch.stack([v.detach().float() for v in losses.values()])
+                if names is None:
+                    names = list(losses)
+                    sums = torch.zeros_like(comps)
+                    acc = torch.zeros(2, dtype=torch.long, device=self.device)
+                    bad_comps = torch.zeros(len(names), dtype=torch.bool, device=self.device)
+                bs = batch.target.numel()
+                sums += comps * bs
+                acc += accuracy_counts(s_w.detach(), batch.target)
+                finite = torch.isfinite(comps)
+                newly = (first_bad < 0) & ~finite.all()
+                first_bad = torch.where(newly, torch.full_like(first_bad, self.step), first_bad)
+                bad_comps = torch.where(newly, ~finite, bad_comps)
+            n_seen += bs
+            self.step += 1
+            last = i + 1 == self.steps_per_epoch
+            if (i + 1) % self.cfg.run.log_every == 0 or last:
+                self._check_finite(first_bad, bad_comps, names, sums / max(n_seen, 1))
+                avg = (sums / n_seen).tolist()
+                bar.set_postfix(loss=f"{avg[0]:.3f}", acc=f"{100.0 * acc[0].item() / n_seen:.1f}",
+                                sps=f"{n_seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
+            bar.update(1)
+            t_fetch = time.perf_counter()
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        stats = {f"train_{k}": v for k, v in zip(names, (sums / n_seen).tolist())}
+        stats.update(train_top1=100.0 * acc[0].item() / n_seen, lr=lr, epoch_time_s=elapsed,
+                     samples_per_s=n_seen / elapsed, data_wait_frac=wait / elapsed)
+        return stats
+
+    def _check_finite(self, first_bad, bad_comps, names, avgs):
+        step = int(first_bad.item())
+        if step >= 0:
+            comps = [n for n, b in zip(names, bad_comps.tolist()) if b]
+            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {step // self.steps_per_epoch + 1}) "
+                                f"in component(s): {', '.join(comps)}; stopping "
+                                f"(try a lower optim.lr or run.amp=off)")
+
+    # ---- validation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, model: Optional[torch.nn.Module] = None) -> dict:
+        model = model or self.student
+        model.eval()
+        tot = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, top1, top5
+        n = torch.zeros((), dtype=torch.long, device=self.device)
+        for batch in self.val_loader:
+            with self.autocast():
+                logits = model(batch.image)
+            logits = logits.float()
+            tot[0] += F.cross_entropy(logits, batch.target, reduction="sum").double()
+            tot[1:] += accuracy_counts(logits, batch.target).double()
+            n += batch.target.numel()
+        if self.dist is not None and self.dist.world > 1:
+            torch.distributed.all_reduce(tot)
+            torch.distributed.all_reduce(n)
+        n = max(int(n.item()), 1)
+        loss, top1, top5 = (tot / n).tolist()
+        return {"val_loss": loss, "val_top1": 100.0 * top1, "val_top5": 100.0 * top5}
+
+    # ---- the run -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        epochs = self.cfg.optim.epochs
+        t_start = time.perf_counter()
+        if self.teacher is not None and self.is_main:
+            self.teacher_metrics = self.validate(self.teacher)
+            log.info("teacher %s: top-1 %.2f", self.cfg.teacher.name, self.teacher_metrics["val_top1"])
+        exit_after = int(os.environ.get("CRLD_TEST_EXIT_AFTER_EPOCH", "0"))
+        while self.epoch < epochs:
+            stats = self.train_epoch()
+            stats.update(self.validate())
+            self.epoch += 1
+            stats["epoch"] = self.epoch
+            is_best = stats["val_top1"] > self.best_top1
+            if is_best:
+                self.best_top1 = stats["val_top1"]
+            self.history.append(stats)
+            if self.is_main:
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+                tqdm.write(f"epoch {self.epoch}/{epochs}  loss {stats['train_loss']:.4f}  "
+                           f"val top-1 {stats['val_top1']:.2f}  top-5 {stats['val_top5']:.2f}  "
+                           f"{stats['samples_per_s']:.0f} samples/s")
+            if is_best:
+                self.save("best.pt")
+            if self.epoch % self.cfg.run.save_every == 0 or self.epoch == epochs:
+                self.save("last.pt")
+            if exit_after and self.epoch == exit_after:  # test hook: a hard kill after a checkpoint
+                os._exit(137)
+        wall = time.perf_counter() - t_start
+        last = self.history[-1]
+        best_epoch = max(self.history, key=lambda h: h["val_top1"])
+        summary = {"model": self.cfg.model.name, "method": self.method.name, "epochs": self.epoch,
+                   "best_top1": self.best_top1, "best_epoch": best_epoch["epoch"],
+                   "last_top1": last["val_top1"], "last_top5": last["val_top5"],
+                   "wall_time_s": wall,
+                   "samples_per_s": sum(h["samples_per_s"] for h in self.history) / len(self.history)}
+        if getattr(self, "teacher_metrics", None):
+            summary["teacher_top1"] = self.teacher_metrics["val_top1"]
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary

@@ -1,0 +1,114 @@
+"""Process-level set-up: device and precision, seeding, distributed environment, run directory."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class RuntimeConfigError(ValueError):
+    """The config asks for something this machine cannot do."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> Dist:
+    """Rank and world size from torchrun's environment (single process when absent)."""
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeConfigError(f"run.device={name} but CUDA is not available on this machine "
+                                     f"(use run.device=cpu or auto)")
+        if name == "cuda":
+            name = f"cuda:{dist.local_rank}"
+    return torch.device(name)
+
+
+def autocast_for(amp: str, device: torch.device):
+    """(context factory, dtype or None, needs GradScaler)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return nullcontext, None, False
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise RuntimeConfigError("run.amp=fp16 needs CUDA (use bf16 or off on CPU)")
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype, amp == "fp16"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v = state["python"]
+    random.setstate((v[0], tuple(v[1]), v[2]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_commit() -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def write_run_info(run_dir: str, cfg_yaml: str, device: torch.device) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(cfg_yaml)
+    info = {**git_commit(), "argv": sys.argv, "python": platform.python_version(),
+            "torch": torch.__version__, "device": str(device), "host": platform.node()}
+    with open(os.path.join(run_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
