@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `amp: off` stays the string 'off'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml_load(text):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -159,7 +175,7 @@ def _read_yaml(path: str, seen=()) -> dict:
         raise ConfigError(f"{path}: circular _base_ chain")
     try:
         with open(path) as f:
-            diff = yaml.safe_load(f) or {}
+            diff = _yaml_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(diff, dict):
@@ -178,7 +194,10 @@ def _parse_override(item: str) -> tuple:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, value = item.split("=", 1)
-    parsed = yaml.safe_load(value) if value != "" else ""
+    try:
+        parsed = _yaml_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{item}': value is not valid YAML") from None
     return key.strip(), parsed
 
 

@@ -1,0 +1,158 @@
+"""The reference (`torch`) backend: the batch contract, determinism, sharding, sources, bad input."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import build_loaders
+from pipelines.sampler import EpochSampler
+from pipelines.sources import DataError, open_source
+from pipelines.torch_backend import TwoViewDataset
+from training.config import load_config
+
+
+def demo_cfg(root, *over):
+    return load_config(None, ["data.dataset=demo", f"data.root={root}", "data.num_classes=10", "data.subset=96",
+                              "pipeline.batch_size=16", "pipeline.num_workers=0", *over])
+
+
+def first_batches(cfg, n=2, epoch=0):
+    train, _, _ = build_loaders(cfg, torch.device("cpu"))
+    train.set_epoch(epoch)
+    out = []
+    for b in train:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_batch_contract(demo_root):
+    cfg = demo_cfg(demo_root)
+    train, val, src = build_loaders(cfg, torch.device("cpu"))
+    assert len(train) == 96 // 16
+    b = next(iter(train))
+    for x in (b.weak, b.strong):
+        assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert b.target.dtype == torch.int64 and b.index.dtype == torch.int64 and b.index.shape == (16,)
+    # index identifies the sample: its label and its exact weak/strong pixels can be rebuilt.
+    assert torch.equal(b.target, torch.as_tensor(src.labels[b.index.numpy()]))
+    ds = TwoViewDataset(src, cfg.data, cfg.pipeline, cfg.run.seed)
+    mean, std = src.mean_std
+    for j in (0, 7):
+        w, s, y, i = ds[(0, int(b.index[j]))]
+        ref_w = (torch.from_numpy(np.array(w)).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) \
+            / torch.tensor(std)[:, None, None]
+        torch.testing.assert_close(b.weak[j], ref_w, rtol=1e-5, atol=1e-5)
+        assert not np.array_equal(w, s)
+    vb = next(iter(val))
+    assert vb.image.shape[1:] == (3, 32, 32) and vb.image.is_contiguous(memory_format=torch.channels_last)
+    raw = torch.from_numpy(open_source(cfg.data, False).images[0]).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(vb.image[0] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None],
+                               raw, rtol=1e-5, atol=1e-5)
+
+
+def test_single_view_methods_skip_the_strong_view(demo_root):
+    b = first_batches(demo_cfg(demo_root, "method.name=ce"), 1)[0]
+    assert b.strong is None and b.weak.shape == (16, 3, 32, 32)
+
+
+def test_same_seed_same_batches_any_worker_count(demo_root):
+    a = first_batches(demo_cfg(demo_root), epoch=1)
+    b = first_batches(demo_cfg(demo_root, "pipeline.num_workers=2"), epoch=1)
+    for x, y in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+    c = first_batches(demo_cfg(demo_root), epoch=2)
+    assert not torch.equal(a[0].index, c[0].index)
+    d = first_batches(demo_cfg(demo_root, "run.seed=1"), epoch=1)
+    assert not torch.equal(a[0].weak, d[0].weak)
+
+
+@pytest.mark.parametrize("n", [10, 11])
+def test_sharding_is_disjoint_and_equal_length(n):
+    shards = [EpochSampler(n, seed=0, shuffle=True, rank=r, world=2) for r in range(2)]
+    idx = [s.indices() for s in shards]
+    assert len(idx[0]) == len(idx[1]) == len(shards[0]) == -(-n // 2)
+    assert set(idx[0]) | set(idx[1]) == set(range(n))
+    if n % 2 == 0:
+        assert not set(idx[0]) & set(idx[1])
+
+
+def make_folder(root, classes=("cat", "dog"), per_class=3, size=(40, 48)):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for k in range(per_class):
+                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(os.path.join(root, split, c, f"{k}.jpg"), quality=90)
+    return root
+
+
+def folder_cfg(root, *over):
+    return load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=2",
+                              "data.image_size=32", "data.train_crop=rrc", "data.val_resize=36",
+                              "pipeline.batch_size=2", "pipeline.num_workers=0", *over])
+
+
+def test_imagefolder_rrc_and_val_centre_crop(tmp_path):
+    cfg = folder_cfg(make_folder(str(tmp_path / "f")))
+    train, val, src = build_loaders(cfg, torch.device("cpu"))
+    assert src.classes == ["cat", "dog"] and len(src) == 6
+    b = next(iter(train))
+    assert b.weak.shape == (2, 3, 32, 32) and b.strong.shape == (2, 3, 32, 32)
+    assert next(iter(val)).image.shape == (6, 3, 32, 32)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    root = make_folder(str(tmp_path / "f"))
+    bad = os.path.join(root, "train", "cat", "1.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    train, _, _ = build_loaders(folder_cfg(root, "pipeline.batch_size=6"), torch.device("cpu"))
+    with pytest.raises(DataError, match="1.jpg: cannot decode image"):
+        next(iter(train))
+    train, _, _ = build_loaders(folder_cfg(root, "pipeline.batch_size=6", "data.skip_bad_images=true"),
+                                torch.device("cpu"))
+    assert next(iter(train)).weak.shape[0] == 6
+
+
+def test_non_image_file_and_layout_errors(tmp_path):
+    root = make_folder(str(tmp_path / "f"))
+    open(os.path.join(root, "train", "cat", "notes.txt"), "w").write("x")
+    with pytest.raises(DataError, match="notes.txt: not an image file"):
+        build_loaders(folder_cfg(root), torch.device("cpu"))
+    os.remove(os.path.join(root, "train", "cat", "notes.txt"))
+    os.rename(os.path.join(root, "val", "dog"), os.path.join(root, "val", "bird"))
+    with pytest.raises(DataError, match="class folders differ"):
+        build_loaders(folder_cfg(root), torch.device("cpu"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty"):
+        build_loaders(folder_cfg(str(empty)), torch.device("cpu"))
+    with pytest.raises(DataError, match="does not exist"):
+        build_loaders(folder_cfg(str(tmp_path / "nope")), torch.device("cpu"))
+
+
+def test_cifar_pickles_and_missing_pickle(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("test", 10)):
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": list(rng.integers(0, 100, n))}
+        pickle.dump(d, open(root / split, "wb"))
+    pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, open(root / "meta", "wb"))
+    cfg = load_config(None, [f"data.root={tmp_path}", "pipeline.num_workers=0", "pipeline.batch_size=4"])
+    train, val, src = build_loaders(cfg, torch.device("cpu"))
+    assert len(src) == 20 and src.images.shape == (20, 32, 32, 3) and src.classes[3] == "c3"
+    # CHW pickle rows -> HWC images: the first channel plane is the red channel
+    raw = pickle.load(open(root / "train", "rb"))[b"data"][0]
+    assert np.array_equal(src.images[0][..., 0].ravel(), raw[:1024])
+    assert next(iter(train)).weak.shape == (4, 3, 32, 32)
+    os.remove(root / "test")
+    with pytest.raises(DataError, match="test: missing CIFAR pickle"):
+        build_loaders(cfg, torch.device("cpu"))
