@@ -53,6 +53,28 @@ def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> to
     return torch.stack([hit[:, :min(kk, k)].any(1).sum() for kk in ks])
 
 
+@torch.no_grad()
+def evaluate(model, loader, device, autocast=None, dist=None) -> dict:
+    """Top-1 / top-5 / CE loss over a validation loader, reduced across ranks."""
+    from contextlib import nullcontext
+    autocast = autocast or nullcontext
+    model.eval()
+    tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
+    n = torch.zeros((), dtype=torch.long, device=device)
+    for batch in loader:
+        with autocast():
+            logits = model(batch.image)
+        logits = logits.float()
+        tot[0] += F.cross_entropy(logits, batch.target, reduction="sum").double()
+        tot[1:] += accuracy_counts(logits, batch.target).double()
+        n += batch.target.numel()
+    if dist is not None and dist.world > 1:
+        torch.distributed.all_reduce(tot)
+        torch.distributed.all_reduce(n)
+    loss, top1, top5 = (tot / max(int(n.item()), 1)).tolist()
+    return {"val_loss": loss, "val_top1": 100.0 * top1, "val_top5": 100.0 * top5}
+
+
 class Trainer:
     def __init__(self, cfg, device: torch.device, run_dir: str, train_loader, val_loader, dist=None):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
@@ -194,26 +216,8 @@ class Trainer:
                                 f"in component(s): {', '.join(comps)}; stopping "
                                 f"(try a lower optim.lr or run.amp=off)")
 
-    # ---- validation --------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self, model: Optional[torch.nn.Module] = None) -> dict:
-        model = model or self.student
-        model.eval()
-        tot = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, top1, top5
-        n = torch.zeros((), dtype=torch.long, device=self.device)
-        for batch in self.val_loader:
-            with self.autocast():
-                logits = model(batch.image)
-            logits = logits.float()
-            tot[0] += F.cross_entropy(logits, batch.target, reduction="sum").double()
-            tot[1:] += accuracy_counts(logits, batch.target).double()
-            n += batch.target.numel()
-        if self.dist is not None and self.dist.world > 1:
-            torch.distributed.all_reduce(tot)
-            torch.distributed.all_reduce(n)
-        n = max(int(n.item()), 1)
-        loss, top1, top5 = (tot / n).tolist()
-        return {"val_loss": loss, "val_top1": 100.0 * top1, "val_top5": 100.0 * top5}
+        return evaluate(model or self.student, self.val_loader, self.device, self.autocast, self.dist)
 
     # ---- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:

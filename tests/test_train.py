@@ -1,0 +1,133 @@
+"""End to end on CPU: every method, checkpoints, kill-and-resume, and bad input at the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from training.checkpoint import load_model_weights, safe_load
+from training.loop import NonFiniteLoss
+from training.models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth")
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, path)  # the zoo's format
+    return path
+
+
+def args(demo_root, out, name, *extra):
+    return ["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), f"data.root={demo_root}",
+            f"run.out_dir={out}", f"run.name={name}", "data.subset=128", "pipeline.batch_size=32",
+            "pipeline.val_batch_size=128", "pipeline.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0",
+            "run.progress=false", "model.name=resnet8", "teacher.name=resnet8", *extra]
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "dkd", "crld"])
+def test_two_epoch_run_of_each_method(demo_root, teacher_ckpt, tmp_path, method):
+    summary = train.main(args(demo_root, tmp_path, method, f"method.name={method}", f"teacher.ckpt={teacher_ckpt}"))
+    run = tmp_path / method
+    lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(x["train_loss"])) for x in lines)
+    if method == "crld":
+        assert {"train_ce", "train_kd_wv", "train_kd_cv", "train_mask_w_rate"} <= set(lines[0])
+    assert summary["epochs"] == 2 and 0 <= summary["best_top1"] <= 100
+    assert json.load(open(run / "summary.json"))["best_top1"] == summary["best_top1"]
+    assert "method:\n  name: " + method in open(run / "config.yaml").read()
+    info = json.load(open(run / "run_info.json"))
+    assert len(info["commit"]) == 40 or info["commit"] == "unknown"
+    m = create_model("resnet8", 10)
+    load_model_weights(m, str(run / "best.pt"))
+    ck = safe_load(str(run / "last.pt"))
+    assert ck["epoch"] == 2 and ck["step"] == 2 * 4
+    assert not any(f.endswith(".tmp") or ".tmp." in f for f in os.listdir(run))
+    # the weights moved away from initialisation
+    torch.manual_seed(0)
+    init = create_model("resnet8", 10).state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in ck["model"].items() if v.is_floating_point())
+
+
+def _cli(argv, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(demo_root, teacher_ckpt, tmp_path):
+    common = [f"teacher.ckpt={teacher_ckpt}", "optim.epochs=3", "run.deterministic=true"]
+    full = _cli(args(demo_root, tmp_path, "full", *common))
+    assert full.returncode == 0, full.stderr
+    killed = _cli(args(demo_root, tmp_path, "killed", *common), env={"CRLD_TEST_EXIT_AFTER_EPOCH": "1"})
+    assert killed.returncode == 137
+    assert len(open(tmp_path / "killed" / "metrics.jsonl").readlines()) == 1
+    resumed = _cli(args(demo_root, tmp_path, "killed", *common) + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = safe_load(str(tmp_path / "full" / "last.pt"))
+    b = safe_load(str(tmp_path / "killed" / "last.pt"))
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    la = [json.loads(x)["train_loss"] for x in open(tmp_path / "full" / "metrics.jsonl")]
+    lb = [json.loads(x)["train_loss"] for x in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert la == lb
+
+
+def test_non_finite_loss_names_step_and_component(demo_root, teacher_ckpt, tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+ \(epoch 1\) in component\(s\): .*loss"):
+        train.main(args(demo_root, tmp_path, "nan", f"teacher.ckpt={teacher_ckpt}", "optim.lr=1e30",
+                        "run.log_every=1", "optim.epochs=1"))
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--resume"], r"--resume: no checkpoint at .*last.pt"),
+    (["data.root=/nonexistent/data"], r"data.root '/nonexistent/data' does not exist"),
+    (["optim.lrr=1"], r"unknown config key 'optim.lrr'.*'optim.lr'"),
+    (["teacher.name=resnet20"], r"does not fit ResNet .*shape mismatches|does not fit ResNet"),
+    (["teacher.ckpt="], r"teacher.ckpt is required for method 'crld'"),
+])
+def test_bad_input_is_one_clear_line(demo_root, teacher_ckpt, tmp_path, extra, pattern):
+    r = _cli(args(demo_root, tmp_path, "bad", f"teacher.ckpt={teacher_ckpt}") + extra)
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    import re
+    assert re.search(pattern, err[0]), err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_requested_without_cuda(demo_root, teacher_ckpt, tmp_path):
+    r = _cli(args(demo_root, tmp_path, "gpu", f"teacher.ckpt={teacher_ckpt}", "run.device=cuda"))
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr
+
+
+def test_wrong_class_count_teacher(demo_root, tmp_path):
+    path = str(tmp_path / "t100.pth")
+    torch.save({"model": create_model("resnet8", 100).state_dict()}, path)
+    r = _cli(args(demo_root, tmp_path, "bad", f"teacher.ckpt={path}"))
+    assert r.returncode == 2 and "fc.weight: checkpoint (100, 64) vs model (10, 64)" in r.stderr
+
+
+def test_eval_cli_reports_top1(demo_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--config",
+                        os.path.join(ROOT, "configs/demo/ce.yaml"), "--ckpt", teacher_ckpt,
+                        "--data", demo_root, "--json", str(out), "pipeline.num_workers=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and 0 <= json.load(open(out))["val_top1"] <= 100
+
+
+def test_demo_quick_mode(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--quick", "--out", str(tmp_path / "runs"),
+                        "--data", str(tmp_path / "demo")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| student resnet8 (crld) |" in r.stdout and "| teacher resnet20 (ce) |" in r.stdout
+    table = json.load(open(tmp_path / "runs" / "demo_table.json"))
+    assert set(table) >= {"teacher", "ce", "kd", "crld"}
