@@ -23,11 +23,13 @@ if [ -n "$missing" ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
-"$VENV/bin/python" -m pip install -q -r requirements.txt
+# This machine's pip config lists local wheel folders that may not exist; drop that noise only.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2 || true); }
+quiet "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+quiet "$VENV/bin/python" -m pip install -q -r requirements.txt
 if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
   # ffcv's setup.py imports numpy and pkg-config at build time: no build isolation.
-  "$VENV/bin/python" -m pip install -q --no-build-isolation -r requirements-ffcv.txt \
+  quiet "$VENV/bin/python" -m pip install -q --no-build-isolation -r requirements-ffcv.txt \
     || echo "[setup] FFCV failed to build; the ffcv pipeline will be unavailable" >&2
 else
   echo "[setup] skipping FFCV: pkg-config cannot find libturbojpeg/opencv4" >&2
