@@ -131,3 +131,16 @@ def test_demo_quick_mode(tmp_path):
     assert "| student resnet8 (crld) |" in r.stdout and "| teacher resnet20 (ce) |" in r.stdout
     table = json.load(open(tmp_path / "runs" / "demo_table.json"))
     assert set(table) >= {"teacher", "ce", "kd", "crld"}
+
+
+def test_corrupt_image_from_a_worker_is_one_line(tmp_path):
+    from test_pipeline import make_folder
+    root = make_folder(str(tmp_path / "f"))
+    with open(os.path.join(root, "train", "dog", "2.jpg"), "wb") as f:
+        f.write(b"garbage")
+    r = _cli(["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=2", "method.name=ce",
+              "model.name=resnet8", "pipeline.batch_size=2", "pipeline.num_workers=2", f"run.out_dir={tmp_path}",
+              "optim.epochs=1", "run.progress=false"])
+    assert r.returncode == 2
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "dog/2.jpg: cannot decode image" in err[0] and "Traceback" not in r.stderr

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
 from training.losses import crld_masks, method_loss
 from training.models import create_model
-from training.runtime import autocast_for, rng_state, set_rng_state
+from training.runtime import RuntimeConfigError, autocast_for, rng_state, set_rng_state
 from training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def build_optimizer(params, optim, device: torch.device):
         try:
             from apex.optimizers import FusedSGD  # NVIDIA apex, only when already installed
         except ImportError:
-            raise RuntimeError("optim.impl=apex but NVIDIA apex is not importable "
+            raise RuntimeConfigError("optim.impl=apex but NVIDIA apex is not importable "
                                "(it ships in NVIDIA's PyTorch containers; use optim.impl=auto)") from None
         return FusedSGD(params, **kw)
     if impl == "auto":
@@ -195,7 +195,7 @@ class Trainer:
             self.step += 1
             last = i + 1 == self.steps_per_epoch
             if (i + 1) % self.cfg.run.log_every == 0 or last:
-                self._check_finite(first_bad, bad_comps, names, sums / max(n_seen, 1))
+                self._check_finite(first_bad, bad_comps, names)
                 avg = (sums / n_seen).tolist()
                 bar.set_postfix(loss=f"{avg[0]:.3f}", acc=f"{100.0 * acc[0].item() / n_seen:.1f}",
                                 sps=f"{n_seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
@@ -208,7 +208,7 @@ class Trainer:
                      samples_per_s=n_seen / elapsed, data_wait_frac=wait / elapsed)
         return stats
 
-    def _check_finite(self, first_bad, bad_comps, names, avgs):
+    def _check_finite(self, first_bad, bad_comps, names):
         step = int(first_bad.item())
         if step >= 0:
             comps = [n for n, b in zip(names, bad_comps.tolist()) if b]

@@ -2,6 +2,8 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.models._init import kaiming_init
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -39,12 +41,7 @@ class ResNetV2(nn.Module):
         self.layer4 = self._make_layer(512, num_blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * 4, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def _make_layer(self, planes, n, stride):
         layers = []

@@ -2,6 +2,8 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.models._init import kaiming_init
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes, out_planes, stride):
@@ -49,14 +51,7 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(ch[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        kaiming_init(self, linear_bias_zero=True)
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
