@@ -16,7 +16,9 @@ for p in $SYS_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; do
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] apt-get install -y$missing"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null; then
+      echo "[setup] apt-get failed: install$missing by hand for FFCV; continuing without FFCV" >&2
+    fi
   else
     echo "[setup] cannot apt-get (not root or no apt): install$missing with your package manager for FFCV; continuing without FFCV" >&2
   fi
