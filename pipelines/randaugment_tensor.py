@@ -1,0 +1,238 @@
+"""Batched, per-sample tensor implementation of the strong view (RandAugment + Cutout).
+
+Works on any torch device on uint8 or float batches, NCHW or NHWC. Each sample gets its own ops and
+magnitudes (`StrongBatch`, built from `pipelines.view_params`, so a view is replayable). Every op
+follows its PIL definition (`pipelines.randaugment_pil`) pixel for pixel up to float rounding:
+the geometric ops use PIL's affine convention (sample at floor(A @ (x + 0.5, y + 0.5, 1)), black
+outside, nearest), the enhancers blend with PIL's degenerate images and truncate like PIL's
+`Image.blend`, Equalize/AutoContrast rebuild PIL's look-up tables. Tolerances are in the tests.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.augment_spec import CUTOUT_FILL, STRONG_OPS
+from pipelines.view_params import StrongParams
+
+OP_INDEX = {s.name: i for i, s in enumerate(STRONG_OPS)}
+
+
+class StrongBatch(NamedTuple):
+    """Per-sample strong-view parameters as tensors: ops (N, K) long, mags (N, K) float,
+    cutout (N, 3) float = (side fraction, centre x, centre y)."""
+    ops: torch.Tensor
+    mags: torch.Tensor
+    cutout: torch.Tensor
+
+    @staticmethod
+    def from_params(params: Sequence[StrongParams], device=None) -> "StrongBatch":
+        k = max(len(p.ops) for p in params)
+        ops = torch.full((len(params), k), OP_INDEX["Identity"], dtype=torch.long)
+        mags = torch.zeros((len(params), k), dtype=torch.float64)
+        for i, p in enumerate(params):
+            for j, (o, m) in enumerate(p.ops):
+                ops[i, j], mags[i, j] = o, m
+        cut = torch.tensor([[p.cutout_frac, p.cutout_cx, p.cutout_cy] for p in params], dtype=torch.float64)
+        return StrongBatch(ops, mags.to(device), cut.to(device))  # ops stay on the host
+
+
+# ---- helpers on uint8-valued float32 NCHW tensors --------------------------------------------------
+
+def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL Image.blend(degenerate, img, factor): truncation toward zero, clipped to [0, 255]."""
+    out = degenerate + factor.view(-1, 1, 1, 1) * (img - degenerate)
+    return out.clamp(0, 255).floor()
+
+
+def _gray(img: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16."""
+    r, g, b = img[:, 0].long(), img[:, 1].long(), img[:, 2].long()
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).float().unsqueeze(1)
+
+
+def _lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Per (sample, channel) look-up table (N, C, 256) applied to img (N, C, H, W)."""
+    n, c, h, w = img.shape
+    idx = img.long().view(n, c, h * w)
+    return torch.gather(lut.float(), 2, idx).view(n, c, h, w)
+
+
+def _histogram(img: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = img.shape
+    hist = torch.zeros(n, c, 256, device=img.device, dtype=torch.long)
+    return hist.scatter_add_(2, img.long().view(n, c, -1), torch.ones_like(img, dtype=torch.long).view(n, c, -1))
+
+
+def autocontrast(img, _mag):
+    lo = img.amin(dim=(2, 3), keepdim=True).squeeze(-1)  # (N, C, 1)
+    hi = img.amax(dim=(2, 3), keepdim=True).squeeze(-1)
+    ix = torch.arange(256, device=img.device, dtype=torch.float64).view(1, 1, 256)
+    span = (hi - lo).double().clamp(min=1)
+    scale = torch.full_like(span, 255.0) / span  # true division (scalar / tensor is a reciprocal multiply)
+    lut = (ix * scale + (-lo.double() * scale)).floor().clamp(0, 255)  # PIL: int(ix * scale + offset)
+    lut = torch.where(hi > lo, lut, ix.expand_as(lut))
+    return _lut(img, lut)
+
+
+def equalize(img, _mag):
+    hist = _histogram(img)                                   # (N, C, 256)
+    nonzero = hist > 0
+    last = 255 - nonzero.flip(-1).long().argmax(-1, keepdim=True)  # highest bin present
+    # Pillow >= 10 divides by 255 (older releases, used by the paper's code, by 256).
+    step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
+    cum = torch.cumsum(hist, -1) - hist                      # exclusive cumulative sum
+    lut = (step // 2 + cum) // step.clamp(min=1)
+    ident = torch.arange(256, device=img.device).expand_as(lut)
+    keep = (nonzero.sum(-1, keepdim=True) <= 1) | (step == 0)
+    return _lut(img, torch.where(keep, ident, lut.clamp(0, 255)))
+
+
+def brightness(img, mag):
+    return _blend(torch.zeros_like(img), img, mag)
+
+
+def color(img, mag):
+    return _blend(_gray(img).expand_as(img), img, mag)
+
+
+def contrast(img, mag):
+    mean = _gray(img).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend((mean + 0.5).floor().expand_as(img), img, mag)
+
+
+def sharpness(img, mag):
+    n, c, h, w = img.shape
+    k = torch.ones(3, 3, device=img.device, dtype=img.dtype)
+    k[1, 1] = 5.0
+    smooth = F.conv2d(img.reshape(n * c, 1, h, w), (k / 13.0).view(1, 1, 3, 3)).view(n, c, h - 2, w - 2)
+    degenerate = img.clone()
+    degenerate[:, :, 1:-1, 1:-1] = (smooth + 0.5).floor().clamp(0, 255)  # PIL keeps the border
+    return _blend(degenerate, img, mag)
+
+
+def posterize(img, mag):
+    bits = mag.floor().clamp(1, 8).long().view(-1, 1, 1, 1)
+    mask = (255 >> (8 - bits)) << (8 - bits)
+    return (img.long() & mask).float()
+
+
+def solarize(img, mag):
+    return torch.where(img >= mag.view(-1, 1, 1, 1), 255.0 - img, img)
+
+
+def identity(img, _mag):
+    return img
+
+
+def _affine(img: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """PIL Image.transform(AFFINE, (a, b, c, d, e, f), NEAREST): output (x, y) takes the input
+    pixel at floor(a(x+.5) + b(y+.5) + c), floor(d(x+.5) + e(y+.5) + f); black outside.
+
+    Like PIL, a pure scale/translate matrix is evaluated in double precision and any other one
+    in 16.16 fixed point (PIL's `affine_fixed`), so rotations and shears round as PIL does."""
+    n, ch, h, w = img.shape
+    dev = img.device
+    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, h, 1)
+    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, w)
+    a, b, c, d, e, f = (coeffs[:, i].double().view(n, 1, 1) for i in range(6))
+    fixed = ((b != 0) | (d != 0)).view(n, 1, 1)
+    fix = lambda v: torch.floor(v * 65536.0 + 0.5).long()  # noqa: E731
+    xi, yi = xs.long(), ys.long()
+    x_fix = (fix(c + a * 0.5 + b * 0.5) + xi * fix(a) + yi * fix(b)) >> 16
+    y_fix = (fix(f + d * 0.5 + e * 0.5) + xi * fix(d) + yi * fix(e)) >> 16
+    x_flt = (a * (xs + 0.5) + b * (ys + 0.5) + c).floor().long()
+    y_flt = (d * (xs + 0.5) + e * (ys + 0.5) + f).floor().long()
+    xin = torch.where(fixed, x_fix, x_flt)
+    yin = torch.where(fixed, y_fix, y_flt)
+    valid = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
+    flat = (yin.clamp(0, h - 1) * w + xin.clamp(0, w - 1)).view(n, 1, h * w).expand(n, ch, h * w)
+    out = torch.gather(img.reshape(n, ch, h * w), 2, flat).view(n, ch, h, w)
+    return out * valid.unsqueeze(1)
+
+
+def _coeffs(n, dev, **kv):
+    base = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64, device=dev).repeat(n, 1)
+    for i, v in kv.items():
+        base[:, int(i[1:])] = v
+    return base
+
+
+def shear_x(img, mag):
+    return _affine(img, _coeffs(len(img), img.device, c1=mag))
+
+
+def shear_y(img, mag):
+    return _affine(img, _coeffs(len(img), img.device, c3=mag))
+
+
+def translate_x(img, mag):
+    return _affine(img, _coeffs(len(img), img.device, c2=mag * img.shape[3]))
+
+
+def translate_y(img, mag):
+    return _affine(img, _coeffs(len(img), img.device, c5=mag * img.shape[2]))
+
+
+def rotate(img, mag):
+    """PIL Image.rotate(angle): counter-clockwise about the centre, same size, nearest."""
+    n, _, h, w = img.shape
+    ang = -torch.deg2rad(torch.remainder(mag.double(), 360.0))  # PIL: -radians(angle % 360)
+    cos, sin = torch.round(torch.cos(ang), decimals=15), torch.round(torch.sin(ang), decimals=15)
+    cx, cy = w / 2.0, h / 2.0
+    # PIL: matrix (cos, sin, 0, -sin, cos, 0) applied about the centre.
+    c = cos * (-cx) + sin * (-cy) + cx
+    f = -sin * (-cx) + cos * (-cy) + cy
+    return _affine(img, torch.stack([cos, sin, c, -sin, cos, f], 1))
+
+
+TENSOR_OPS = {
+    "AutoContrast": autocontrast, "Brightness": brightness, "Color": color, "Contrast": contrast,
+    "Equalize": equalize, "Identity": identity, "Posterize": posterize, "Rotate": rotate,
+    "Sharpness": sharpness, "ShearX": shear_x, "ShearY": shear_y, "Solarize": solarize,
+    "TranslateX": translate_x, "TranslateY": translate_y,
+}
+assert set(TENSOR_OPS) == set(OP_INDEX)
+
+
+def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """PIL's CutoutAbs box: x0 = int(max(0, cx*w - v/2)), x1 = min(w, x0 + v), drawn inclusive of
+    both corners (ImageDraw truncates float corners); v = frac * width; no box when frac == 0."""
+    n, ch, h, w = img.shape
+    dev = img.device
+    frac, cx, cy = cut[:, 0].double(), cut[:, 1].double(), cut[:, 2].double()
+    v = frac * w
+    x0 = (cx * w - v / 2).clamp(min=0).floor()
+    y0 = (cy * h - v / 2).clamp(min=0).floor()
+    x1 = torch.minimum(x0 + v, torch.full_like(v, w)).floor()
+    y1 = torch.minimum(y0 + v, torch.full_like(v, h)).floor()
+    xs = torch.arange(w, device=dev).view(1, 1, w)
+    ys = torch.arange(h, device=dev).view(1, h, 1)
+    inside = ((xs >= x0.view(n, 1, 1)) & (xs <= x1.view(n, 1, 1)) & (ys >= y0.view(n, 1, 1))
+              & (ys <= y1.view(n, 1, 1)) & (frac > 0).view(n, 1, 1))
+    fill = torch.tensor(CUTOUT_FILL, device=dev, dtype=img.dtype).view(1, ch, 1, 1)
+    return torch.where(inside.unsqueeze(1), fill, img)
+
+
+def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
+    """Strong view of a batch. `x`: uint8 or float in [0, 255], NCHW (or NHWC if
+    `channels_last_input`). Returns the same dtype and layout."""
+    dtype = x.dtype
+    img = x.permute(0, 3, 1, 2) if channels_last_input else x
+    img = img.float()
+    # Op choices stay on the host (they come from view_params there), so grouping samples by op
+    # needs no device->host sync; only the index lists travel to the device.
+    ops = params.ops.cpu()
+    mags = params.mags.to(img.device, non_blocking=True)
+    for k in range(ops.shape[1]):
+        for op_id in torch.unique(ops[:, k]).tolist():
+            name = STRONG_OPS[op_id].name
+            if name == "Identity":
+                continue
+            sel = (ops[:, k] == op_id).nonzero().squeeze(1).to(img.device, non_blocking=True)
+            img[sel] = TENSOR_OPS[name](img[sel], mags[sel, k]).to(img.dtype)
+    img = cutout(img, params.cutout.to(img.device))
+    out = img.round().clamp(0, 255).to(dtype) if not dtype.is_floating_point else img.to(dtype)
+    return out.permute(0, 2, 3, 1) if channels_last_input else out
