@@ -3,9 +3,10 @@
 ffcv) register only when their library imports.
 """
 import importlib
+import importlib.util
 
 _BACKENDS = {"torch": "pipelines.torch_backend"}
-_OPTIONAL = {}  # name -> (module, library it needs); filled in by later backends
+_OPTIONAL = {"dali": ("pipelines.dali_backend", "nvidia.dali")}  # name -> (module, library it needs)
 
 
 def available_pipelines():

@@ -58,6 +58,9 @@ class PipelineConfig:
     randaug_n: int = 2             # ops per strong view (the paper: 2)
     strong_aug: bool = True        # False: the strong view gets only crop + flip (ablation)
     drop_last: bool = True
+    dali_device: str = "auto"      # dali: auto (GPU decode when CUDA is there) | cpu | gpu
+    dali_threads: int = 0          # dali: CPU threads (0: one per core)
+    prefetch: int = 2              # dali: batches in flight
 
 
 @dataclass
@@ -255,6 +258,9 @@ def validate(cfg) -> None:
     need(cfg.pipeline.val_batch_size >= 1, "pipeline.val_batch_size", "must be >= 1")
     need(cfg.pipeline.num_workers >= 0, "pipeline.num_workers", "must be >= 0")
     need(0 <= cfg.pipeline.randaug_n <= 8, "pipeline.randaug_n", "must be in [0, 8]")
+    choice("pipeline.dali_device", cfg.pipeline.dali_device, ("auto", "cpu", "gpu"))
+    need(cfg.pipeline.dali_threads >= 0, "pipeline.dali_threads", "must be >= 0")
+    need(cfg.pipeline.prefetch >= 1, "pipeline.prefetch", "must be >= 1")
     models = available_models()
     choice("model.name", cfg.model.name, models)
     choice("method.name", cfg.method.name, METHODS)

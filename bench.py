@@ -1,0 +1,115 @@
+"""Benchmarks. Loader mode: two-view samples/s of each data backend on the same data and machine.
+
+    python bench.py loader --pipelines torch,dali --data data/jpeg_bench --image-size 224 \
+        --batch-size 64 --batches 20 [--json OUT]
+    python bench.py loader --pipelines torch,dali --make-data 512   # writes ImageNet-like JPEGs first
+
+Each backend runs the training loader (both views, strong augmentation included, output on the
+training device, normalised) for `--warmup` batches, then is timed over `--batches` batches. One
+JSON record per pipeline: pipeline, samples_per_s, batches, batch_size, image_size, device, ...
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from training.cli import run_main  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores, {cpu}"
+
+
+def bench_loader(name, cfg_over, args):
+    import torch
+
+    from pipelines import build_loaders
+    from training.config import load_config
+    cfg = load_config(None, cfg_over + [f"pipeline.name={name}"])
+    device = torch.device(args.device)
+    train, _, src = build_loaders(cfg, device)
+    train.set_epoch(0)
+    it = iter(train)
+    n = 0
+    for _ in range(args.warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        try:
+            b = next(it)
+        except StopIteration:
+            train.set_epoch(1)
+            it = iter(train)
+            b = next(it)
+        n += b.weak.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"pipeline": name, "samples_per_s": n / dt, "batches": args.batches, "batch_size": args.batch_size,
+            "image_size": args.image_size, "device": str(device), "dataset_images": len(src),
+            "workers": cfg.pipeline.num_workers, "dali_device": cfg.pipeline.dali_device,
+            "machine": machine(), "seconds": dt}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__)
+    ap.add_argument("mode", choices=["loader"])
+    ap.add_argument("--pipelines", default="torch,dali")
+    ap.add_argument("--data", default="data/jpeg_bench")
+    ap.add_argument("--make-data", type=int, default=0, help="first write this many ImageNet-like JPEGs to --data")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--json")
+    ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.dali_device=cpu")
+    args = ap.parse_args(argv)
+    if args.make_data:
+        from datasets_prep.make_jpeg_folder import make_jpeg_folder
+        make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)
+    from pipelines.sources import FolderSource
+    classes = len(FolderSource(os.path.join(args.data, "train")).classes)
+    over = ["data.dataset=imagefolder", f"data.root={args.data}", f"data.num_classes={classes}",
+            f"data.image_size={args.image_size}", "data.train_crop=rrc", f"data.val_resize={args.image_size}",
+            f"pipeline.batch_size={args.batch_size}", f"pipeline.num_workers={args.workers}",
+            f"run.device={args.device}", "method.name=crld", *args.overrides]
+    records = []
+    for name in args.pipelines.split(","):
+        rec = bench_loader(name.strip(), over, args)
+        records.append(rec)
+        print(f"{rec['pipeline']:>6}: {rec['samples_per_s']:8.1f} two-view samples/s  "
+              f"({args.batches} x {args.batch_size} at {args.image_size}px on {rec['device']}, {rec['machine']})")
+    base = records[0]["samples_per_s"]
+    for r in records[1:]:
+        print(f"{r['pipeline']:>6}: {r['samples_per_s'] / base:.2f}x {records[0]['pipeline']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return records
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

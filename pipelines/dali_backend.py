@@ -1,0 +1,270 @@
+"""`dali`: NVIDIA DALI backend. One DALI graph per step: decode each image once (nvJPEG `mixed` on a
+GPU, libjpeg-turbo on the CPU), cut both views from that decode (crop / resized crop + flip), and
+hand uint8 views to the device, where the strong view gets the paper's RandAugment + Cutout from
+the shared batched tensor augmenter (`pipelines.randaugment_tensor`), then normalisation.
+
+Every random choice comes from `pipelines.view_params` (a pure function of seed, epoch, index,
+view): the Python feeder computes crop boxes and flips and passes them to DALI as per-sample
+arguments, so the views are those of the `torch` backend (pad crops exactly; resized crops up to
+DALI's resampling filter). Sources: ImageFolder trees are fed as encoded bytes (decoded by DALI);
+array datasets (CIFAR, the demo) are fed as uint8 HWC arrays. Last-batch policy: training drops
+the incomplete last batch (`pipeline.drop_last`) after the sampler has padded the epoch so every
+rank runs the same number of steps; validation keeps a partial last batch and no padding.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+
+from pipelines.contract import Batch, Normalizer, ValBatch
+from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.sampler import EpochSampler
+from pipelines.sources import DataError
+from pipelines.view_params import sample_views
+
+log = logging.getLogger(__name__)
+
+
+class _Feeder:
+    """external_source callback (batch mode): encoded bytes or arrays plus per-sample view boxes."""
+
+    def __init__(self, source, sampler, batch, data_cfg, pipe_cfg, seed, views, train, drop_last):
+        self.source, self.sampler, self.batch, self.seed, self.views = source, sampler, batch, seed, views
+        self.size, self.crop, self.pad = data_cfg.image_size, data_cfg.train_crop, data_cfg.crop_padding
+        self.n_ops, self.strong_aug = pipe_cfg.randaug_n, pipe_cfg.strong_aug
+        self.train, self.drop_last, self.val_resize = train, drop_last, data_cfg.val_resize
+        self.encoded = hasattr(source, "files")
+        self.skip_bad = getattr(source, "skip_bad", False)
+        self.keys, self.pos, self.epoch = None, 0, 0
+        self.recent = collections.deque(maxlen=8)  # file lists of recent batches, to name a bad file
+        self._sizes = {}
+        self.strong = {}  # (epoch, index) -> StrongParams, read back by the loader for the augmenter
+
+    def start(self, epoch):
+        self.epoch, self.keys, self.pos = epoch, None, 0
+        self.strong = {k: v for k, v in self.strong.items() if k[0] >= epoch}
+
+    def _size(self, i):
+        if i not in self._sizes:
+            self._sizes[i] = self.source.size_of(i)
+        return self._sizes[i]
+
+    def _data(self, i):
+        if not self.encoded:
+            return self.source.images[i]
+        path = self.source.files[i]
+        raw = np.fromfile(path, dtype=np.uint8)
+        if self.skip_bad and not _looks_decodable(raw, path):
+            log.warning("skipping unreadable image: %s", path)
+            return self._data((i + 1) % len(self.source))  # same substitute as the torch backend
+        return raw
+
+    def __call__(self):
+        if self.keys is None:
+            self.sampler.set_epoch(self.epoch)
+            self.keys = [i for _, i in self.sampler]
+        left = len(self.keys) - self.pos
+        if left <= 0 or (self.drop_last and left < self.batch):
+            raise StopIteration
+        idx = self.keys[self.pos:self.pos + self.batch]
+        self.pos += len(idx)
+        if self.encoded:
+            self.recent.append([self.source.files[i] for i in idx])
+        out = [[self._data(i) for i in idx],
+               [np.array([self.source.labels[i]], dtype=np.int64) for i in idx],
+               [np.array([i], dtype=np.int64) for i in idx]]
+        if not self.train:
+            if self.encoded:  # resize target and centre-crop anchor, rounded as the torch backend does
+                geo = [_val_geometry(*self._size(i), self.size, self.val_resize) for i in idx]
+                out += [[g[0] for g in geo], [g[1] for g in geo]]
+            return out
+        boxes = [[], [], [], []]  # weak anchor+shape, weak flip, strong anchor+shape, strong flip
+        for i in idx:
+            h, w = self._size(i)
+            weak, strong, sp = sample_views(self.seed, self.epoch, i, h, w, crop=self.crop, size=self.size,
+                                            pad=self.pad, n_ops=self.n_ops, strong_aug=self.strong_aug)
+            if self.views == 2 and sp is not None:
+                self.strong[(self.epoch, i)] = sp
+            for k, c in enumerate((weak, strong)[: self.views]):
+                boxes[2 * k].append(np.array([c.top, c.left, c.height, c.width], dtype=np.float32))
+                boxes[2 * k + 1].append(np.array(int(c.flip), dtype=np.int32))
+        return out + boxes[: 2 * self.views]
+
+
+def _val_geometry(h, w, size, resize):
+    if resize:
+        s = resize / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    else:
+        nw, nh = size, size
+    return (np.array([nh, nw], dtype=np.float32),
+            np.array([(nh - size) // 2, (nw - size) // 2], dtype=np.int32))
+
+
+def _looks_decodable(raw: np.ndarray, path: str) -> bool:
+    from io import BytesIO
+
+    from PIL import Image
+    try:
+        with Image.open(BytesIO(raw.tobytes())) as im:
+            im.size  # header parses
+        return not (raw[:2].tobytes() == b"\xff\xd8" and raw[-2:].tobytes() != b"\xff\xd9")
+    except Exception:
+        return False
+
+
+def _view(img, box, flip, crop, size):
+    anchor, shape = box[0:2], box[2:4]
+    if crop == "pad":  # RandomCrop with zero padding: a slice that may leave the image
+        v = fn.slice(img, anchor, shape, normalized_anchor=False, normalized_shape=False, axis_names="HW",
+                     out_of_bounds_policy="pad", fill_values=0)
+    else:
+        v = fn.resize(img, roi_start=anchor, roi_end=anchor + shape, roi_relative=False, size=[size, size],
+                      interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.flip(v, horizontal=flip)
+
+
+@pipeline_def(enable_conditionals=False)
+def _train_graph(feeder, decode_device, crop, size, views, encoded):
+    outs = fn.external_source(source=feeder, num_outputs=3 + 2 * views, batch=True,
+                              layout=[None if encoded else "HWC"] + [None] * (2 + 2 * views))
+    data, label, index = outs[:3]
+    img = fn.decoders.image(data, device=decode_device, output_type=types.RGB) if encoded else data
+    if not encoded and decode_device == "mixed":
+        img = img.gpu()
+    result = [_view(img, outs[3 + 2 * k], outs[4 + 2 * k], crop, size) for k in range(views)]
+    return (*result, label, index)
+
+
+@pipeline_def(enable_conditionals=False)
+def _val_graph(feeder, decode_device, size, encoded):
+    outs = fn.external_source(source=feeder, num_outputs=5 if encoded else 3, batch=True,
+                              layout=[None if encoded else "HWC"] + [None] * (4 if encoded else 2))
+    data, label, index = outs[:3]
+    if encoded:
+        img = fn.decoders.image(data, device=decode_device, output_type=types.RGB)
+        img = fn.resize(img, size=outs[3], interp_type=types.INTERP_LINEAR, antialias=True)
+        img = fn.slice(img, outs[4], [size, size], normalized_anchor=False, normalized_shape=False,
+                       axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+    else:  # array datasets are validated at their native size
+        img = data.gpu() if decode_device == "mixed" else data
+    return img, label, index
+
+
+def decode_device_for(pipe_cfg, device: torch.device) -> str:
+    want = pipe_cfg.dali_device
+    if want == "gpu" and device.type != "cuda":
+        from training.runtime import RuntimeConfigError
+        raise RuntimeConfigError("pipeline.dali_device=gpu needs the training device to be CUDA "
+                                 "(use pipeline.dali_device=cpu or auto)")
+    return "mixed" if (want == "gpu" or (want == "auto" and device.type == "cuda")) else "cpu"
+
+
+def _to_torch(tl, device: torch.device) -> torch.Tensor:
+    if hasattr(tl, "as_cpu") and not hasattr(tl, "as_array"):  # TensorListGPU
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        t = tl.as_tensor()
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(tl.as_array()).to(device, non_blocking=True)
+
+
+class _DaliLoader:
+    def __init__(self, feeder, pipe, steps, normalize, kind, cfg, views):
+        self.feeder, self.pipe, self.steps, self.normalize, self.kind = feeder, pipe, steps, normalize, kind
+        self.cfg, self.views = cfg, views
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.steps
+
+    def _run(self):
+        try:
+            return self.pipe.run()
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            raise _translate(e, self.feeder) from None
+
+    def __iter__(self):
+        self.feeder.start(self.epoch)
+        dev = self.normalize.device
+        while True:
+            try:
+                outs = self._run()
+            except StopIteration:
+                self.pipe.reset()
+                return
+            label = torch.from_numpy(outs[-2].as_array().reshape(-1))
+            index_cpu = torch.from_numpy(outs[-1].as_array().reshape(-1))
+            y, i = label.to(dev, non_blocking=True), index_cpu.to(dev, non_blocking=True)
+            if self.kind == "val":
+                yield ValBatch(self.normalize(_to_torch(outs[0], dev)), y, i)
+                continue
+            weak = self.normalize(_to_torch(outs[0], dev))
+            strong = None
+            if self.views == 2:
+                s = _to_torch(outs[1], dev)
+                if self.cfg.pipeline.strong_aug:
+                    params = [self.feeder.strong[(self.epoch, k)] for k in index_cpu.tolist()]
+                    s = apply_strong_batch(s, StrongBatch.from_params(params, dev), channels_last_input=True)
+                strong = self.normalize(s)
+            yield Batch(weak, strong, y, i)
+
+
+def _translate(e: RuntimeError, feeder) -> DataError:
+    """DALI reports decoder failures without our file names: find the culprit in recent batches."""
+    from PIL import Image
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    after = [lines[k + 1] for k, ln in enumerate(lines[:-1]) if ln == "encountered:"]
+    first = after[0] if after else next((ln for ln in lines if "Critical error" not in ln), type(e).__name__)
+    for files in reversed(feeder.recent):
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as pe:
+                return DataError(f"{path}: cannot decode image ({type(pe).__name__}: {pe}; DALI: {first[:200]})")
+    return DataError(f"DALI pipeline failed: {first[:300]}")
+
+
+def _threads(pipe_cfg):
+    return pipe_cfg.dali_threads or max(1, os.cpu_count() or 1)
+
+
+def _build(source, cfg, device, rank, world, train, views):
+    pc = cfg.pipeline
+    dec = decode_device_for(pc, device)
+    batch = pc.batch_size // world if train else pc.val_batch_size
+    sampler = EpochSampler(len(source), seed=cfg.run.seed if train else 0, shuffle=train, rank=rank,
+                           world=world, pad=train)
+    drop_last = train and pc.drop_last
+    feeder = _Feeder(source, sampler, batch, cfg.data, pc, cfg.run.seed, views, train, drop_last)
+    kw = dict(batch_size=batch, num_threads=_threads(pc), device_id=device.index if dec == "mixed" else None,
+              prefetch_queue_depth=pc.prefetch, seed=cfg.run.seed, exec_dynamic=True)
+    if train:
+        pipe = _train_graph(feeder, dec, cfg.data.train_crop, cfg.data.image_size, views, feeder.encoded, **kw)
+    else:
+        pipe = _val_graph(feeder, dec, cfg.data.image_size, feeder.encoded, **kw)
+    pipe.build()
+    n = len(sampler)
+    steps = n // batch if drop_last else -(-n // batch)
+    return _DaliLoader(feeder, pipe, steps, Normalizer(source.mean_std, device), "train" if train else "val",
+                       cfg, views)
+
+
+def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
+    return _build(source, cfg, device, rank, world, True, views)
+
+
+def build_val(source, cfg, device, rank: int = 0, world: int = 1):
+    return _build(source, cfg, device, rank, world, False, 1)
