@@ -78,7 +78,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--json")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.dali_device=cpu")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.make_data:
         from datasets_prep.make_jpeg_folder import make_jpeg_folder
         make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)

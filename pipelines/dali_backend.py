@@ -42,27 +42,37 @@ class _Feeder:
         self.skip_bad = getattr(source, "skip_bad", False)
         self.keys, self.pos, self.epoch = None, 0, 0
         self.recent = collections.deque(maxlen=8)  # file lists of recent batches, to name a bad file
-        self._sizes = {}
-        self.strong = {}  # (epoch, index) -> StrongParams, read back by the loader for the augmenter
+        self._sizes, self._resolved = {}, {}
+        self.params = {}  # (epoch, index) -> (weak Crop, strong Crop, StrongParams), read back by the loader
+        self.boxes_in_graph = True
 
     def start(self, epoch):
         self.epoch, self.keys, self.pos = epoch, None, 0
-        self.strong = {k: v for k, v in self.strong.items() if k[0] >= epoch}
+        self.params = {k: v for k, v in self.params.items() if k[0] >= epoch}
 
     def _size(self, i):
         if i not in self._sizes:
             self._sizes[i] = self.source.size_of(i)
         return self._sizes[i]
 
+    def _resolve(self, i):
+        """Skip mode: the first readable sample from i on (the torch backend substitutes the same)."""
+        if not (self.encoded and self.skip_bad):
+            return i
+        if i not in self._resolved:
+            j = i
+            for _ in range(len(self.source)):
+                if _looks_decodable(np.fromfile(self.source.files[j], dtype=np.uint8)):
+                    break
+                log.warning("skipping unreadable image: %s", self.source.files[j])
+                j = (j + 1) % len(self.source)
+            self._resolved[i] = j
+        return self._resolved[i]
+
     def _data(self, i):
         if not self.encoded:
             return self.source.images[i]
-        path = self.source.files[i]
-        raw = np.fromfile(path, dtype=np.uint8)
-        if self.skip_bad and not _looks_decodable(raw, path):
-            log.warning("skipping unreadable image: %s", path)
-            return self._data((i + 1) % len(self.source))  # same substitute as the torch backend
-        return raw
+        return np.fromfile(self.source.files[i], dtype=np.uint8)
 
     def __call__(self):
         if self.keys is None:
@@ -73,27 +83,27 @@ class _Feeder:
             raise StopIteration
         idx = self.keys[self.pos:self.pos + self.batch]
         self.pos += len(idx)
+        src_idx = [self._resolve(i) for i in idx]
         if self.encoded:
-            self.recent.append([self.source.files[i] for i in idx])
-        out = [[self._data(i) for i in idx],
+            self.recent.append([self.source.files[j] for j in src_idx])
+        out = [[self._data(j) for j in src_idx],
                [np.array([self.source.labels[i]], dtype=np.int64) for i in idx],
                [np.array([i], dtype=np.int64) for i in idx]]
         if not self.train:
             if self.encoded:  # resize target and centre-crop anchor, rounded as the torch backend does
-                geo = [_val_geometry(*self._size(i), self.size, self.val_resize) for i in idx]
+                geo = [_val_geometry(*self._size(j), self.size, self.val_resize) for j in src_idx]
                 out += [[g[0] for g in geo], [g[1] for g in geo]]
             return out
         boxes = [[], [], [], []]  # weak anchor+shape, weak flip, strong anchor+shape, strong flip
-        for i in idx:
-            h, w = self._size(i)
+        for i, j in zip(idx, src_idx):
+            h, w = self._size(j)
             weak, strong, sp = sample_views(self.seed, self.epoch, i, h, w, crop=self.crop, size=self.size,
                                             pad=self.pad, n_ops=self.n_ops, strong_aug=self.strong_aug)
-            if self.views == 2 and sp is not None:
-                self.strong[(self.epoch, i)] = sp
+            self.params[(self.epoch, i)] = (weak, strong, sp)
             for k, c in enumerate((weak, strong)[: self.views]):
                 boxes[2 * k].append(np.array([c.top, c.left, c.height, c.width], dtype=np.float32))
                 boxes[2 * k + 1].append(np.array(int(c.flip), dtype=np.int32))
-        return out + boxes[: 2 * self.views]
+        return out + boxes[: 2 * self.views] if self.boxes_in_graph else out
 
 
 def _val_geometry(h, w, size, resize):
@@ -106,7 +116,7 @@ def _val_geometry(h, w, size, resize):
             np.array([(nh - size) // 2, (nw - size) // 2], dtype=np.int32))
 
 
-def _looks_decodable(raw: np.ndarray, path: str) -> bool:
+def _looks_decodable(raw: np.ndarray) -> bool:
     from io import BytesIO
 
     from PIL import Image
@@ -131,11 +141,17 @@ def _view(img, box, flip, crop, size):
 
 @pipeline_def(enable_conditionals=False)
 def _train_graph(feeder, decode_device, crop, size, views, encoded):
-    outs = fn.external_source(source=feeder, num_outputs=3 + 2 * views, batch=True,
-                              layout=[None if encoded else "HWC"] + [None] * (2 + 2 * views))
+    """GPU: decode (nvJPEG) and cut both views in DALI. CPU: DALI decodes (its threads, no GIL) and the
+    views are cut on the host with torch's resize, which measured ~4x faster than DALI's CPU resize."""
+    in_graph = decode_device == "mixed"
+    n_box = 2 * views if in_graph else 0
+    outs = fn.external_source(source=feeder, num_outputs=3 + n_box, batch=True,
+                              layout=[None if encoded else "HWC"] + [None] * (2 + n_box))
     data, label, index = outs[:3]
     img = fn.decoders.image(data, device=decode_device, output_type=types.RGB) if encoded else data
-    if not encoded and decode_device == "mixed":
+    if not in_graph:
+        return img, label, index
+    if not encoded:
         img = img.gpu()
     result = [_view(img, outs[3 + 2 * k], outs[4 + 2 * k], crop, size) for k in range(views)]
     return (*result, label, index)
@@ -166,7 +182,8 @@ def decode_device_for(pipe_cfg, device: torch.device) -> str:
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
-    if hasattr(tl, "as_cpu") and not hasattr(tl, "as_array"):  # TensorListGPU
+    from nvidia.dali.tensors import TensorListGPU
+    if isinstance(tl, TensorListGPU):  # stays on the GPU: DALI's buffer -> a torch tensor, no host trip
         from nvidia.dali.plugin.pytorch import feed_ndarray
         t = tl.as_tensor()
         out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
@@ -210,15 +227,55 @@ class _DaliLoader:
             if self.kind == "val":
                 yield ValBatch(self.normalize(_to_torch(outs[0], dev)), y, i)
                 continue
-            weak = self.normalize(_to_torch(outs[0], dev))
-            strong = None
-            if self.views == 2:
-                s = _to_torch(outs[1], dev)
-                if self.cfg.pipeline.strong_aug:
-                    params = [self.feeder.strong[(self.epoch, k)] for k in index_cpu.tolist()]
-                    s = apply_strong_batch(s, StrongBatch.from_params(params, dev), channels_last_input=True)
-                strong = self.normalize(s)
-            yield Batch(weak, strong, y, i)
+            params = [self.feeder.params[(self.epoch, k)] for k in index_cpu.tolist()]
+            if self.feeder.boxes_in_graph:  # views cut by DALI on the GPU; strong aug as batched tensor ops
+                weak, s = _to_torch(outs[0], dev), (_to_torch(outs[1], dev) if self.views == 2 else None)
+                if s is not None and self.cfg.pipeline.strong_aug:
+                    s = apply_strong_batch(s, StrongBatch.from_params([p[2] for p in params], dev),
+                                           channels_last_input=True)
+                yield Batch(self.normalize(weak), None if s is None else self.normalize(s), y, i)
+            else:  # host views come out normalised; moved only if training runs elsewhere
+                weak, s = _host_views(outs[0], params, self.cfg.data.image_size, self.views, self.normalize)
+                if dev.type != "cpu":
+                    weak, s = weak.to(dev, non_blocking=True), (None if s is None else s.to(dev, non_blocking=True))
+                yield Batch(weak, s, y, i)
+
+
+_POOL = None
+
+
+def _host_views(images, params, size, views, normalize):
+    """CPU mode: cut both views from each decoded image; the strong view's ops run in PIL, which is
+    pixel-identical to the tensor augmenter (tests) and ~8x faster than it on the CPU. Samples are
+    spread over a small thread pool: PIL and torch release the GIL in their kernels."""
+    global _POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from pipelines.crops import crop_resize
+    from pipelines.randaugment_pil import apply_strong
+    n = len(params)
+    weak = torch.empty((n, size, size, 3), dtype=torch.float32)
+    strong = torch.empty_like(weak) if views == 2 else None
+    mean, inv_std = normalize.mean.cpu(), normalize.inv_std.cpu()
+
+    def work(j):  # normalising per sample keeps that work in the pool, off the main thread
+        wc, sc, sp = params[j]
+        img = np.asarray(images[j])  # a view of DALI's buffer, read before the next run()
+        torch.sub(crop_resize(img, wc, size), mean, out=weak[j]).mul_(inv_std)
+        if views == 2:
+            v = crop_resize(img, sc, size)
+            if sp is not None:
+                v = torch.from_numpy(np.array(apply_strong(Image.fromarray(v.numpy()), sp)))
+            torch.sub(v, mean, out=strong[j]).mul_(inv_std)
+
+    if _POOL is None:
+        threads = int(os.environ.get("CRLD_VIEW_THREADS", 0)) or min(8, os.cpu_count() or 1)
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="views")
+    list(_POOL.map(work, range(n)))
+    # NHWC -> NCHW view: channels-last memory, as the contract asks
+    return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
 
 
 def _translate(e: RuntimeError, feeder) -> DataError:
@@ -249,6 +306,7 @@ def _build(source, cfg, device, rank, world, train, views):
                            world=world, pad=train)
     drop_last = train and pc.drop_last
     feeder = _Feeder(source, sampler, batch, cfg.data, pc, cfg.run.seed, views, train, drop_last)
+    feeder.boxes_in_graph = dec == "mixed"
     kw = dict(batch_size=batch, num_threads=_threads(pc), device_id=device.index if dec == "mixed" else None,
               prefetch_queue_depth=pc.prefetch, seed=cfg.run.seed, exec_dynamic=True)
     if train:

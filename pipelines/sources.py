@@ -105,8 +105,11 @@ class FolderSource:
         raise DataError("no readable image in the dataset")
 
     def size_of(self, i: int) -> Tuple[int, int]:
-        with Image.open(self.files[i]) as im:
-            return im.size[1], im.size[0]
+        try:
+            with Image.open(self.files[i]) as im:
+                return im.size[1], im.size[0]
+        except Exception as e:
+            raise DataError(f"{self.files[i]}: cannot read image header ({type(e).__name__}: {e})") from None
 
 
 def _unpickle(path: str):
