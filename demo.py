@@ -27,10 +27,13 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--data", default="data/demo")
-    ap.add_argument("--pipeline", default="torch")
+    ap.add_argument("--pipeline", default=None, help="data backend (default: dali when importable, else torch)")
     args = ap.parse_args(argv)
     import train
 
+    if args.pipeline is None:
+        from pipelines import available_pipelines
+        args.pipeline = "dali" if "dali" in available_pipelines() else "torch"
     make_demo(args.data)
     common = [f"data.root={args.data}", f"run.out_dir={args.out}", f"pipeline.name={args.pipeline}",
               "run.progress=false"]
@@ -52,7 +55,7 @@ def main(argv=None):
             results[m].append(s["best_top1"])
     rows = [("teacher resnet20 (ce)", [teacher["best_top1"]])]
     rows += [(f"student resnet8 ({m})", v) for m, v in results.items()]
-    lines = ["", f"Demo: sklearn digits 32x32 RGB, {seeds} seed(s), {epochs} epochs, "
+    lines = ["", f"Demo: sklearn digits 32x32 RGB, pipeline {args.pipeline}, {seeds} seed(s), {epochs} epochs, "
              f"{time.time() - t0:.0f}s on this machine", "",
              "| model (method) | best top-1 (mean) | per seed |", "|---|---|---|"]
     for name, v in rows:

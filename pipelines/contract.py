@@ -36,11 +36,11 @@ class Normalizer:
     def __init__(self, mean_std, device):
         mean, std = mean_std
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=self.device) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device) * 255.0)
+        self.bias = -torch.tensor(mean, device=self.device) * 255.0 * self.inv_std
 
     def __call__(self, x_nhwc_uint8: torch.Tensor) -> torch.Tensor:
-        # Arithmetic on the contiguous NHWC tensor, then a permuted view: that view *is* NCHW in
-        # channels-last memory, so no layout copy is needed.
-        x = x_nhwc_uint8.to(self.device, non_blocking=True).float()
-        return x.sub_(self.mean).mul_(self.inv_std).permute(0, 3, 1, 2)
+        # One fused uint8 -> float pass (x * inv_std + bias) on the contiguous NHWC tensor, then a
+        # permuted view: that view *is* NCHW in channels-last memory, so no layout copy is needed.
+        x = x_nhwc_uint8.to(self.device, non_blocking=True)
+        return torch.addcmul(self.bias, x, self.inv_std).permute(0, 3, 1, 2)

@@ -258,17 +258,17 @@ def _host_views(images, params, size, views, normalize):
     n = len(params)
     weak = torch.empty((n, size, size, 3), dtype=torch.float32)
     strong = torch.empty_like(weak) if views == 2 else None
-    mean, inv_std = normalize.mean.cpu(), normalize.inv_std.cpu()
+    bias, inv_std = normalize.bias.cpu(), normalize.inv_std.cpu()
 
     def work(j):  # normalising per sample keeps that work in the pool, off the main thread
         wc, sc, sp = params[j]
         img = np.asarray(images[j])  # a view of DALI's buffer, read before the next run()
-        torch.sub(crop_resize(img, wc, size), mean, out=weak[j]).mul_(inv_std)
+        torch.addcmul(bias, crop_resize(img, wc, size), inv_std, out=weak[j])  # == Normalizer
         if views == 2:
             v = crop_resize(img, sc, size)
             if sp is not None:
                 v = torch.from_numpy(np.array(apply_strong(Image.fromarray(v.numpy()), sp)))
-            torch.sub(v, mean, out=strong[j]).mul_(inv_std)
+            torch.addcmul(bias, v, inv_std, out=strong[j])
 
     if _POOL is None:
         threads = int(os.environ.get("CRLD_VIEW_THREADS", 0)) or min(8, os.cpu_count() or 1)
