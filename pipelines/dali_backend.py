@@ -45,6 +45,7 @@ class _Feeder:
         self._sizes, self._resolved = {}, {}
         self.params = {}  # (epoch, index) -> (weak Crop, strong Crop, StrongParams), read back by the loader
         self.boxes_in_graph = True
+        self.roi_decode = False
 
     def start(self, epoch):
         self.epoch, self.keys, self.pos = epoch, None, 0
@@ -95,15 +96,35 @@ class _Feeder:
                 out += [[g[0] for g in geo], [g[1] for g in geo]]
             return out
         boxes = [[], [], [], []]  # weak anchor+shape, weak flip, strong anchor+shape, strong flip
+        rois = [[], []]
         for i, j in zip(idx, src_idx):
             h, w = self._size(j)
             weak, strong, sp = sample_views(self.seed, self.epoch, i, h, w, crop=self.crop, size=self.size,
                                             pad=self.pad, n_ops=self.n_ops, strong_aug=self.strong_aug)
+            if self.roi_decode:  # decode only the region both views need; boxes become ROI-relative
+                y0, x0, y1, x1 = _roi(h, w, (weak, strong)[: self.views])
+                rois[0].append(np.array([y0, x0], dtype=np.int32))
+                rois[1].append(np.array([y1 - y0, x1 - x0], dtype=np.int32))
+                weak, strong = (c._replace(top=c.top - y0, left=c.left - x0) for c in (weak, strong))
             self.params[(self.epoch, i)] = (weak, strong, sp)
             for k, c in enumerate((weak, strong)[: self.views]):
                 boxes[2 * k].append(np.array([c.top, c.left, c.height, c.width], dtype=np.float32))
                 boxes[2 * k + 1].append(np.array(int(c.flip), dtype=np.int32))
-        return out + boxes[: 2 * self.views] if self.boxes_in_graph else out
+        if self.boxes_in_graph:
+            return out + boxes[: 2 * self.views]
+        return out + rois if self.roi_decode else out
+
+
+def _roi(h, w, crops, align=16):
+    """Union of the crop boxes inside the image, widened to the JPEG MCU grid so the region decode
+    reproduces the full decode's pixels (chroma upsampling needs the neighbouring blocks)."""
+    y0 = max(0, min(c.top for c in crops))
+    x0 = max(0, min(c.left for c in crops))
+    y1 = min(h, max(c.top + c.height for c in crops))
+    x1 = min(w, max(c.left + c.width for c in crops))
+    y0, x0 = max(0, y0 // align * align - align), max(0, x0 // align * align - align)
+    y1, x1 = min(h, -(-y1 // align) * align + align), min(w, -(-x1 // align) * align + align)
+    return y0, x0, y1, x1
 
 
 def _val_geometry(h, w, size, resize):
@@ -140,15 +161,19 @@ def _view(img, box, flip, crop, size):
 
 
 @pipeline_def(enable_conditionals=False)
-def _train_graph(feeder, decode_device, crop, size, views, encoded):
+def _train_graph(feeder, decode_device, crop, size, views, encoded, roi):
     """GPU: decode (nvJPEG) and cut both views in DALI. CPU: DALI decodes (its threads, no GIL) and the
     views are cut on the host with torch's resize, which measured ~4x faster than DALI's CPU resize."""
     in_graph = decode_device == "mixed"
-    n_box = 2 * views if in_graph else 0
-    outs = fn.external_source(source=feeder, num_outputs=3 + n_box, batch=True,
-                              layout=[None if encoded else "HWC"] + [None] * (2 + n_box))
+    n_extra = 2 * views if in_graph else (2 if roi else 0)
+    outs = fn.external_source(source=feeder, num_outputs=3 + n_extra, batch=True,
+                              layout=[None if encoded else "HWC"] + [None] * (2 + n_extra))
     data, label, index = outs[:3]
-    img = fn.decoders.image(data, device=decode_device, output_type=types.RGB) if encoded else data
+    if roi:  # CPU: decode only the union of the two crops (libjpeg-turbo skips the rest)
+        img = fn.decoders.image_slice(data, outs[3], outs[4], normalized_anchor=False, normalized_shape=False,
+                                      axis_names="HW", device="cpu", output_type=types.RGB)
+    else:
+        img = fn.decoders.image(data, device=decode_device, output_type=types.RGB) if encoded else data
     if not in_graph:
         return img, label, index
     if not encoded:
@@ -266,8 +291,9 @@ def _host_views(images, params, size, views, normalize):
         torch.addcmul(bias, crop_resize(img, wc, size), inv_std, out=weak[j])  # == Normalizer
         if views == 2:
             v = crop_resize(img, sc, size)
-            if sp is not None:
-                v = torch.from_numpy(np.array(apply_strong(Image.fromarray(v.numpy()), sp)))
+            if sp is not None:  # frombuffer shares the tensor's memory (no tobytes copy)
+                pil = Image.frombuffer("RGB", (size, size), v.contiguous().numpy(), "raw", "RGB", 0, 1)
+                v = torch.from_numpy(np.array(apply_strong(pil, sp)))
             torch.addcmul(bias, v, inv_std, out=strong[j])
 
     if _POOL is None:
@@ -307,10 +333,12 @@ def _build(source, cfg, device, rank, world, train, views):
     drop_last = train and pc.drop_last
     feeder = _Feeder(source, sampler, batch, cfg.data, pc, cfg.run.seed, views, train, drop_last)
     feeder.boxes_in_graph = dec == "mixed"
+    feeder.roi_decode = train and feeder.encoded and dec == "cpu" and not os.environ.get("CRLD_NO_ROI")
     kw = dict(batch_size=batch, num_threads=_threads(pc), device_id=device.index if dec == "mixed" else None,
               prefetch_queue_depth=pc.prefetch, seed=cfg.run.seed, exec_dynamic=True)
     if train:
-        pipe = _train_graph(feeder, dec, cfg.data.train_crop, cfg.data.image_size, views, feeder.encoded, **kw)
+        pipe = _train_graph(feeder, dec, cfg.data.train_crop, cfg.data.image_size, views, feeder.encoded,
+                            feeder.roi_decode, **kw)
     else:
         pipe = _val_graph(feeder, dec, cfg.data.image_size, feeder.encoded, **kw)
     pipe.build()
