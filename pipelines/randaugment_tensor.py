@@ -36,21 +36,22 @@ class StrongBatch(NamedTuple):
             for j, (o, m) in enumerate(p.ops):
                 ops[i, j], mags[i, j] = o, m
         cut = torch.tensor([[p.cutout_frac, p.cutout_cx, p.cutout_cy] for p in params], dtype=torch.float64)
-        return StrongBatch(ops, mags.to(device), cut.to(device))  # ops stay on the host
+        return StrongBatch(ops, mags.to(device), cut)  # op choices and Cutout boxes stay on the host
 
 
 # ---- helpers on uint8-valued float32 NCHW tensors --------------------------------------------------
 
 def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL Image.blend(degenerate, img, factor): truncation toward zero, clipped to [0, 255]."""
-    out = degenerate + factor.view(-1, 1, 1, 1) * (img - degenerate)
-    return out.clamp(0, 255).floor()
+    # PIL's C code takes the factor as a C float: float32 arithmetic is the faithful (and fast) choice.
+    out = degenerate + factor.to(img.dtype).view(-1, 1, 1, 1) * (img - degenerate)
+    return out.clamp_(0, 255).floor_()
 
 
 def _gray(img: torch.Tensor) -> torch.Tensor:
     """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16."""
-    r, g, b = img[:, 0].long(), img[:, 1].long(), img[:, 2].long()
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).float().unsqueeze(1)
+    r, g, b = img[:, 0].int(), img[:, 1].int(), img[:, 2].int()
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(img.dtype).unsqueeze(1)
 
 
 def _lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -104,12 +105,14 @@ def contrast(img, mag):
 
 
 def sharpness(img, mag):
-    n, c, h, w = img.shape
-    k = torch.ones(3, 3, device=img.device, dtype=img.dtype)
-    k[1, 1] = 5.0
-    smooth = F.conv2d(img.reshape(n * c, 1, h, w), (k / 13.0).view(1, 1, 3, 3)).view(n, c, h - 2, w - 2)
+    # PIL's SMOOTH filter: float32 weights 1/13 (5/13 at the centre), round half up; border kept.
+    _, _, h, w = img.shape
+    one, five = torch.tensor(1 / 13, dtype=torch.float32).item(), torch.tensor(5 / 13, dtype=torch.float32).item()
+    ring = sum(img[:, :, 1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+    smooth = ring * one + img[:, :, 1:-1, 1:-1] * five
     degenerate = img.clone()
-    degenerate[:, :, 1:-1, 1:-1] = (smooth + 0.5).floor().clamp(0, 255)  # PIL keeps the border
+    degenerate[:, :, 1:-1, 1:-1] = (smooth + 0.5).floor_().clamp_(0, 255)
     return _blend(degenerate, img, mag)
 
 
@@ -199,29 +202,37 @@ assert set(TENSOR_OPS) == set(OP_INDEX)
 
 def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     """PIL's CutoutAbs box: x0 = int(max(0, cx*w - v/2)), x1 = min(w, x0 + v), drawn inclusive of
-    both corners (ImageDraw truncates float corners); v = frac * width; no box when frac == 0."""
+    both corners (ImageDraw truncates float corners); v = frac * width; no box when frac == 0.
+    `cut` (N, 3) lives on the host; `img` is modified in place."""
     n, ch, h, w = img.shape
-    dev = img.device
-    frac, cx, cy = cut[:, 0].double(), cut[:, 1].double(), cut[:, 2].double()
+    frac, cx, cy = cut.cpu().double().unbind(1)
     v = frac * w
     x0 = (cx * w - v / 2).clamp(min=0).floor()
     y0 = (cy * h - v / 2).clamp(min=0).floor()
     x1 = torch.minimum(x0 + v, torch.full_like(v, w)).floor()
     y1 = torch.minimum(y0 + v, torch.full_like(v, h)).floor()
-    xs = torch.arange(w, device=dev).view(1, 1, w)
-    ys = torch.arange(h, device=dev).view(1, h, 1)
-    inside = ((xs >= x0.view(n, 1, 1)) & (xs <= x1.view(n, 1, 1)) & (ys >= y0.view(n, 1, 1))
-              & (ys <= y1.view(n, 1, 1)) & (frac > 0).view(n, 1, 1))
-    fill = torch.tensor(CUTOUT_FILL, device=dev, dtype=img.dtype).view(1, ch, 1, 1)
-    return torch.where(inside.unsqueeze(1), fill, img)
+    fill = torch.tensor(CUTOUT_FILL, device=img.device, dtype=img.dtype).view(ch, 1, 1)
+    if img.device.type == "cpu":  # a slice assignment per sample beats a full-batch mask on a CPU
+        for i in (frac > 0).nonzero().flatten().tolist():
+            img[i, :, int(y0[i]):int(y1[i]) + 1, int(x0[i]):int(x1[i]) + 1] = fill
+        return img
+    box = torch.stack([x0, y0, x1, y1, (frac > 0).double()], 1).to(img.device, non_blocking=True)
+    xs = torch.arange(w, device=img.device).view(1, 1, w)
+    ys = torch.arange(h, device=img.device).view(1, h, 1)
+    b = [box[:, k].view(n, 1, 1) for k in range(5)]
+    inside = (xs >= b[0]) & (xs <= b[2]) & (ys >= b[1]) & (ys <= b[3]) & (b[4] > 0)
+    return torch.where(inside.unsqueeze(1), fill.unsqueeze(0), img)
 
 
 def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
-    """Strong view of a batch. `x`: uint8 or float in [0, 255], NCHW (or NHWC if
-    `channels_last_input`). Returns the same dtype and layout."""
+    """Strong view of a batch. `x`: uint8, or float holding integers in [0, 255]; NCHW (or NHWC if
+    `channels_last_input`). Returns a new tensor of the same dtype and layout.
+
+    Between ops the batch is kept as uint8 (each PIL op yields uint8 too), so regrouping samples by
+    op moves a quarter of the bytes; each op computes in float32 on its own samples only."""
     dtype = x.dtype
     img = x.permute(0, 3, 1, 2) if channels_last_input else x
-    img = img.float()
+    img = img.clone() if dtype == torch.uint8 else img.round().clamp(0, 255).to(torch.uint8)
     # Op choices stay on the host (they come from view_params there), so grouping samples by op
     # needs no device->host sync; only the index lists travel to the device.
     ops = params.ops.cpu()
@@ -232,7 +243,8 @@ def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input
             if name == "Identity":
                 continue
             sel = (ops[:, k] == op_id).nonzero().squeeze(1).to(img.device, non_blocking=True)
-            img[sel] = TENSOR_OPS[name](img[sel], mags[sel, k]).to(img.dtype)
-    img = cutout(img, params.cutout.to(img.device))
-    out = img.round().clamp(0, 255).to(dtype) if not dtype.is_floating_point else img.to(dtype)
+            out = TENSOR_OPS[name](img[sel].float(), mags[sel, k])
+            img[sel] = out.round_().clamp_(0, 255).to(torch.uint8)
+    img = cutout(img, params.cutout)
+    out = img if dtype == torch.uint8 else img.to(dtype)
     return out.permute(0, 2, 3, 1) if channels_last_input else out
