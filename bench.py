@@ -74,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the pipelines this many times; report medians")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--json")
@@ -88,12 +89,18 @@ def main(argv=None):
             f"data.image_size={args.image_size}", "data.train_crop=rrc", f"data.val_resize={args.image_size}",
             f"pipeline.batch_size={args.batch_size}", f"pipeline.num_workers={args.workers}",
             f"run.device={args.device}", "method.name=crld", *args.overrides]
+    names = [n.strip() for n in args.pipelines.split(",")]
+    runs = {n: [] for n in names}
+    for _ in range(args.repeat):  # alternating rounds, so a noisy neighbour hits every pipeline alike
+        for name in names:
+            runs[name].append(bench_loader(name, over, args))
     records = []
-    for name in args.pipelines.split(","):
-        rec = bench_loader(name.strip(), over, args)
+    for name in names:
+        rec = sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2]
+        rec["runs_samples_per_s"] = [round(r["samples_per_s"], 1) for r in runs[name]]
         records.append(rec)
-        print(f"{rec['pipeline']:>6}: {rec['samples_per_s']:8.1f} two-view samples/s  "
-              f"({args.batches} x {args.batch_size} at {args.image_size}px on {rec['device']}, {rec['machine']})")
+        print(f"{rec['pipeline']:>6}: {rec['samples_per_s']:8.1f} two-view samples/s (median of {args.repeat}; "
+              f"{args.batches} x {args.batch_size} at {args.image_size}px on {rec['device']}, {rec['machine']})")
     base = records[0]["samples_per_s"]
     for r in records[1:]:
         print(f"{r['pipeline']:>6}: {r['samples_per_s'] / base:.2f}x {records[0]['pipeline']}")

@@ -59,7 +59,8 @@ class PipelineConfig:
     strong_aug: bool = True        # False: the strong view gets only crop + flip (ablation)
     drop_last: bool = True
     dali_device: str = "auto"      # dali: auto (GPU decode when CUDA is there) | cpu | gpu
-    dali_threads: int = 0          # dali: CPU threads (0: one per core)
+    dali_threads: int = 0          # dali: DALI's CPU threads (0: one per core)
+    host_threads: int = 0          # dali CPU mode: threads cutting views on the host (0: two per core)
     prefetch: int = 2              # dali: batches in flight
 
 
@@ -260,6 +261,7 @@ def validate(cfg) -> None:
     need(0 <= cfg.pipeline.randaug_n <= 8, "pipeline.randaug_n", "must be in [0, 8]")
     choice("pipeline.dali_device", cfg.pipeline.dali_device, ("auto", "cpu", "gpu"))
     need(cfg.pipeline.dali_threads >= 0, "pipeline.dali_threads", "must be >= 0")
+    need(cfg.pipeline.host_threads >= 0, "pipeline.host_threads", "must be >= 0")
     need(cfg.pipeline.prefetch >= 1, "pipeline.prefetch", "must be >= 1")
     models = available_models()
     choice("model.name", cfg.model.name, models)
