@@ -1,0 +1,241 @@
+"""Convert a dataset split to an FFCV `.beton` file plus a JSON sidecar the loader checks.
+
+    python datasets_prep/prep_ffcv.py --format imagefolder --src data/imagenet --split train \
+        --out data/ffcv/imagenet_train.beton            # ImageNet defaults: max side 512, proportion 0.5, q90
+    python datasets_prep/prep_ffcv.py --format cifar --src data/cifar100 --split test --out data/ffcv/c100_test.beton
+    python datasets_prep/prep_ffcv.py --format demo --src data/demo --split train --out data/ffcv/demo_train.beton
+
+Defaults per format: imagefolder (ImageNet, Tiny-ImageNet): --max-resolution 512 --write-mode proportion
+--compress-probability 0.5 --jpeg-quality 90 (FFCV's ImageNet recipe; use --max-resolution 64 --write-mode
+raw for Tiny-ImageNet); cifar and demo: raw 32x32 pixels, no resizing.
+
+The .beton is written under a temporary name and renamed when complete; the sidecar (FILE.beton.json:
+source, class names in order, counts per class, settings, skipped files, byte size) is written last, also
+atomically, so a file without its sidecar is incomplete. Re-running with the same arguments over a complete
+output does nothing unless --overwrite. A corrupt image stops the conversion with a last line naming it and
+no output (or, with --skip-bad-images, is left out, logged and counted in the sidecar).
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.sources import DataError, FolderSource, cifar_source, demo_source  # noqa: E402
+
+log = logging.getLogger("prep_ffcv")
+SIDECAR_VERSION = 1
+DEFAULTS = {  # per --format: max_resolution, write_mode
+    "imagefolder": (512, "proportion"),
+    "cifar": (None, "raw"),
+    "demo": (None, "raw"),
+}
+
+
+class _Samples:
+    """Indexable (image, label) for FFCV's writer. A decode failure never raises inside the
+    writer's worker processes (FFCV would wait forever for them): it is recorded in a side file and
+    a placeholder is written, and the conversion fails afterwards naming the file."""
+
+    def __init__(self, source, keep, bad_log):
+        self.source, self.keep, self.bad_log = source, keep, bad_log
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, k):
+        i = self.keep[k]
+        label = int(self.source.labels[i])
+        if hasattr(self.source, "images"):
+            return self.source.images[i], label
+        try:
+            return np.asarray(self.source.load(i)), label
+        except Exception as e:  # noqa: BLE001 - reported after the writer finishes
+            with open(self.bad_log, "a") as f:
+                f.write(f"{self.source.files[i]}\t{type(e).__name__}: {str(e).splitlines()[0]}\n")
+            return np.zeros((8, 8, 3), dtype=np.uint8), label
+
+
+def open_split(fmt, src, split, num_classes=None, skip_bad=False):
+    if not os.path.isdir(src) or not os.listdir(src):
+        raise DataError(f"--src {src}: missing or empty folder")
+    train = split == "train"
+    if fmt == "imagefolder":
+        sub = os.path.join(src, split)
+        if not os.path.isdir(sub):
+            raise DataError(f"{sub}: missing split folder (expected {src}/train and {src}/val)")
+        return FolderSource(sub, skip_bad=skip_bad, name="imagefolder")
+    if fmt == "cifar":
+        if num_classes is None:
+            num_classes = 10 if glob.glob(os.path.join(src, "*10*")) or os.path.isfile(
+                os.path.join(src, "data_batch_1")) else 100
+        return cifar_source(src, train, num_classes)
+    return demo_source(src, train)
+
+
+def _prescan(source, workers):
+    """--skip-bad-images: decode everything once, in parallel, and keep the readable ones."""
+    from concurrent.futures import ProcessPoolExecutor
+    from PIL import Image
+
+    with ProcessPoolExecutor(max(1, workers)) as ex:
+        ok = list(ex.map(_readable, source.files, chunksize=64))
+    bad = [f for f, good in zip(source.files, ok) if not good]
+    for f in bad:
+        log.warning("skipping unreadable image %s", f)
+    del Image
+    return [i for i, good in enumerate(ok) if good], bad
+
+
+def _readable(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB").load()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def settings_of(args) -> dict:
+    return {"format": args.format, "split": args.split, "max_resolution": args.max_resolution,
+            "write_mode": args.write_mode, "compress_probability": args.compress_probability,
+            "jpeg_quality": args.jpeg_quality, "skip_bad_images": args.skip_bad_images}
+
+
+def is_complete(out: str, settings: dict, src: str) -> bool:
+    side = out + ".json"
+    if not (os.path.isfile(out) and os.path.isfile(side)):
+        return False
+    try:
+        meta = json.load(open(side))
+    except (OSError, ValueError):
+        return False
+    return (meta.get("settings") == settings and meta.get("source") == os.path.abspath(src)
+            and meta.get("beton_bytes") == os.path.getsize(out))
+
+
+def convert(args) -> dict:
+    out = os.path.abspath(args.out)
+    settings = settings_of(args)
+    if is_complete(out, settings, args.src) and not args.overwrite:
+        log.info("%s is complete and up to date (use --overwrite to rebuild)", out)
+        return json.load(open(out + ".json"))
+    if os.path.exists(out) and not args.overwrite:
+        raise DataError(f"{out} exists with other settings or is incomplete; use --overwrite")
+    out_dir = os.path.dirname(out)
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise DataError(f"{out_dir}: output folder is not writable")
+    for stale in glob.glob(out + ".tmp-*"):  # left by a killed conversion
+        os.remove(stale)
+    source = open_split(args.format, args.src, args.split, args.num_classes, args.skip_bad_images)
+    keep, skipped = list(range(len(source))), []
+    if args.skip_bad_images and hasattr(source, "files"):
+        keep, skipped = _prescan(source, args.num_workers)
+    _check_space(source, keep, out_dir, args)
+
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    tmp = f"{out}.tmp-{os.getpid()}"
+    bad_log = tmp + ".bad"
+    try:
+        t0 = time.time()
+        writer = DatasetWriter(tmp, {
+            "image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution,
+                                   compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality),
+            "label": IntField()}, num_workers=args.num_workers)
+        writer.from_indexed_dataset(_Samples(source, keep, bad_log), chunksize=args.chunk_size)
+        seconds = time.time() - t0
+        if os.path.exists(bad_log):
+            first = open(bad_log).readline().rstrip("\n").split("\t")
+            raise DataError(f"{first[0]}: cannot decode image ({first[1]}); no output written "
+                            f"(use --skip-bad-images to leave such files out)")
+        os.replace(tmp, out)
+    finally:
+        for f in (tmp, bad_log):
+            if os.path.exists(f):
+                os.remove(f)
+    labels = source.labels[keep]
+    meta = {"sidecar_version": SIDECAR_VERSION, "dataset": source.name, "source": os.path.abspath(args.src),
+            "settings": settings, "num_samples": len(keep), "num_classes": len(source.classes),
+            "classes": list(source.classes),
+            "counts_per_class": np.bincount(labels, minlength=len(source.classes)).tolist(),
+            "skipped": skipped, "skipped_count": len(skipped), "beton_bytes": os.path.getsize(out),
+            "mean_std": [list(source.mean_std[0]), list(source.mean_std[1])],
+            "images_per_s": len(keep) / max(seconds, 1e-9), "ffcv": "1.0.2"}
+    _atomic_json(meta, out + ".json")
+    return meta
+
+
+def _check_space(source, keep, out_dir, args):
+    """FFCV's writer hangs if a worker dies (a full disk, say): refuse up front when it cannot fit."""
+    if hasattr(source, "images"):
+        need = source.images[0].nbytes * len(keep)
+    else:
+        need = sum(os.path.getsize(source.files[i]) for i in keep)
+        if args.write_mode == "raw":
+            side = args.max_resolution or 512
+            need = max(need, len(keep) * side * side * 3)
+    free = shutil.disk_usage(out_dir).free
+    if need * 1.2 > free:
+        raise DataError(f"{out_dir}: not enough free disk space (~{need * 1.2 / 2**30:.1f} GiB needed, "
+                        f"{free / 2**30:.1f} GiB free)")
+
+
+def _atomic_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--format", required=True, choices=sorted(DEFAULTS))
+    ap.add_argument("--src", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--split", default="train", help="imagefolder: train|val; cifar/demo: train|test (val = test)")
+    ap.add_argument("--num-classes", type=int, choices=(10, 100), help="cifar: 10 or 100 (default: detected)")
+    ap.add_argument("--max-resolution", type=int, default=-1, help="longest side kept (default per format)")
+    ap.add_argument("--write-mode", choices=("raw", "jpg", "proportion", "smart"), default=None)
+    ap.add_argument("--compress-probability", type=float, default=0.5)
+    ap.add_argument("--jpeg-quality", type=int, default=90)
+    ap.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--chunk-size", type=int, default=100)
+    ap.add_argument("--skip-bad-images", action="store_true")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    res, mode = DEFAULTS[args.format]
+    args.max_resolution = res if args.max_resolution == -1 else (args.max_resolution or None)
+    args.write_mode = args.write_mode or mode
+    if args.format != "imagefolder" and args.split == "val":
+        args.split = "test"
+    if args.split not in ("train", "val", "test"):
+        ap.error(f"--split {args.split}: use train, val or test")
+    if args.format == "imagefolder" and args.split == "test":
+        args.split = "val"
+    if not 0 <= args.compress_probability <= 1 or not 1 <= args.jpeg_quality <= 100:
+        ap.error("--compress-probability must be in [0, 1] and --jpeg-quality in [1, 100]")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    meta = convert(args)
+    print(f"{args.out}: {meta['num_samples']} images, {meta['num_classes']} classes, "
+          f"{meta['beton_bytes'] / 2**20:.1f} MiB, skipped {meta['skipped_count']}")
+    return meta
+
+
+if __name__ == "__main__":
+    from training.cli import run_main
+    sys.exit(run_main(main))

@@ -1,0 +1,129 @@
+"""`datasets_prep/prep_ffcv.py`: round trips, atomic and idempotent output, bad input."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ffcv")
+
+from datasets_prep.make_jpeg_folder import make_jpeg_folder  # noqa: E402
+from datasets_prep.prep_ffcv import main as prep  # noqa: E402
+from pipelines.sources import DataError, demo_source  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_beton(path):
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    loader = Loader(path, batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    return [(img[0].copy(), int(np.asarray(lab).reshape(-1)[0])) for img, lab in loader]
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    return make_jpeg_folder(str(tmp_path_factory.mktemp("j") / "f"), train=24, val=8, classes=3, size=(80, 60))
+
+
+def test_demo_round_trip_is_exact(demo_root, tmp_path):
+    out = str(tmp_path / "demo_test.beton")
+    meta = prep(["--format", "demo", "--src", demo_root, "--split", "test", "--out", out, "--num-workers", "1"])
+    src = demo_source(demo_root, False)
+    rows = read_beton(out)
+    assert len(rows) == len(src) == meta["num_samples"]
+    for i in (0, 7, len(src) - 1):
+        assert np.array_equal(rows[i][0], src.images[i]) and rows[i][1] == src.labels[i]
+    side = json.load(open(out + ".json"))
+    assert side["classes"] == src.classes and sum(side["counts_per_class"]) == len(src)
+    assert side["beton_bytes"] == os.path.getsize(out)
+
+
+def test_cifar_round_trip(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                     b"labels": list(rng.integers(0, 10, 4))}, open(root / name, "wb"))
+    pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, open(root / "batches.meta", "wb"))
+    out = str(tmp_path / "c10.beton")
+    meta = prep(["--format", "cifar", "--src", str(tmp_path), "--out", out, "--num-workers", "1"])
+    assert meta["num_samples"] == 20 and meta["num_classes"] == 10 and meta["dataset"] == "cifar10"
+    raw = pickle.load(open(root / "data_batch_1", "rb"))
+    img, lab = read_beton(out)[0]
+    assert np.array_equal(img.transpose(2, 0, 1).reshape(-1), raw[b"data"][0]) and lab == raw[b"labels"][0]
+
+
+def test_imagefolder_round_trip_within_jpeg_tolerance(jpegs, tmp_path):
+    out = str(tmp_path / "f.beton")
+    prep(["--format", "imagefolder", "--src", jpegs, "--split", "val", "--out", out, "--num-workers", "1",
+          "--write-mode", "jpg", "--jpeg-quality", "95"])
+    from PIL import Image
+    from pipelines.sources import FolderSource
+    src = FolderSource(os.path.join(jpegs, "val"))
+    for (img, lab), path, y in zip(read_beton(out), src.files, src.labels):
+        ref = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        assert img.shape == ref.shape and lab == y
+        assert np.abs(img.astype(int) - ref).mean() < 4  # re-encoded at quality 95
+
+
+def test_rerun_is_a_noop_and_changed_settings_need_overwrite(demo_root, tmp_path, caplog):
+    out = str(tmp_path / "d.beton")
+    args = ["--format", "demo", "--src", demo_root, "--split", "test", "--out", out, "--num-workers", "1"]
+    prep(args)
+    stamp = os.path.getmtime(out)
+    time.sleep(0.05)
+    prep(args)
+    assert os.path.getmtime(out) == stamp
+    with pytest.raises(DataError, match="--overwrite"):
+        prep(args + ["--jpeg-quality", "80"])
+    prep(args + ["--jpeg-quality", "80", "--overwrite"])
+    assert json.load(open(out + ".json"))["settings"]["jpeg_quality"] == 80
+
+
+def test_killed_conversion_leaves_no_final_file(jpegs, tmp_path):
+    big = make_jpeg_folder(str(tmp_path / "big"), train=400, val=2, classes=2, size=(500, 375))
+    out = str(tmp_path / "k.beton")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "datasets_prep/prep_ffcv.py"), "--format",
+                          "imagefolder", "--src", big, "--out", out, "--write-mode", "raw", "--num-workers", "1"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not [f for f in os.listdir(tmp_path) if f.startswith("k.beton.tmp-")]:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(out) and not os.path.exists(out + ".json")
+    meta = prep(["--format", "imagefolder", "--src", big, "--out", out, "--write-mode", "raw",
+                 "--num-workers", "1", "--split", "val"])  # a rerun cleans the stale temp file
+    assert meta["num_samples"] == 2 and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_corrupt_image_fails_naming_it_or_is_skipped(jpegs, tmp_path):
+    root = str(tmp_path / "bad")
+    shutil.copytree(jpegs, root)
+    victim = os.path.join(root, "train", "class_001", sorted(os.listdir(os.path.join(root, "train", "class_001")))[0])
+    open(victim, "wb").write(b"\xff\xd8\xff garbage")
+    out = str(tmp_path / "b.beton")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "datasets_prep/prep_ffcv.py"), "--format", "imagefolder",
+                        "--src", root, "--out", out, "--num-workers", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and os.path.basename(victim) in r.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    meta = prep(["--format", "imagefolder", "--src", root, "--out", out, "--num-workers", "1", "--skip-bad-images"])
+    assert meta["skipped_count"] == 1 and meta["skipped"] == [victim] and meta["num_samples"] == 23
+
+
+def test_missing_or_empty_source(tmp_path):
+    with pytest.raises(DataError, match="missing or empty"):
+        prep(["--format", "imagefolder", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "x.beton")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="missing or empty"):
+        prep(["--format", "demo", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "x.beton")])
