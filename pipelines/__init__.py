@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 
 _BACKENDS = {"torch": "pipelines.torch_backend"}
-_OPTIONAL = {"dali": ("pipelines.dali_backend", "nvidia.dali")}  # name -> (module, library it needs)
+_OPTIONAL = {"dali": ("pipelines.dali_backend", "nvidia.dali"), "ffcv": ("pipelines.ffcv_backend", "ffcv")}  # name -> (module, library it needs)
 
 
 def available_pipelines():

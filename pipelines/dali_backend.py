@@ -267,20 +267,11 @@ class _DaliLoader:
                 yield Batch(weak, s, y, i)
 
 
-_POOL = None
-
-
 def _host_views(images, params, size, views, normalize, threads=0):
-    """CPU mode: cut both views from each decoded image; the strong view's ops run in PIL, which is
-    pixel-identical to the tensor augmenter (tests) and ~8x faster than it on the CPU. Samples are
-    spread over a small thread pool: PIL and torch release the GIL in their kernels."""
-    global _POOL
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
+    """CPU mode: cut both views from each decoded image and normalise them, per sample on the shared
+    host pool; the strong view's ops run in PIL (see pipelines.host_views)."""
     from pipelines.crops import crop_resize
-    from pipelines.randaugment_pil import apply_strong
+    from pipelines.host_views import pool, strong_pil
     n = len(params)
     weak = torch.empty((n, size, size, 3), dtype=torch.float32)
     strong = torch.empty_like(weak) if views == 2 else None
@@ -292,20 +283,9 @@ def _host_views(images, params, size, views, normalize, threads=0):
         torch.addcmul(bias, crop_resize(img, wc, size), inv_std, out=weak[j])  # == Normalizer
         if views == 2:
             v = crop_resize(img, sc, size)
-            if sp is not None:  # frombuffer shares the tensor's memory (no tobytes copy)
-                pil = Image.frombuffer("RGB", (size, size), v.contiguous().numpy(), "raw", "RGB", 0, 1)
-                v = torch.from_numpy(np.array(apply_strong(pil, sp)))
-            torch.addcmul(bias, v, inv_std, out=strong[j])
+            torch.addcmul(bias, v if sp is None else strong_pil(v, sp), inv_std, out=strong[j])
 
-    if _POOL is None:
-        # Two per core measured best here (1.46x vs 1.33x the reference with one per core): while
-        # one thread holds the GIL for Python glue, the other's PIL/torch kernels run.
-        threads = threads or min(16, 2 * (os.cpu_count() or 1))
-        # One intra-op thread per pool thread (an OpenMP setting local to each thread): the pool
-        # already spreads samples over the cores, nested parallel regions would oversubscribe them.
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="views", initializer=torch.set_num_threads,
-                                   initargs=(1,))
-    list(_POOL.map(work, range(n)))
+    list(pool(threads).map(work, range(n)))
     # NHWC -> NCHW view: channels-last memory, as the contract asks
     return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
 

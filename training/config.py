@@ -62,6 +62,9 @@ class PipelineConfig:
     dali_threads: int = 0          # dali: DALI's CPU threads (0: one per core)
     host_threads: int = 0          # dali CPU mode: threads cutting views on the host (0: two per core)
     prefetch: int = 2              # dali: batches in flight
+    ffcv_dir: str = ""             # ffcv: folder with train.beton / val.beton (default: <data.root>/ffcv)
+    ffcv_order: str = "random"     # ffcv: random | quasi_random (less RAM, for datasets beyond memory)
+    os_cache: bool = True          # ffcv: read the .beton through the OS page cache
 
 
 @dataclass
@@ -263,6 +266,7 @@ def validate(cfg) -> None:
     need(cfg.pipeline.dali_threads >= 0, "pipeline.dali_threads", "must be >= 0")
     need(cfg.pipeline.host_threads >= 0, "pipeline.host_threads", "must be >= 0")
     need(cfg.pipeline.prefetch >= 1, "pipeline.prefetch", "must be >= 1")
+    choice("pipeline.ffcv_order", cfg.pipeline.ffcv_order, ("random", "quasi_random"))
     models = available_models()
     choice("model.name", cfg.model.name, models)
     choice("method.name", cfg.method.name, METHODS)

@@ -1,0 +1,229 @@
+"""`ffcv`: FFCV backend reading `.beton` files written by `datasets_prep/prep_ffcv.py`.
+
+Files: `<pipeline.ffcv_dir or data.root/ffcv>/train.beton` and `val.beton`, each with its JSON sidecar,
+checked against the config before training (class count, dataset, byte size).
+
+A custom FFCV decoder (`TwoViewDecoder`) decodes each image once inside FFCV's compiled pipeline and
+cuts both views from that decode (crop or resized crop + flip). The crop boxes are not drawn inside
+FFCV: they come from `pipelines.view_params` (a pure function of seed, epoch, index, view), computed
+for the epoch in Python and read by the compiled code through a shared table, so views are
+replayable and equal to the other backends' boxes. The strong view then gets RandAugment + Cutout
+(PIL on a CPU, the batched tensor augmenter on a GPU) and both are normalised on the device.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import numba
+import numpy as np
+import torch
+from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.fields.basics import IntDecoder
+from numba.core import cgutils
+from numba.core import types as nbtypes
+from numba.extending import intrinsic
+
+from pipelines.contract import Batch, Normalizer, ValBatch
+from pipelines.host_views import strong_on_host
+from pipelines.sources import DataError
+from pipelines.view_params import sample_views
+
+
+@intrinsic
+def _as_pointer(typingctx, addr):
+    """int -> void*: lets compiled code read a numpy buffer that Python refills every epoch
+    (numba would otherwise freeze a captured array as a compile-time constant)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return nbtypes.voidptr(addr), codegen
+
+
+class ViewTable:
+    """Per-epoch crop boxes for every sample: (n, 2 views, [top, left, height, width, flip])."""
+
+    def __init__(self, metadata, data_cfg, pipe_cfg, seed):
+        self.h, self.w = metadata["height"].astype(int), metadata["width"].astype(int)
+        self.table = np.zeros((len(self.h), 2, 5), dtype=np.int32)
+        self.strong = [None] * len(self.h)
+        self.data_cfg, self.pipe_cfg, self.seed, self.epoch = data_cfg, pipe_cfg, seed, None
+
+    def fill(self, epoch, indices):
+        if self.epoch == epoch:
+            return
+        d, p = self.data_cfg, self.pipe_cfg
+        for i in indices:
+            weak, strong, sp = sample_views(self.seed, epoch, int(i), int(self.h[i]), int(self.w[i]),
+                                            crop=d.train_crop, size=d.image_size, pad=d.crop_padding,
+                                            n_ops=p.randaug_n, strong_aug=p.strong_aug)
+            self.table[i, 0] = (weak.top, weak.left, weak.height, weak.width, weak.flip)
+            self.table[i, 1] = (strong.top, strong.left, strong.height, strong.width, strong.flip)
+            self.strong[i] = sp
+        self.epoch = epoch
+
+
+class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as its decoder by type
+    """Decode once (JPEG via libjpeg-turbo, or raw), then both views; output (2, S, S, 3) uint8."""
+
+    def __init__(self, size: int, table: ViewTable):
+        super().__init__()
+        self.size, self.views = size, table
+
+    def declare_state_and_memory(self, previous_state):
+        max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
+        shape = (2, self.size, self.size, 3)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1")),
+                (AllocationQuery(shape, np.dtype("u1")), AllocationQuery((max_pixels * np.uint64(3),), np.dtype("u1"))))
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        addr, n, size = self.views.table.ctypes.data, self.views.table.shape[0], self.size
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            table = numba.carray(_as_pointer(addr), (n, 2, 5), np.int32)
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.int64(field["height"]), np.int64(field["width"])
+                if field["mode"] == jpg:
+                    temp = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+                    img = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    img = image_data.reshape(height, width, 3)
+                for v in range(2):
+                    top, left, h, w, flip = table[source_ix, v, 0], table[source_ix, v, 1], \
+                        table[source_ix, v, 2], table[source_ix, v, 3], table[source_ix, v, 4]
+                    out = destination[dst_ix, v]
+                    if h == size and w == size:  # RandomCrop with zero padding
+                        out[:] = 0
+                        y0, x0 = max(top, 0), max(left, 0)
+                        y1, x1 = min(top + h, height), min(left + w, width)
+                        if y1 > y0 and x1 > x0:
+                            out[y0 - top:y1 - top, x0 - left:x1 - left] = img[y0:y1, x0:x1]
+                    else:
+                        resize_crop_c(img, top, top + h, left, left + w, out)
+                    if flip:
+                        for r in range(size):
+                            for c in range(size // 2):
+                                for ch in range(3):
+                                    t = out[r, c, ch]
+                                    out[r, c, ch] = out[r, size - 1 - c, ch]
+                                    out[r, size - 1 - c, ch] = t
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class LabelIndexDecoder(IntDecoder):
+    """Label field -> (label, sample index); the index is the sample's position in the .beton,
+    i.e. the source's canonical order (FFCV 1.0.2 cannot map one field to two pipelines)."""
+
+    def declare_state_and_memory(self, previous_state):
+        return (replace(previous_state, jit_mode=True, shape=(2,), dtype=np.dtype("<i8")),
+                AllocationQuery((2,), np.dtype("<i8")))
+
+    def generate_code(self):
+        def decode(indices, destination, metadata, storage_state):
+            for ix in range(len(indices)):
+                destination[ix, 0] = metadata[indices[ix]]
+                destination[ix, 1] = indices[ix]
+            return destination[:len(indices)]
+        return decode
+
+
+def beton_paths(cfg):
+    folder = cfg.pipeline.ffcv_dir or os.path.join(cfg.data.root, "ffcv")
+    return os.path.join(folder, "train.beton"), os.path.join(folder, "val.beton")
+
+
+def check_sidecar(path: str, cfg) -> dict:
+    side = path + ".json"
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing .beton (create it with datasets_prep/prep_ffcv.py)")
+    if not os.path.isfile(side):
+        raise DataError(f"{side}: missing sidecar: the conversion did not finish; rerun prep_ffcv.py")
+    meta = json.load(open(side))
+    if meta.get("beton_bytes") != os.path.getsize(path):
+        raise DataError(f"{path}: {os.path.getsize(path)} bytes but the sidecar recorded "
+                        f"{meta.get('beton_bytes')}: truncated or replaced; rerun prep_ffcv.py")
+    if meta["num_classes"] != cfg.data.num_classes:
+        raise DataError(f"{path}: {meta['num_classes']} classes but data.num_classes={cfg.data.num_classes}")
+    ds, want = meta["dataset"], cfg.data.dataset
+    if ds != want and not (ds == "imagefolder" and want in ("imagenet", "tiny_imagenet", "imagefolder")):
+        raise DataError(f"{path}: converted from dataset '{ds}' but data.dataset={want}")
+    return meta
+
+
+class _FfcvLoader:
+    def __init__(self, loader, table, normalize, kind, cfg, views):
+        self.loader, self.table, self.normalize, self.kind, self.cfg, self.views = \
+            loader, table, normalize, kind, cfg, views
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        dev = self.normalize.device
+        if self.table is not None:
+            self.table.fill(self.epoch, np.arange(len(self.table.h)))
+        self.loader.next_epoch = self.epoch  # FFCV's order for this epoch (seeded shuffle)
+        for data, label_index in self.loader:
+            li = torch.as_tensor(np.asarray(label_index), dtype=torch.int64)
+            y, idx_cpu = li[:, 0].to(dev, non_blocking=True), li[:, 1]
+            i = idx_cpu.to(dev, non_blocking=True)
+            x = torch.from_numpy(np.asarray(data))
+            if self.kind == "val":
+                yield ValBatch(self.normalize(x), y, i)
+                continue
+            weak = self.normalize(x[:, 0])
+            strong = None
+            if self.views == 2:
+                params = [self.table.strong[k] for k in idx_cpu.tolist()]
+                strong = self.normalize(strong_on_host(x[:, 1], params, dev, self.cfg.pipeline.strong_aug))
+            yield Batch(weak, strong, y, i)
+
+
+def _loader(path, cfg, batch, image_pipe, train, world):
+    pc = cfg.pipeline
+    order = OrderOption.QUASI_RANDOM if pc.ffcv_order == "quasi_random" else OrderOption.RANDOM
+    return Loader(path, batch_size=batch, num_workers=max(1, pc.num_workers),
+                  order=order if train else OrderOption.SEQUENTIAL, os_cache=pc.os_cache,
+                  distributed=world > 1, seed=cfg.run.seed, drop_last=train and pc.drop_last,
+                  pipelines={"image": image_pipe, "label": [LabelIndexDecoder()]})
+
+
+def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
+    path = beton_paths(cfg)[0]
+    meta = check_sidecar(path, cfg)
+    from ffcv.reader import Reader
+    reader = Reader(path)
+    table = ViewTable(reader.metadata["f0"], cfg.data, cfg.pipeline, cfg.run.seed)
+    loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [TwoViewDecoder(cfg.data.image_size, table)],
+                     True, world)
+    return _FfcvLoader(loader, table, Normalizer(tuple(map(tuple, meta["mean_std"])), device), "train", cfg, views)
+
+
+def build_val(source, cfg, device, rank: int = 0, world: int = 1):
+    path = beton_paths(cfg)[1]
+    meta = check_sidecar(path, cfg)
+    size, resize = cfg.data.image_size, cfg.data.val_resize
+    dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize) if resize else SimpleRGBImageDecoder()
+    loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world)
+    return _FfcvLoader(loader, None, Normalizer(tuple(map(tuple, meta["mean_std"])), device), "val", cfg, 1)

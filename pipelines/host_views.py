@@ -1,0 +1,52 @@
+"""Strong-view augmentation for backends that hand uint8 views over from the CPU (ffcv, dali).
+
+On a GPU the batch goes to the device and through the batched tensor augmenter. On a CPU the ops
+run per sample in PIL on a small thread pool: pixel-identical to the tensor ops (tests) and ~5x
+faster than them on a CPU (docs/benchmarks.md); PIL's kernels release the GIL.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.randaugment_pil import apply_strong
+from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+
+_POOLS = {}
+
+
+def pool(threads: int = 0) -> ThreadPoolExecutor:
+    """Two threads per core by default; each keeps a single intra-op torch thread (a per-thread
+    OpenMP setting) so nested parallel regions do not oversubscribe the cores."""
+    threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="views",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    return _POOLS[threads]
+
+
+def strong_pil(view: torch.Tensor, params) -> torch.Tensor:
+    """One uint8 HWC view through the PIL definition (frombuffer shares the tensor's memory)."""
+    size_hw = (view.shape[1], view.shape[0])
+    pil = Image.frombuffer("RGB", size_hw, view.contiguous().numpy(), "raw", "RGB", 0, 1)
+    return torch.from_numpy(np.array(apply_strong(pil, params)))
+
+
+def strong_on_host(x: torch.Tensor, params, device: torch.device, enabled: bool = True) -> torch.Tensor:
+    """uint8 (N, H, W, 3) strong-view crops -> augmented uint8 (N, H, W, 3) on `device`."""
+    if not enabled or all(p is None for p in params):
+        return x.to(device, non_blocking=True)
+    if device.type == "cuda":
+        return apply_strong_batch(x.to(device, non_blocking=True), StrongBatch.from_params(params, device),
+                                  channels_last_input=True)
+    out = torch.empty_like(x)
+
+    def work(j):
+        out[j] = strong_pil(x[j], params[j]) if params[j] is not None else x[j]
+
+    list(pool().map(work, range(len(params))))
+    return out
