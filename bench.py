@@ -85,6 +85,14 @@ def main(argv=None):
         make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)
     from pipelines.sources import FolderSource
     classes = len(FolderSource(os.path.join(args.data, "train")).classes)
+    if "ffcv" in args.pipelines:  # convert once with FFCV's ImageNet settings; reused when up to date
+        from datasets_prep.prep_ffcv import main as prep
+        for split in ("train", "val"):
+            meta = prep(["--format", "imagefolder", "--src", args.data, "--split", split,
+                         "--out", os.path.join(args.data, "ffcv", f"{split}.beton"), "--max-resolution", "512",
+                         "--write-mode", "proportion", "--compress-probability", "0.5", "--jpeg-quality", "90"])
+            print(f"ffcv {split}.beton: {meta['num_samples']} images, {meta['beton_bytes'] / 2**20:.0f} MiB, "
+                  f"converted at {meta['images_per_s']:.0f} images/s")
     over = ["data.dataset=imagefolder", f"data.root={args.data}", f"data.num_classes={classes}",
             f"data.image_size={args.image_size}", "data.train_crop=rrc", f"data.val_resize={args.image_size}",
             f"pipeline.batch_size={args.batch_size}", f"pipeline.num_workers={args.workers}",

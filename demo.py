@@ -35,12 +35,18 @@ def main(argv=None):
         from pipelines import available_pipelines
         args.pipeline = "dali" if "dali" in available_pipelines() else "torch"
     make_demo(args.data)
+    if args.pipeline == "ffcv":  # convert once; later runs find complete .beton files and skip
+        from datasets_prep.prep_ffcv import main as prep
+        for split, name in (("train", "train"), ("test", "val")):
+            prep(["--format", "demo", "--src", args.data, "--split", split,
+                  "--out", os.path.join(args.data, "ffcv", f"{name}.beton")])
     common = [f"data.root={args.data}", f"run.out_dir={args.out}", f"pipeline.name={args.pipeline}",
               "run.progress=false"]
     seeds = 1 if args.quick else args.seeds
     epochs = 1 if args.quick else args.epochs
     if args.quick:
-        common += ["data.subset=256", "pipeline.val_batch_size=128", "optim.warmup_epochs=0"]
+        common += [] if args.pipeline == "ffcv" else ["data.subset=256"]
+        common += [ "pipeline.val_batch_size=128", "optim.warmup_epochs=0"]
     common.append(f"optim.epochs={epochs}")
     t0 = time.time()
     teacher = train.main(["--config", "configs/demo/teacher.yaml", "--overwrite", "run.name=teacher",

@@ -246,8 +246,8 @@ class _DaliLoader:
             except StopIteration:
                 self.pipe.reset()
                 return
-            label = torch.from_numpy(outs[-2].as_array().reshape(-1))
-            index_cpu = torch.from_numpy(outs[-1].as_array().reshape(-1))
+            label = torch.from_numpy(np.array(outs[-2].as_array()).reshape(-1))  # copies: DALI reuses buffers
+            index_cpu = torch.from_numpy(np.array(outs[-1].as_array()).reshape(-1))
             y, i = label.to(dev, non_blocking=True), index_cpu.to(dev, non_blocking=True)
             if self.kind == "val":
                 yield ValBatch(self.normalize(_to_torch(outs[0], dev)), y, i)

@@ -50,6 +50,7 @@ class ViewTable:
     def __init__(self, metadata, data_cfg, pipe_cfg, seed):
         self.h, self.w = metadata["height"].astype(int), metadata["width"].astype(int)
         self.table = np.zeros((len(self.h), 2, 5), dtype=np.int32)
+        self.decodes = np.zeros(len(self.h), dtype=np.int64)  # decodes per sample (tests count them)
         self.strong = [None] * len(self.h)
         self.data_cfg, self.pipe_cfg, self.seed, self.epoch = data_cfg, pipe_cfg, seed, None
 
@@ -87,18 +88,22 @@ class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         addr, n, size = self.views.table.ctypes.data, self.views.table.shape[0], self.size
+        count_addr = self.views.decodes.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             table = numba.carray(_as_pointer(addr), (n, 2, 5), np.int32)
+            decodes = numba.carray(_as_pointer(count_addr), (n,), np.int64)
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.int64(field["height"]), np.int64(field["width"])
+                decodes[source_ix] += 1  # indices within a batch are distinct: no race
                 if field["mode"] == jpg:
                     temp = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+                    h32, w32 = np.uint32(field["height"]), np.uint32(field["width"])  # the C signature's types
+                    imdecode_c(image_data, temp, h32, w32, h32, w32, 0, 0, 1, 1, False, False)
                     img = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     img = image_data.reshape(height, width, 3)
@@ -185,7 +190,7 @@ class _FfcvLoader:
             self.table.fill(self.epoch, np.arange(len(self.table.h)))
         self.loader.next_epoch = self.epoch  # FFCV's order for this epoch (seeded shuffle)
         for data, label_index in self.loader:
-            li = torch.as_tensor(np.asarray(label_index), dtype=torch.int64)
+            li = torch.from_numpy(np.array(label_index, dtype=np.int64))  # copy: FFCV reuses its slots
             y, idx_cpu = li[:, 0].to(dev, non_blocking=True), li[:, 1]
             i = idx_cpu.to(dev, non_blocking=True)
             x = torch.from_numpy(np.asarray(data))
@@ -210,6 +215,8 @@ def _loader(path, cfg, batch, image_pipe, train, world):
 
 
 def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
+    if cfg.data.subset:
+        raise DataError("data.subset is not supported by the ffcv pipeline: convert the subset instead")
     path = beton_paths(cfg)[0]
     meta = check_sidecar(path, cfg)
     from ffcv.reader import Reader

@@ -1,0 +1,120 @@
+"""The `ffcv` backend: same batches as the reference, one decode per sample, sidecar checks."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv")
+
+from datasets_prep.make_jpeg_folder import make_jpeg_folder  # noqa: E402
+from datasets_prep.prep_ffcv import main as prep  # noqa: E402
+from pipelines import build_loaders  # noqa: E402
+from pipelines.sources import DataError  # noqa: E402
+from training.config import load_config  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_betons(demo_root, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("ffcv"))
+    for split, name in (("train", "train"), ("test", "val")):
+        prep(["--format", "demo", "--src", demo_root, "--split", split, "--out", f"{folder}/{name}.beton",
+              "--num-workers", "1"])
+    return folder
+
+
+def cfg_for(demo_root, folder, pipe, *over):
+    return load_config(None, ["data.dataset=demo", f"data.root={demo_root}", "data.num_classes=10",
+                              f"pipeline.ffcv_dir={folder}", "pipeline.batch_size=32", "pipeline.num_workers=1",
+                              f"pipeline.name={pipe}", *over])
+
+
+def epoch_batches(cfg, epoch=0, n=None):
+    train, val, src = build_loaders(cfg, CPU)
+    train.set_epoch(epoch)
+    out = []
+    for b in train:
+        out.append(b)
+        if n and len(out) == n:
+            break
+    return out, val, train
+
+
+def test_views_equal_the_reference_backend(demo_root, demo_betons):
+    ffcv_b, ffcv_val, _ = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"), epoch=2, n=2)
+    from pipelines.contract import Normalizer
+    from pipelines.sources import demo_source
+    from pipelines.torch_backend import TwoViewDataset
+    cfg = cfg_for(demo_root, demo_betons, "torch")
+    src = demo_source(demo_root, True)
+    ds, norm = TwoViewDataset(src, cfg.data, cfg.pipeline, cfg.run.seed), Normalizer(src.mean_std, "cpu")
+    for b in ffcv_b:
+        assert b.weak.shape == b.strong.shape == (32, 3, 32, 32) and b.weak.dtype == torch.float32
+        assert b.weak.is_contiguous(memory_format=torch.channels_last)
+        for j in range(0, 32, 5):
+            w, s, y, _ = ds[(2, int(b.index[j]))]
+            assert int(b.target[j]) == y
+            assert torch.equal(norm(torch.from_numpy(np.array(w))[None])[0], b.weak[j])
+            d = (norm(torch.from_numpy(np.array(s))[None])[0] - b.strong[j]).abs().max().item()
+            assert d == 0, (j, int(b.index[j]), d)
+    _, ref_val, _ = epoch_batches(cfg, n=1)
+    assert torch.equal(next(iter(ref_val)).image, next(iter(ffcv_val)).image)
+
+
+def test_each_sample_is_decoded_once_per_epoch_and_runs_are_deterministic(demo_root, demo_betons):
+    a, _, train = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"))
+    seen = torch.cat([b.index for b in a])
+    counts = train.table.decodes
+    assert (counts[seen.numpy()] == 1).all() and counts.sum() == len(seen)
+    b, _, _ = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"))
+    for x, y in zip(a, b):
+        assert torch.equal(x.index, y.index) and torch.equal(x.weak, y.weak) and torch.equal(x.strong, y.strong)
+
+
+def test_sidecar_mismatch_and_truncation_are_caught(demo_root, demo_betons, tmp_path):
+    with pytest.raises(DataError, match="10 classes but data.num_classes=100"):
+        build_loaders(cfg_for(demo_root, demo_betons, "ffcv", "data.num_classes=100"), CPU)
+    bad = str(tmp_path / "t")
+    shutil.copytree(demo_betons, bad)
+    with open(os.path.join(bad, "train.beton"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(bad, "train.beton")) // 2)
+    with pytest.raises(DataError, match="truncated"):
+        build_loaders(cfg_for(demo_root, bad, "ffcv"), CPU)
+    os.remove(os.path.join(bad, "val.beton.json"))
+    with pytest.raises(DataError, match="missing sidecar"):
+        from pipelines.ffcv_backend import check_sidecar
+        check_sidecar(os.path.join(bad, "val.beton"), cfg_for(demo_root, bad, "ffcv"))
+    side = json.load(open(os.path.join(demo_betons, "train.beton.json")))
+    assert side["dataset"] == "demo"
+
+
+def test_jpeg_views_within_tolerance(tmp_path):
+    root = make_jpeg_folder(str(tmp_path / "j"), train=32, val=8, classes=4, size=(96, 72))
+    for split in ("train", "val"):
+        prep(["--format", "imagefolder", "--src", root, "--split", split, "--out", f"{root}/ffcv/{split}.beton",
+              "--num-workers", "1", "--write-mode", "raw"])
+    over = ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=4", "data.image_size=48",
+            "data.train_crop=rrc", "data.val_resize=56", "pipeline.batch_size=8", "pipeline.num_workers=1"]
+    f, _, _ = epoch_batches(load_config(None, over + ["pipeline.name=ffcv"]), n=2)
+    t, _, _ = epoch_batches(load_config(None, over + ["pipeline.name=torch"]), n=4)
+    ref = {int(i): (b.weak[k], b.strong[k]) for b in t for k, i in enumerate(b.index)}
+    diffs = [(f_b.weak[k] - ref[int(i)][0]).abs().mean().item() for f_b in f for k, i in enumerate(f_b.index)
+             if int(i) in ref]
+    assert diffs and max(diffs) * 0.225 * 255 < 4.0  # OpenCV INTER_AREA vs PIL bilinear: grey levels, mean
+
+
+def test_one_epoch_crld_through_ffcv(demo_root, demo_betons, tmp_path):
+    import train
+    from training.models import create_model
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "t.pth")
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, ckpt)
+    s = train.main(["--config", "configs/demo/crld.yaml", "--pipeline", "ffcv", f"data.root={demo_root}",
+                    f"pipeline.ffcv_dir={demo_betons}", f"run.out_dir={tmp_path}", "run.name=ffcv",
+                    "pipeline.batch_size=64", "optim.epochs=1", "optim.warmup_epochs=0", "run.progress=false",
+                    "model.name=resnet8", "teacher.name=resnet8", f"teacher.ckpt={ckpt}", "pipeline.num_workers=1"])
+    assert s["epochs"] == 1 and np.isfinite(s["best_top1"])
