@@ -30,7 +30,7 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
 from pipelines.contract import Batch, Normalizer, ValBatch
-from pipelines.host_views import strong_on_host
+from pipelines.host_views import finish_pairs
 from pipelines.sources import DataError
 from pipelines.view_params import sample_views
 
@@ -197,11 +197,8 @@ class _FfcvLoader:
             if self.kind == "val":
                 yield ValBatch(self.normalize(x), y, i)
                 continue
-            weak = self.normalize(x[:, 0])
-            strong = None
-            if self.views == 2:
-                params = [self.table.strong[k] for k in idx_cpu.tolist()]
-                strong = self.normalize(strong_on_host(x[:, 1], params, dev, self.cfg.pipeline.strong_aug))
+            params = [self.table.strong[k] for k in idx_cpu.tolist()] if self.views == 2 else None
+            weak, strong = finish_pairs(x, params, self.normalize, self.views, self.cfg.pipeline.strong_aug)
             yield Batch(weak, strong, y, i)
 
 

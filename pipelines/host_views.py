@@ -50,3 +50,31 @@ def strong_on_host(x: torch.Tensor, params, device: torch.device, enabled: bool 
 
     list(pool().map(work, range(len(params))))
     return out
+
+
+def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled: bool = True):
+    """uint8 (N, 2, H, W, 3) weak/strong crops -> normalised float (weak, strong) NCHW channels-last.
+
+    On a GPU: one copy to the device, batched tensor augmenter, batched normalisation. On a CPU: per
+    sample on the host pool (contiguous per-sample slices normalise ~4x faster than the strided
+    batch, and the PIL ops run beside them)."""
+    dev = normalize.device
+    if dev.type == "cuda":
+        x = x.to(dev, non_blocking=True)
+        weak = normalize(x[:, 0])
+        if views == 1:
+            return weak, None
+        return weak, normalize(strong_on_host(x[:, 1], params, dev, strong_enabled))
+    n, _, h, w, _ = x.shape
+    weak = torch.empty((n, h, w, 3), dtype=torch.float32)
+    strong = torch.empty_like(weak) if views == 2 else None
+    bias, inv_std = normalize.bias, normalize.inv_std
+
+    def work(j):
+        torch.addcmul(bias, x[j, 0], inv_std, out=weak[j])
+        if views == 2:
+            v = x[j, 1] if not strong_enabled or params[j] is None else strong_pil(x[j, 1], params[j])
+            torch.addcmul(bias, v, inv_std, out=strong[j])
+
+    list(pool().map(work, range(n)))
+    return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
