@@ -44,6 +44,11 @@ def _as_pointer(typingctx, addr):
     return nbtypes.voidptr(addr), codegen
 
 
+# Compiled FFCV helpers are kept for the life of the process: when one is garbage-collected with
+# its loader, numba's dispatcher finaliser prints a spurious 'Exception ignored ... KeyError'.
+_KEEP_ALIVE = []
+
+
 class ViewTable:
     """Per-epoch crop boxes for every sample: (n, 2 views, [top, left, height, width, flip])."""
 
@@ -87,6 +92,7 @@ class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
+        _KEEP_ALIVE.append((imdecode_c, resize_crop_c))
         addr, n, size = self.views.table.ctypes.data, self.views.table.shape[0], self.size
         count_addr = self.views.decodes.ctypes.data
 

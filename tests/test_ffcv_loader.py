@@ -118,3 +118,16 @@ def test_one_epoch_crld_through_ffcv(demo_root, demo_betons, tmp_path):
                     "pipeline.batch_size=64", "optim.epochs=1", "optim.warmup_epochs=0", "run.progress=false",
                     "model.name=resnet8", "teacher.name=resnet8", f"teacher.ckpt={ckpt}", "pipeline.num_workers=1"])
     assert s["epochs"] == 1 and np.isfinite(s["best_top1"])
+
+
+def test_demo_quick_through_ffcv_converts_and_trains(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "demo.py"), "--quick", "--pipeline", "ffcv", "--out",
+                        str(tmp_path / "runs"), "--data", str(tmp_path / "demo")], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pipeline ffcv" in r.stdout and "| student resnet8 (crld) |" in r.stdout
+    assert os.path.isfile(tmp_path / "demo" / "ffcv" / "train.beton.json")
+    assert "Exception ignored" not in r.stderr
