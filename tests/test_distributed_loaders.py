@@ -1,0 +1,64 @@
+"""Every backend shards an epoch over real torch.distributed ranks (gloo, 2 processes): each rank gets
+the same number of samples and together they cover the dataset (the padding repeats at most one
+sample per rank)."""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, over, out):
+    import sys
+    sys.path.insert(0, ROOT)
+    from pipelines import build_loaders
+    from training.config import load_config
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        train, _, _ = build_loaders(load_config(None, over), torch.device("cpu"), rank, world)
+        train.set_epoch(1)
+        idx = torch.cat([b.index for b in train]).tolist()
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(idx, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pipe", ["torch", "dali", "ffcv"])
+def test_two_ranks_cover_the_epoch(pipe, demo_root, tmp_path):
+    if pipe != "torch":
+        pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[pipe])
+    over = ["data.dataset=demo", f"data.root={demo_root}", "data.num_classes=10", f"pipeline.name={pipe}",
+            "pipeline.batch_size=32", "pipeline.num_workers=1", "pipeline.drop_last=false", "method.name=crld"]
+    if pipe == "ffcv":
+        from datasets_prep.prep_ffcv import main as prep
+        for split, name in (("train", "train"), ("test", "val")):
+            prep(["--format", "demo", "--src", demo_root, "--split", split, "--out",
+                  str(tmp_path / "ffcv" / f"{name}.beton"), "--num-workers", "1"])
+        over.append(f"pipeline.ffcv_dir={tmp_path / 'ffcv'}")
+    out = str(tmp_path / "idx")
+    ctx = mp.spawn(_rank_main, args=(2, _free_port(), over, out), nprocs=2, join=False)
+    deadline = time.time() + 300
+    while not ctx.join(timeout=5):  # a hung rank must fail the test, not the whole CI run
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{pipe}: ranks did not finish in 300 s")
+    a, b = (json.load(open(f"{out}.{r}")) for r in range(2))
+    n = 1437  # demo training split
+    assert len(a) == len(b) == (n + 1) // 2
+    assert set(a) | set(b) == set(range(n))
+    assert len(set(a) & set(b)) <= 1
