@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pipelines.augment_spec import CUTOUT_FILL, STRONG_OPS
 from pipelines.view_params import StrongParams
