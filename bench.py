@@ -3,6 +3,7 @@
     python bench.py loader --pipelines torch,dali --data data/jpeg_bench --image-size 224 \
         --batch-size 64 --batches 20 [--json OUT]
     python bench.py loader --pipelines torch,dali --make-data 512   # writes ImageNet-like JPEGs first
+    python bench.py loader --pipelines ffcv,ffcv_two_decode ...     # decode once vs FFCV's two decoders
 
 Each backend runs the training loader (both views, strong augmentation included, output on the
 training device, normalised) for `--warmup` batches, then is timed over `--batches` batches. One
@@ -63,6 +64,50 @@ def bench_loader(name, cfg_over, args):
             "machine": machine(), "seconds": dt}
 
 
+def bench_ffcv_two_decode(over, args):
+    """FFCV's stock two-view route for comparison: two PipelineSpec decoders on the same field, so each
+    image is decoded twice (FFCV's own RandomResizedCrop), then the same host finishing as `ffcv`."""
+    import numpy as np
+    import torch
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+
+    from pipelines.contract import Normalizer
+    from pipelines.ffcv_backend import beton_paths, check_sidecar
+    from pipelines.host_views import finish_pairs
+    from pipelines.view_params import STRONG, strong_params, view_rng
+    from training.config import load_config
+    cfg = load_config(None, over + ["pipeline.name=ffcv"])
+    path = beton_paths(cfg)[0]
+    meta = check_sidecar(path, cfg)
+    size = (args.image_size, args.image_size)
+    loader = Loader(path, batch_size=args.batch_size, num_workers=args.workers, order=OrderOption.RANDOM,
+                    seed=0, drop_last=True, pipelines={
+                        "image": [RandomResizedCropRGBImageDecoder(size)],
+                        "image2": PipelineSpec("image", decoder=RandomResizedCropRGBImageDecoder(size)),
+                        "label": [IntDecoder()]})
+    norm = Normalizer(tuple(map(tuple, meta["mean_std"])), "cpu")
+    n, t0, epoch = 0, None, 0
+    while True:
+        for b, outs in enumerate(loader):
+            w, s = [o for o in outs if np.ndim(o) == 4]  # output order follows FFCV's field handling
+            if t0 is None and b == args.warmup:
+                t0 = time.perf_counter()
+            x = torch.from_numpy(np.stack([w, s], 1))
+            params = [strong_params(view_rng(0, epoch, b * args.batch_size + k, STRONG)) for k in range(len(w))]
+            finish_pairs(x, params, norm, 2)
+            if t0 is not None:
+                n += len(w)
+                if n >= args.batches * args.batch_size:
+                    dt = time.perf_counter() - t0
+                    return {"pipeline": "ffcv_two_decode", "samples_per_s": n / dt, "batches": args.batches,
+                            "batch_size": args.batch_size, "image_size": args.image_size, "device": "cpu",
+                            "machine": machine(), "seconds": dt}
+        epoch += 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
@@ -85,7 +130,7 @@ def main(argv=None):
         make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)
     from pipelines.sources import FolderSource
     classes = len(FolderSource(os.path.join(args.data, "train")).classes)
-    if "ffcv" in args.pipelines:  # convert once with FFCV's ImageNet settings; reused when up to date
+    if "ffcv" in args.pipelines:  # convert once (ffcv_two_decode: FFCV's stock route, for comparison) with FFCV's ImageNet settings; reused when up to date
         from datasets_prep.prep_ffcv import main as prep
         for split in ("train", "val"):
             meta = prep(["--format", "imagefolder", "--src", args.data, "--split", split,
@@ -101,7 +146,8 @@ def main(argv=None):
     runs = {n: [] for n in names}
     for _ in range(args.repeat):  # alternating rounds, so a noisy neighbour hits every pipeline alike
         for name in names:
-            runs[name].append(bench_loader(name, over, args))
+            run = bench_ffcv_two_decode if name == "ffcv_two_decode" else (lambda o, a, n=name: bench_loader(n, o, a))
+            runs[name].append(run(over, args))
     records = []
     for name in names:
         rec = sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2]
