@@ -11,7 +11,7 @@ _OPTIONAL = {"dali": ("pipelines.dali_backend", "nvidia.dali"), "ffcv": ("pipeli
 
 def available_pipelines():
     names = list(_BACKENDS)
-    for name, (mod, lib) in _OPTIONAL.items():
+    for name, (_, lib) in _OPTIONAL.items():
         if importlib.util.find_spec(lib) is not None:
             names.append(name)
     return tuple(names)

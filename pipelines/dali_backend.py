@@ -22,7 +22,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.contract import Batch, Normalizer, ValBatch
-from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.host_views import strong_on_host
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError
 from pipelines.view_params import sample_views
@@ -142,8 +142,8 @@ def _looks_decodable(raw: np.ndarray) -> bool:
 
     from PIL import Image
     try:
-        with Image.open(BytesIO(raw.tobytes())) as im:
-            im.size  # header parses
+        with Image.open(BytesIO(raw.tobytes())):  # opening parses the header
+            pass
         return not (raw[:2].tobytes() == b"\xff\xd8" and raw[-2:].tobytes() != b"\xff\xd9")
     except Exception:
         return False
@@ -255,9 +255,8 @@ class _DaliLoader:
             params = [self.feeder.params[(self.epoch, k)] for k in index_cpu.tolist()]
             if self.feeder.boxes_in_graph:  # views cut by DALI on the GPU; strong aug as batched tensor ops
                 weak, s = _to_torch(outs[0], dev), (_to_torch(outs[1], dev) if self.views == 2 else None)
-                if s is not None and self.cfg.pipeline.strong_aug:
-                    s = apply_strong_batch(s, StrongBatch.from_params([p[2] for p in params], dev),
-                                           channels_last_input=True)
+                if s is not None:
+                    s = strong_on_host(s, [p[2] for p in params], dev, self.cfg.pipeline.strong_aug)
                 yield Batch(self.normalize(weak), None if s is None else self.normalize(s), y, i)
             else:  # host views come out normalised; moved only if training runs elsewhere
                 weak, s = _host_views(outs[0], params, self.cfg.data.image_size, self.views, self.normalize,

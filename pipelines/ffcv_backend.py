@@ -193,7 +193,8 @@ class _FfcvLoader:
     def __iter__(self):
         dev = self.normalize.device
         if self.table is not None:
-            self.table.fill(self.epoch, np.arange(len(self.table.h)))
+            # only this rank's samples of this epoch (FFCV's own order, sharded when distributed)
+            self.table.fill(self.epoch, self.loader.traversal_order.sample_order(self.epoch))
         self.loader.next_epoch = self.epoch  # FFCV's order for this epoch (seeded shuffle)
         for data, label_index in self.loader:
             li = torch.from_numpy(np.array(label_index, dtype=np.int64))  # copy: FFCV reuses its slots
