@@ -4,6 +4,7 @@
         teacher.ckpt=checkpoints/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth optim.lr=0.05
     python train.py --config configs/demo/crld.yaml --resume          # continue runs/<name>/last.pt
     torchrun --nproc_per_node=2 train.py --config ...                 # one process per device
+    python train.py --config ... teacher.source=cache teacher.cache=caches/X   # see cache_teacher.py
 
 Writes runs/<run.name>/: config.yaml (resolved), run_info.json (git commit, argv, versions),
 metrics.jsonl (one line per epoch), best.pt / last.pt (atomic), summary.json.
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 method.name=kd")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv=None):
@@ -64,8 +65,8 @@ def main(argv=None):
     seed_everything(cfg.run.seed + dist.rank, cfg.run.deterministic)
     if dist.is_main:
         write_run_info(run_dir, to_yaml(cfg), device)
-    train_loader, val_loader, _ = build_loaders(cfg, device, dist.rank, dist.world)
-    trainer = Trainer(cfg, device, run_dir, train_loader, val_loader, dist)
+    train_loader, val_loader, train_src = build_loaders(cfg, device, dist.rank, dist.world)
+    trainer = Trainer(cfg, device, run_dir, train_loader, val_loader, dist, train_source=train_src)
     if args.resume:
         trainer.resume(last)
         logging.info("resumed %s at epoch %d", last, trainer.epoch)

@@ -3,7 +3,7 @@ import logging
 import os
 import sys
 
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "RuntimeConfigError", "NonFiniteLoss",
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "RuntimeConfigError", "NonFiniteLoss", "CacheError",
                "FileNotFoundError", "FileExistsError")
 
 

@@ -77,7 +77,9 @@ class ModelConfig:
 class TeacherConfig:
     name: str = "resnet32x4"
     ckpt: str = ""                 # required for kd / dkd / crld
-    source: str = "online"         # online (cache comes with the teacher-cache issue)
+    source: str = "online"         # online | cache (logits precomputed by cache_teacher.py)
+    cache: str = ""                # teacher.source=cache: the cache directory
+    cache_cycle: bool = False      # a cache of E epochs replays its epochs (views included) for longer runs
 
 
 @dataclass
@@ -272,7 +274,9 @@ def validate(cfg) -> None:
     choice("method.name", cfg.method.name, METHODS)
     if cfg.method.name != "ce":
         choice("teacher.name", cfg.teacher.name, models)
-    choice("teacher.source", cfg.teacher.source, ("online",))
+    choice("teacher.source", cfg.teacher.source, ("online", "cache"))
+    need(cfg.teacher.source != "cache" or bool(cfg.teacher.cache), "teacher.cache",
+         "teacher.source=cache needs teacher.cache=PATH (a directory made by cache_teacher.py)")
     m = cfg.method
     need(m.temperature > 0, "method.temperature", f"must be > 0, got {m.temperature}")
     for k in ("ce_weight", "kd_weight", "wv_weight", "cv_weight", "dkd_alpha", "dkd_beta"):

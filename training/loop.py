@@ -30,6 +30,20 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def open_cache(cfg, train_source, device):
+    """The checked teacher cache for this run (the teacher model is never built). Storage precision
+    and k are the cache's own choice; everything that decides the views and the teacher is checked."""
+    from training.teacher_cache import TeacherCache, file_sha256, fingerprint, read_meta
+    meta = read_meta(cfg.teacher.cache) or {"fingerprint": {}}
+    precision, topk = meta["fingerprint"].get("precision"), meta["fingerprint"].get("topk")
+    if topk and cfg.method.logit_stand:
+        raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve method.logit_stand=true "
+                                 f"(standardisation needs every logit); build a full cache")
+    sha = file_sha256(cfg.teacher.ckpt) if cfg.teacher.ckpt else None
+    wanted = fingerprint(cfg, train_source, precision=precision, topk=topk, teacher_sha=sha)
+    return TeacherCache(cfg.teacher.cache, wanted, cfg.optim.epochs, cfg.teacher.cache_cycle, device)
+
+
 def build_optimizer(params, optim, device: torch.device):
     kw = dict(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
     impl = optim.impl
@@ -76,7 +90,8 @@ def evaluate(model, loader, device, autocast=None, dist=None) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg, device: torch.device, run_dir: str, train_loader, val_loader, dist=None):
+    def __init__(self, cfg, device: torch.device, run_dir: str, train_loader, val_loader, dist=None,
+                 train_source=None):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
         self.train_loader, self.val_loader = train_loader, val_loader
         self.dist = dist
@@ -87,8 +102,10 @@ class Trainer:
         self.student = create_model(cfg.model.name, nc).to(device, memory_format=mf)
         if cfg.model.ckpt:
             load_model_weights(self.student, cfg.model.ckpt)
-        self.teacher = None
-        if self.method.name != "ce":
+        self.teacher = self.cache = None
+        if self.method.name != "ce" and cfg.teacher.source == "cache":
+            self.cache = open_cache(cfg, train_source, device)
+        elif self.method.name != "ce":
             if not cfg.teacher.ckpt:
                 raise CheckpointError(f"teacher.ckpt is required for method '{self.method.name}'")
             self.teacher = create_model(cfg.teacher.name, nc)
@@ -134,11 +151,13 @@ class Trainer:
         set_rng_state(ck["rng"])
 
     # ---- one step ----------------------------------------------------------------------------
-    def _forward_losses(self, batch):
+    def _forward_losses(self, batch, cached=None):
         w, s, y = batch.weak, batch.strong, batch.target
         two_views = self.method.name == "crld"
         t_w = t_s = None
-        if self.teacher is not None:
+        if cached is not None:
+            t_w, t_s = cached if two_views else (cached[0], None)
+        elif self.teacher is not None:
             with torch.inference_mode(), self.autocast():
                 t = self.teacher(torch.cat([w, s]) if two_views else w)
             # Clone leaves inference mode so the loss may save these for backward.
@@ -157,9 +176,40 @@ class Trainer:
             losses["mask_w_rate"], losses["mask_s_rate"] = m_w.float().mean(), m_s.float().mean()
         return losses, s_w, t_w, t_s
 
+    def train_step(self, batch, cached=None) -> dict:
+        """One optimisation step at the current `self.step`; returns the loss components (device
+        tensors) and the student's weak-view logits under 'logits'."""
+        lr = lr_at(self.step, self.steps_per_epoch, self.cfg.optim)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        losses, s_w, _, _ = self._forward_losses(batch, cached)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.step += 1
+        return losses, s_w, lr
+
+    def batches(self, view_epoch: int):
+        """(batch, cached teacher logits or None); cache rows for the next batch are read on a
+        background thread while this one trains."""
+        if self.cache is None:
+            yield from ((b, None) for b in self.train_loader)
+            return
+        pending = None
+        for b in self.train_loader:
+            nxt = (b, self.cache.submit(view_epoch, b.index))
+            if pending is not None:
+                yield pending[0], self.cache.result(pending[1])
+            pending = nxt
+        if pending is not None:
+            yield pending[0], self.cache.result(pending[1])
+
     def train_epoch(self):
         self.model.train()
-        self.train_loader.set_epoch(self.epoch)
+        # With a cycled cache, epoch e replays augmentation epoch e % E: its views and its logits.
+        view_epoch = self.cache.view_epoch(self.epoch) if self.cache is not None else self.epoch
+        self.train_loader.set_epoch(view_epoch)
         names, sums, acc, n_seen = None, None, None, 0
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         bad_comps = None
@@ -167,16 +217,9 @@ class Trainer:
                    disable=not (self.is_main and self.cfg.run.progress), leave=False, dynamic_ncols=True)
         t0, wait = time.perf_counter(), 0.0
         t_fetch = time.perf_counter()
-        for i, batch in enumerate(self.train_loader):
+        for i, (batch, cached) in enumerate(self.batches(view_epoch)):
             wait += time.perf_counter() - t_fetch
-            lr = lr_at(self.step, self.steps_per_epoch, self.cfg.optim)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            losses, s_w, t_w, t_s = self._forward_losses(batch)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["loss"]).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            losses, s_w, lr = self.train_step(batch, cached)
             with torch.no_grad():
                 comps = torch.stack([v.detach().float() for v in losses.values()])
                 if names is None:
@@ -189,10 +232,9 @@ class Trainer:
                 acc += accuracy_counts(s_w.detach(), batch.target)
                 finite = torch.isfinite(comps)
                 newly = (first_bad < 0) & ~finite.all()
-                first_bad = torch.where(newly, torch.full_like(first_bad, self.step), first_bad)
+                first_bad = torch.where(newly, torch.full_like(first_bad, self.step - 1), first_bad)
                 bad_comps = torch.where(newly, ~finite, bad_comps)
             n_seen += bs
-            self.step += 1
             last = i + 1 == self.steps_per_epoch
             if (i + 1) % self.cfg.run.log_every == 0 or last:
                 self._check_finite(first_bad, bad_comps, names)
@@ -226,6 +268,8 @@ class Trainer:
         if self.teacher is not None and self.is_main:
             self.teacher_metrics = self.validate(self.teacher)
             log.info("teacher %s: top-1 %.2f", self.cfg.teacher.name, self.teacher_metrics["val_top1"])
+        elif self.cache is not None and "teacher_val_top1" in self.cache.meta:
+            self.teacher_metrics = {"val_top1": self.cache.meta["teacher_val_top1"]}
         exit_after = int(os.environ.get("CRLD_TEST_EXIT_AFTER_EPOCH", "0"))
         while self.epoch < epochs:
             stats = self.train_epoch()
