@@ -1,0 +1,210 @@
+"""Plots and a Markdown table from the metrics.jsonl of one or more training runs.
+
+    .venv/bin/python report.py runs/demo --out runs/demo/report
+    .venv/bin/python report.py runs/kd runs/crld --out reports/kd_vs_crld --title "KD vs CRLD"
+
+A RUN_DIR is a run folder (one holding metrics.jsonl) or any folder above several; each run is labelled by its
+path relative to the runs' common parent. Writes OUT/curves.png (val top-1, training loss with its components
+dashed, LR, samples/s, per epoch) and OUT/summary.md (one row per run). summary.json is used where present
+(it is missing while a run is still going); otherwise the figures come from metrics.jsonl and config.yaml.
+Bad input (missing folder, no metrics.jsonl, empty or malformed line) -> one line on stderr, exit code 2,
+and nothing written.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; set before pyplot is imported
+import matplotlib.pyplot as plt
+import yaml
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from pipelines.sources import DataError  # a user error for training.cli.run_main: one line, exit code 2
+from training.cli import run_main
+
+NOT_LOSS_PARTS = ("train_loss", "train_top1", "train_top5")
+DASHES = ["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3))]
+
+
+def find_runs(paths):
+    """Run folders (holding metrics.jsonl) named by or found below `paths`, in order, without repeats."""
+    runs = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: no such file or directory")
+        if not os.path.isdir(p):
+            raise DataError(f"{p}: not a directory")
+        found = sorted(root for root, _, files in os.walk(p) if "metrics.jsonl" in files)
+        if not found:
+            raise DataError(f"{p}: no metrics.jsonl in it or below it")
+        runs += [os.path.abspath(r) for r in found if os.path.abspath(r) not in runs]
+    return runs
+
+
+def read_metrics(path):
+    """One dict per epoch; a resumed run may log an epoch twice, the later line wins."""
+    by_epoch = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                raise DataError(f"{path}: line {n}: empty line")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise DataError(f"{path}: line {n}: not a JSON object with an integer 'epoch'")
+            by_epoch[row["epoch"]] = row
+    if not by_epoch:
+        raise DataError(f"{path}: empty, no epoch logged yet")
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_optional(path, parse):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = parse(f)
+    except (ValueError, yaml.YAMLError) as e:
+        raise DataError(f"{path}: unreadable ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_run(run_dir, label):
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    summary = read_optional(os.path.join(run_dir, "summary.json"), json.load)
+    if not summary.get("model") or not summary.get("method"):
+        cfg = read_optional(os.path.join(run_dir, "config.yaml"), yaml.safe_load)
+        for key in ("model", "method"):
+            section = cfg.get(key)
+            summary.setdefault(key, section.get("name") if isinstance(section, dict) else None)
+    return {"label": label, "metrics": metrics, "summary": summary}
+
+
+def series(metrics, key):
+    pts = [(m["epoch"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def loss_parts(metrics):
+    keys = dict.fromkeys(k for m in metrics for k in m)  # first-seen order
+    parts = [k for k in keys if k.startswith("train_") and k not in NOT_LOSS_PARTS
+             and not k.endswith(("_rate", "_frac", "_s"))]
+    return parts if len(parts) > 1 else []  # a lone part is the total itself
+
+
+def table_row(run):
+    s, metrics = run["summary"], run["metrics"]
+    epochs, top1 = series(metrics, "val_top1")
+    best, best_ep = s.get("best_top1"), s.get("best_epoch")
+    if best is None and top1:
+        best, best_ep = max(zip(top1, epochs), key=lambda t: t[0])  # the first epoch reaching the best
+    last = metrics[-1]
+    speeds = series(metrics, "samples_per_s")[1]
+    speed = s.get("samples_per_s", sum(speeds) / len(speeds) if speeds else None)
+    wall = s.get("wall_time_s", sum(series(metrics, "epoch_time_s")[1]) or None)
+    return [run["label"].replace("|", "\\|"), s.get("method") or "–", s.get("model") or "–",
+            str(s.get("epochs", last["epoch"])),
+            f"{fmt(best)} ({best_ep})" if best is not None else "–",
+            f"{fmt(s.get('last_top1', last.get('val_top1')))} / {fmt(s.get('last_top5', last.get('val_top5')))}",
+            fmt(speed, "{:.0f}"), duration(wall), fmt(s.get("teacher_top1"))]
+
+
+def fmt(v, spec="{:.2f}"):
+    return spec.format(v) if isinstance(v, (int, float)) else "–"
+
+
+def duration(seconds):
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def summary_md(runs, title, common):
+    head = ["run", "method", "model", "epochs", "best top-1 (epoch)", "last top-1 / top-5", "mean samples/s",
+            "wall time", "teacher top-1"]
+    lines = [f"# {title}", "", f"{len(runs)} run(s) under `{common}`.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(table_row(r)) + " |" for r in runs]
+    return "\n".join(lines + ["", "![training curves](curves.png)", ""])
+
+
+def curves(runs, title):
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    panels = [("val_top1", "validation top-1 (%)"), ("train_loss", "training loss"),
+              ("lr", "learning rate"), ("samples_per_s", "throughput (samples/s)")]
+    parts = list(dict.fromkeys(p for r in runs for p in loss_parts(r["metrics"])))
+    dash = {p: DASHES[i % len(DASHES)] for i, p in enumerate(parts)}
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    for ax, (key, name) in zip(axes.flat, panels):
+        for i, run in enumerate(runs):
+            color = colors[i % len(colors)]
+            ax.plot(*series(run["metrics"], key), color=color, label=run["label"], marker=".", markersize=4)
+            if key == "train_loss":
+                for p in loss_parts(run["metrics"]):
+                    ax.plot(*series(run["metrics"], p), color=color, linestyle=dash[p], linewidth=1, alpha=0.8)
+        ax.set(title=name, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if not any(len(line.get_xdata()) for line in ax.lines):
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    axes[0, 0].legend(fontsize="small")
+    if parts:  # line styles in the loss panel: solid total, one dash pattern per component
+        styles = [Line2D([], [], color="gray", label="total")]
+        styles += [Line2D([], [], color="gray", linestyle=dash[p], label=p[len("train_"):]) for p in parts]
+        axes[0, 1].legend(handles=styles, fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_outputs(out_dir, runs, title, common):
+    """Render both files under temporary names, then move them into place; on failure leave nothing."""
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    final = {name: os.path.join(out_dir, name) for name in ("curves.png", "summary.md")}
+    tmp = {name: f"{path}.tmp{os.getpid()}" for name, path in final.items()}
+    try:
+        fig = curves(runs, title)
+        try:
+            fig.savefig(tmp["curves.png"], format="png", dpi=110)
+        finally:
+            plt.close(fig)
+        with open(tmp["summary.md"], "w", encoding="utf-8") as f:
+            f.write(summary_md(runs, title, common))
+        for name, path in final.items():
+            os.replace(tmp[name], path)
+    except BaseException:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.unlink(path)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder, or a folder above several")
+    ap.add_argument("--out", required=True, help="folder for curves.png and summary.md")
+    ap.add_argument("--title", default="Training report")
+    args = ap.parse_args(argv)
+    run_dirs = find_runs(args.run_dirs)
+    common = os.path.commonpath([os.path.dirname(r) for r in run_dirs])
+    runs = [load_run(r, os.path.relpath(r, common)) for r in run_dirs]  # all input is read before any output
+    shown = os.path.relpath(common)
+    write_outputs(args.out, runs, args.title, common if shown.startswith("..") else shown)
+    print(f"wrote {os.path.join(args.out, 'curves.png')} and {os.path.join(args.out, 'summary.md')} "
+          f"({len(runs)} run(s))")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
