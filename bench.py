@@ -1,13 +1,28 @@
-"""Benchmarks. Loader mode: two-view samples/s of each data backend on the same data and machine.
+"""Benchmarks: loader, training step and end to end, each against a reference measured in the same run.
+
+    python bench.py step --teacher resnet32x4 --student resnet8x4 --image-size 32 \
+        --teacher-source online,cache [--amp off,bf16] [--channels-last on,off] [--json OUT]
+    python bench.py step --teacher imagenet_resnet34 --student imagenet_resnet18 --num-classes 1000 \
+        --image-size 224 --batch-size 256 --teacher-source online,cache --amp bf16 --topk 0
+    python bench.py e2e --pipelines torch,dali --teacher-source online,cache     # demo data at 32x32
+    torchrun --nproc_per_node=8 bench.py step ...                               # per rank + aggregate
 
     python bench.py loader --pipelines torch,dali --data data/jpeg_bench --image-size 224 \
         --batch-size 64 --batches 20 [--json OUT]
     python bench.py loader --pipelines torch,dali --make-data 512   # writes ImageNet-like JPEGs first
     python bench.py loader --pipelines ffcv,ffcv_two_decode ...     # decode once vs FFCV's two decoders
 
+Loader mode: two-view samples/s of each data backend on the same data and machine.
 Each backend runs the training loader (both views, strong augmentation included, output on the
 training device, normalised) for `--warmup` batches, then is timed over `--batches` batches. One
 JSON record per pipeline: pipeline, samples_per_s, batches, batch_size, image_size, device, ...
+
+Step mode: synthetic device-resident batches through the training step (teacher forward or a real
+on-disk cache read, two student forwards, CRLD loss, backward, optimizer), per-phase times (CUDA
+events on a GPU, wall clock on a CPU), FLOPs per sample, achieved TFLOP/s and, on a GPU, MFU over
+the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache built first for
+`cache`), with the data-wait fraction. Both add the reference configuration of the paper's code
+(fp32, contiguous, online teacher; e2e: `torch` backend) and report ratios to it.
 """
 import argparse
 import json
@@ -111,7 +126,7 @@ def bench_ffcv_two_decode(over, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
-    ap.add_argument("mode", choices=["loader"])
+    ap.add_argument("mode", choices=["loader", "step", "e2e"])
     ap.add_argument("--pipelines", default="torch,dali")
     ap.add_argument("--data", default="data/jpeg_bench")
     ap.add_argument("--make-data", type=int, default=0, help="first write this many ImageNet-like JPEGs to --data")
@@ -123,14 +138,28 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--json")
+    ap.add_argument("--teacher", default="resnet32x4")
+    ap.add_argument("--student", default="resnet8x4")
+    ap.add_argument("--num-classes", type=int, default=0, help="default: 100 (step), the data's (e2e)")
+    ap.add_argument("--teacher-source", default="online,cache")
+    ap.add_argument("--amp", default="", help="comma list of off|bf16|fp16 (default: bf16 on CUDA, off on CPU)")
+    ap.add_argument("--channels-last", nargs="?", const="on", default="on", help="on | off | on,off")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--topk", type=int, default=0, help="step mode: the cache stores the top-k logits")
+    ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
+    ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.dali_device=cpu")
     args = ap.parse_intermixed_args(argv)
+    if args.mode != "loader":
+        from training.bench_report import run_training_bench
+        return run_training_bench(args, ap)
     if args.make_data:
         from datasets_prep.make_jpeg_folder import make_jpeg_folder
         make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)
     from pipelines.sources import FolderSource
     classes = len(FolderSource(os.path.join(args.data, "train")).classes)
-    if "ffcv" in args.pipelines:  # convert once (ffcv_two_decode: FFCV's stock route, for comparison) with FFCV's ImageNet settings; reused when up to date
+    if "ffcv" in args.pipelines:  # convert once with FFCV's ImageNet settings; reused when up to date
         from datasets_prep.prep_ffcv import main as prep
         for split in ("train", "val"):
             meta = prep(["--format", "imagefolder", "--src", args.data, "--split", split,

@@ -17,3 +17,27 @@ def test_loader_benchmark_smoke(tmp_path):
     recs = json.load(open(out))
     assert [r["pipeline"] for r in recs] == ["torch", "dali", "ffcv", "ffcv_two_decode"]
     assert all(r["samples_per_s"] > 0 and r["batch_size"] == 8 for r in recs)
+
+
+def test_step_benchmark_smoke_reports_reference_and_cache(tmp_path):
+    out = tmp_path / "s.json"
+    recs = bench.main(["step", "--teacher", "resnet14", "--student", "resnet8", "--num-classes", "10", "--image-size",
+                       "16", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--teacher-source", "online,cache",
+                       "--device", "cpu", "--json", str(out)])
+    assert json.load(open(out)) == json.loads(json.dumps(recs))
+    ref, online, cache = recs
+    assert ref["reference"] and ref["amp"] == "off" and not ref["channels_last"] and ref["vs_reference"] == 1.0
+    assert (online["teacher_source"], cache["teacher_source"]) == ("online", "cache")
+    assert all(r["samples_per_s"] > 0 and r["peak_memory_mib"] > 0 for r in recs)
+    assert set(ref["phases_ms"]) == {"teacher", "student_forward", "backward", "optimizer"}
+    # the teacher's forward counts in the online step's FLOPs, not in the cached one
+    assert online["gflops_per_sample"] > cache["gflops_per_sample"] > 0
+
+
+def test_e2e_benchmark_smoke_builds_a_cache(tmp_path, demo_root):
+    recs = bench.main(["e2e", "--pipelines", "torch", "--teacher", "resnet8", "--student", "resnet8", "--data",
+                       demo_root, "--batch-size", "16", "--steps", "2", "--warmup", "1", "--workers", "0",
+                       "--teacher-source", "online,cache", "--device", "cpu", "data.subset=64"])
+    assert [(r["pipeline"], r["teacher_source"], r["reference"]) for r in recs] == [
+        ("torch", "online", True), ("torch", "online", False), ("torch", "cache", False)]
+    assert recs[2]["cache_build"]["samples_per_s"] > 0 and all(0 <= r["data_wait_frac"] <= 1 for r in recs)

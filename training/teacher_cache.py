@@ -88,7 +88,8 @@ def compare_fingerprints(path: str, cached: dict, wanted: dict) -> None:
             continue
         have = cached.get(key)
         if have != want:
-            show = (lambda v: f"{v[:12]}..." if isinstance(v, str) and len(v) > 24 else repr(v))
+            def show(v):
+                return f"{v[:12]}..." if isinstance(v, str) and len(v) > 24 else repr(v)
             raise CacheError(f"{path}: teacher cache does not match this run: '{key}' is {show(have)} in the "
                              f"cache but {show(want)} here (rebuild it with cache_teacher.py)")
 

@@ -1,0 +1,154 @@
+"""`bench.py step|e2e`: run the configurations, gather them across ranks, print and save the report."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from training.benchmark import REFERENCE, bench_step_one, e2e_one, matmul_peak_tflops, random_teacher_ckpt
+
+
+def _list(text):
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _configs(args):
+    """The reference configuration first, then every requested combination."""
+    amps = _list(args.amp) or (["bf16"] if args.device.startswith("cuda") else ["off"])
+    layouts = [{"on": True, "off": False}[x] for x in _list(args.channels_last)]
+    pipes = _list(args.pipelines) if args.mode == "e2e" else ["-"]
+    out = [] if args.no_reference else [dict(REFERENCE, pipeline=REFERENCE["pipeline"] if args.mode == "e2e" else "-",
+                                             reference=True)]
+    for p in pipes:
+        for src in _list(args.teacher_source):
+            for amp in amps:
+                for cl in layouts:
+                    c = {"pipeline": p, "teacher_source": src, "amp": amp, "channels_last": cl, "reference": False}
+                    if not any(all(o[k] == c[k] for k in ("pipeline", "teacher_source", "amp", "channels_last"))
+                               for o in out):
+                        out.append(c)
+    return out
+
+
+def _build_cache(args, folder, amp):
+    """e2e: the real cache for the measured steps (built once per precision setting, timed)."""
+    import cache_teacher
+    from pipelines import available_pipelines
+    out = os.path.join(folder, f"cache_{amp}")
+    if os.path.exists(out):
+        return out, None
+    best = next((p for p in ("dali", "torch") if p in available_pipelines() and p in _list(args.pipelines)), "torch")
+    over = [f"model.name={args.student}", f"teacher.name={args.teacher}", f"data.num_classes={args.num_classes}",
+            f"data.image_size={args.image_size}", f"data.dataset={args.dataset}", f"data.root={args.data}",
+            f"pipeline.batch_size={args.batch_size}", f"pipeline.num_workers={args.workers}", f"run.amp={amp}",
+            f"run.device={args.device}", "run.progress=false", "method.name=crld",
+            f"teacher.ckpt={random_teacher_ckpt(args.teacher, args.num_classes, folder)}", *args.overrides]
+    meta = cache_teacher.main(["--out", out, "--epochs", "1", "--no-eval", "--pipeline", best, *over])
+    return out, meta["builds"][-1]
+
+
+def _dist():
+    from training.runtime import dist_from_env, resolve_device
+    d = dist_from_env()
+    if d.world > 1 and not torch.distributed.is_initialized():
+        dev = resolve_device("auto", d)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+    return d
+
+
+def run_training_bench(args, ap):
+    from bench import machine
+    d = _dist()
+    if args.device.startswith("cuda") and d.world > 1:
+        args.device = f"cuda:{d.local_rank}"
+    if args.mode == "e2e":
+        if args.data == ap.get_default("data"):
+            args.data = "data/demo"
+        if args.dataset == "demo" and not os.path.exists(os.path.join(args.data, "meta.json")):
+            from datasets_prep.make_demo import make_demo
+            if d.is_main:
+                make_demo(args.data)
+            if d.world > 1:
+                torch.distributed.barrier()
+        if args.image_size == ap.get_default("image_size") and args.dataset in ("demo", "cifar10", "cifar100"):
+            args.image_size = 32
+        if not args.num_classes:
+            known = {"demo": 10, "cifar10": 10, "cifar100": 100}
+            args.num_classes = known.get(args.dataset) or sum(
+                e.is_dir() for e in os.scandir(os.path.join(args.data, "train")))
+    from training.models import available_models
+    for attr in ("teacher", "student"):  # `resnet34` means the ImageNet model (the CIFAR zoo has no such name)
+        name = getattr(args, attr)
+        if name not in available_models() and f"imagenet_{name}" in available_models():
+            setattr(args, attr, f"imagenet_{name}")
+    args.num_classes = args.num_classes or (1000 if args.teacher.startswith("imagenet_") else 100)
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        for c in _configs(args):
+            if args.mode == "step":
+                rec = bench_step_one(args, c["teacher_source"], c["amp"], c["channels_last"],
+                                     d if d.world > 1 else None)
+            else:
+                cache_dir, build = (_build_cache(args, folder, c["amp"]) if c["teacher_source"] == "cache"
+                                    else (None, None))
+                rec = e2e_one(args, c["pipeline"], c["teacher_source"], c["amp"], c["channels_last"], cache_dir,
+                              folder, d if d.world > 1 else None)
+                if build:
+                    rec["cache_build"] = build
+            rec.update(reference=c["reference"], rank=d.rank, world=d.world, machine=machine())
+            records.append(rec)
+    if d.world > 1:
+        gathered = [None] * d.world
+        torch.distributed.all_gather_object(gathered, records)
+    else:
+        gathered = [records]
+    if not d.is_main:
+        return records
+    out = _report(args, gathered)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.json)
+    return out
+
+
+def _report(args, gathered):
+    """Per-rank rows and the aggregate (sum over ranks of samples/s), ratios to the reference."""
+    world = len(gathered)
+    agg = []
+    for k, rec in enumerate(gathered[0]):
+        r = dict(rec)
+        r["samples_per_s"] = sum(g[k]["samples_per_s"] for g in gathered)
+        r["per_rank_samples_per_s"] = [g[k]["samples_per_s"] for g in gathered]
+        agg.append(r)
+    base = next((r for r in agg if r["reference"]), None)
+    peak = None
+    if args.device.startswith("cuda"):
+        peak = matmul_peak_tflops(torch.device(args.device))
+    for r in agg:
+        r["vs_reference"] = r["samples_per_s"] / base["samples_per_s"] if base else None
+        if peak and "achieved_tflops" in r:
+            r["matmul_peak_tflops"], r["mfu"] = peak, r["achieved_tflops"] * world / (peak * world)
+    head = f"{args.mode}: {args.teacher} -> {args.student} at {args.image_size}px, batch {args.batch_size} per rank, " \
+           f"{args.steps} steps, {world} rank(s), {agg[0]['device']}, {agg[0]['machine']}"
+    print(head)
+    print(f"{'config':<42} {'samples/s':>10} {'vs ref':>7} {'wait':>6} {'peak MiB':>9}  "
+          "phases ms (teacher/fwd/bwd/opt)")
+    for r in agg:
+        name = (f"{'REFERENCE ' if r['reference'] else ''}{r.get('pipeline', '-')}/{r['teacher_source']}/"
+                f"amp={r['amp']}/{'cl' if r['channels_last'] else 'nchw'}")
+        ph = r.get("phases_ms", {})
+        phs = "/".join(f"{ph[k]:.1f}" for k in ("teacher", "student_forward", "backward", "optimizer") if k in ph)
+        ratio = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
+        print(f"{name:<42} {r['samples_per_s']:>10.1f} {ratio:>7} {r['data_wait_frac']:>6.1%} "
+              f"{r['peak_memory_mib']:>9.0f}  {phs}" + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
+        if world > 1:
+            print("    per rank: " + ", ".join(f"{x:.1f}" for x in r["per_rank_samples_per_s"]))
+        if r.get("cache_build"):
+            print(f"    cache build: {r['cache_build']['samples_per_s']:.0f} samples/s")
+    return agg
