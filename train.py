@@ -3,7 +3,9 @@
     python train.py --config configs/cifar100/crld/res32x4_res8x4.yaml \
         teacher.ckpt=checkpoints/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth optim.lr=0.05
     python train.py --config configs/demo/crld.yaml --resume          # continue runs/<name>/last.pt
-    torchrun --nproc_per_node=2 train.py --config ...                 # one process per device
+    torchrun --nproc_per_node=8 train.py --config ...                 # one process per GPU (gloo on CPU)
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py --config ...              # multi-node (same on each node)
     python train.py --config ... teacher.source=cache teacher.cache=caches/X   # see cache_teacher.py
 
 Writes runs/<run.name>/: config.yaml (resolved), run_info.json (git commit, argv, versions),
@@ -38,7 +40,8 @@ def main(argv=None):
 
     from training.config import load_config, to_yaml
     from training.loop import Trainer
-    from training.runtime import dist_from_env, resolve_device, seed_everything, write_run_info
+    from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
+                                  seed_everything, write_run_info)
     from pipelines import build_loaders
 
     overrides = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
@@ -47,21 +50,23 @@ def main(argv=None):
         print(to_yaml(cfg))
         return None
     dist = dist_from_env()
+    check_world(cfg, dist)
     device = resolve_device(cfg.run.device, dist)
-    if dist.world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    init_distributed(dist, device, cfg.run.dist_timeout_s)
+    check_same_config(to_yaml(cfg), dist)
     name = cfg.run.name or f"{cfg.method.name}_{cfg.model.name}"
     run_dir = os.path.join(cfg.run.out_dir, name)
     last = os.path.join(run_dir, "last.pt")
     if args.resume and not os.path.isfile(last):
         raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-    if not args.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and dist.is_main:
-        if not args.overwrite:
+    if not args.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        if not args.overwrite:  # every rank sees the same folder, so every rank stops here
             raise FileExistsError(f"{run_dir} already holds a run; use --resume, --overwrite "
                                   f"or another run.name")
-        shutil.rmtree(run_dir)
+        if dist.is_main:
+            shutil.rmtree(run_dir)
+    if dist.world > 1:
+        torch.distributed.barrier()
     seed_everything(cfg.run.seed + dist.rank, cfg.run.deterministic)
     if dist.is_main:
         write_run_info(run_dir, to_yaml(cfg), device)

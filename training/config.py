@@ -114,6 +114,7 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     min_lr: float = 0.0            # cosine floor
+    lr_ref_batch: int = 0          # >0: linear scaling, lr * pipeline.batch_size (global) / lr_ref_batch
 
 
 @dataclass
@@ -128,6 +129,7 @@ class RunConfig:
     log_every: int = 50            # steps between host syncs for the progress bar
     progress: bool = True
     save_every: int = 1            # epochs between `last.pt` checkpoints
+    dist_timeout_s: int = 600      # DDP: a collective waiting longer (a dead or hung rank) is an error
 
 
 @dataclass
@@ -299,12 +301,14 @@ def validate(cfg) -> None:
     need(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
     need(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, epochs)")
     need(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    need(o.lr_ref_batch >= 0, "optim.lr_ref_batch", "must be >= 0 (0: no scaling)")
     r = cfg.run
     choice("run.amp", r.amp, ("auto", "off", "bf16", "fp16"))
     need(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "run.device",
          f"unknown device '{r.device}'; use auto, cpu, cuda or cuda:N")
     need(r.log_every >= 1, "run.log_every", "must be >= 1")
     need(r.save_every >= 1, "run.save_every", "must be >= 1")
+    need(r.dist_timeout_s >= 1, "run.dist_timeout_s", "must be >= 1")
 
 
 def to_yaml(cfg) -> str:

@@ -21,7 +21,7 @@ from training.checkpoint import CheckpointError, atomic_save, load_model_weights
 from training.losses import crld_masks, method_loss
 from training.models import create_model
 from training.runtime import RuntimeConfigError, autocast_for, rng_state, set_rng_state
-from training.schedule import lr_at
+from training.schedule import base_lr, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ class Trainer:
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError("the training set is smaller than one batch (lower pipeline.batch_size)")
+        self.base_lr = base_lr(cfg.optim, cfg.pipeline.batch_size)
+        self.world = dist.world if dist is not None else 1
         self.epoch, self.step, self.best_top1 = 0, 0, -1.0
         self.history = []
 
@@ -179,7 +181,7 @@ class Trainer:
     def train_step(self, batch, cached=None) -> dict:
         """One optimisation step at the current `self.step`; returns the loss components (device
         tensors) and the student's weak-view logits under 'logits'."""
-        lr = lr_at(self.step, self.steps_per_epoch, self.cfg.optim)
+        lr = lr_at(self.step, self.steps_per_epoch, self.cfg.optim, self.base_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
         losses, s_w, _, _ = self._forward_losses(batch, cached)
@@ -244,13 +246,22 @@ class Trainer:
             bar.update(1)
             t_fetch = time.perf_counter()
         bar.close()
+        if self.world > 1:  # every rank's samples count in the logged means (rank 0 writes them)
+            n_t = torch.tensor([float(n_seen)], dtype=sums.dtype, device=self.device)
+            packed = torch.cat([sums, acc.to(sums.dtype), n_t])
+            torch.distributed.all_reduce(packed)
+            sums, acc, n_seen = packed[:len(sums)], packed[len(sums):-1], int(packed[-1].item())
         elapsed = time.perf_counter() - t0
         stats = {f"train_{k}": v for k, v in zip(names, (sums / n_seen).tolist())}
         stats.update(train_top1=100.0 * acc[0].item() / n_seen, lr=lr, epoch_time_s=elapsed,
-                     samples_per_s=n_seen / elapsed, data_wait_frac=wait / elapsed)
+                     samples_per_s=n_seen / elapsed, data_wait_frac=wait / elapsed, world=self.world)
         return stats
 
     def _check_finite(self, first_bad, bad_comps, names):
+        if self.world > 1:  # all ranks stop together, rather than the others waiting in a collective
+            flags = torch.cat([first_bad.view(1), bad_comps.long()])
+            torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
+            first_bad, bad_comps = flags[0], flags[1:].bool()
         step = int(first_bad.item())
         if step >= 0:
             comps = [n for n, b in zip(names, bad_comps.tolist()) if b]
@@ -265,9 +276,10 @@ class Trainer:
     def fit(self) -> dict:
         epochs = self.cfg.optim.epochs
         t_start = time.perf_counter()
-        if self.teacher is not None and self.is_main:
+        if self.teacher is not None:  # every rank: the validation set is sharded and reduced
             self.teacher_metrics = self.validate(self.teacher)
-            log.info("teacher %s: top-1 %.2f", self.cfg.teacher.name, self.teacher_metrics["val_top1"])
+            if self.is_main:
+                log.info("teacher %s: top-1 %.2f", self.cfg.teacher.name, self.teacher_metrics["val_top1"])
         elif self.cache is not None and "teacher_val_top1" in self.cache.meta:
             self.teacher_metrics = {"val_top1": self.cache.meta["teacher_val_top1"]}
         exit_after = int(os.environ.get("CRLD_TEST_EXIT_AFTER_EPOCH", "0"))
@@ -291,6 +303,8 @@ class Trainer:
             if self.epoch % self.cfg.run.save_every == 0 or self.epoch == epochs:
                 self.save("last.pt")
             if exit_after and self.epoch == exit_after:  # test hook: a hard kill after a checkpoint
+                if self.world > 1:
+                    torch.distributed.barrier()
                 os._exit(137)
         wall = time.perf_counter() - t_start
         last = self.history[-1]

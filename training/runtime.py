@@ -112,3 +112,41 @@ def write_run_info(run_dir: str, cfg_yaml: str, device: torch.device) -> None:
             "torch": torch.__version__, "device": str(device), "host": platform.node()}
     with open(os.path.join(run_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=1)
+
+
+def init_distributed(dist: Dist, device: torch.device, timeout_s: int) -> None:
+    """NCCL on GPUs, gloo on CPUs, rendezvous from torchrun's environment (single or multi node). The
+    timeout turns a rank that died or hangs into an error on the others instead of a silent hang."""
+    import datetime
+    if dist.world <= 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def check_world(cfg, dist: Dist) -> None:
+    """Every rank takes pipeline.batch_size / world samples per step: it must divide evenly."""
+    b = cfg.pipeline.batch_size
+    if dist.world > b:
+        raise RuntimeConfigError(f"pipeline.batch_size={b} is smaller than the {dist.world} ranks; "
+                                 f"each rank needs at least one sample per step")
+    if b % dist.world:
+        raise RuntimeConfigError(f"pipeline.batch_size={b} (the global batch) is not divisible by the "
+                                 f"{dist.world} ranks; use a multiple of {dist.world}")
+
+
+def check_same_config(cfg_yaml: str, dist: Dist) -> None:
+    """All ranks must resolve the same config (an override or file differing on one node would
+    otherwise train silently inconsistent replicas)."""
+    if dist.world <= 1:
+        return
+    import hashlib
+    mine = hashlib.sha256(cfg_yaml.encode()).hexdigest()
+    every = [None] * dist.world
+    torch.distributed.all_gather_object(every, mine)
+    odd = [r for r, h in enumerate(every) if h != every[0]]
+    if odd:
+        raise RuntimeConfigError(f"the resolved config differs between ranks (rank 0 vs ranks {odd}); "
+                                 f"launch every rank with the same --config and overrides")

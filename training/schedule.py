@@ -2,12 +2,18 @@
 import math
 
 
-def lr_at(step: int, steps_per_epoch: int, optim) -> float:
+def base_lr(optim, global_batch: int) -> float:
+    """optim.lr, linearly scaled to the global batch when optim.lr_ref_batch is set (Goyal et al.)."""
+    return optim.lr * global_batch / optim.lr_ref_batch if optim.lr_ref_batch else optim.lr
+
+
+def lr_at(step: int, steps_per_epoch: int, optim, base: float = None) -> float:
     """Step decay (x gamma at each milestone epoch) or cosine, after an optional linear warm-up.
 
     Milestones follow mdistiller: with 0-based epoch e, the LR is base * gamma ** #{m : e >= m}.
+    `base` defaults to optim.lr (see `base_lr`).
     """
-    base = optim.lr
+    base = optim.lr if base is None else base
     epoch_f = step / steps_per_epoch
     warm = optim.warmup_epochs
     if warm > 0 and epoch_f < warm:

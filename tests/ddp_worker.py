@@ -1,0 +1,31 @@
+"""train.py with a batch-independent student (BatchNorm -> GroupNorm), so a 2-rank DDP run and a
+1-process run over the same global batch must agree to float noise (BN would see per-rank batches).
+Launched by tests/test_ddp.py, alone or under torchrun."""
+import os
+import sys
+
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training import models  # noqa: E402
+
+
+def resnet8_gn(num_classes):
+    m = models.create_model("resnet8", num_classes)
+    for name, mod in list(m.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(mod, child_name, nn.GroupNorm(4, child.num_features))
+    return m
+
+
+models._REGISTRY["resnet8_gn"] = resnet8_gn
+
+if __name__ == "__main__":
+    import train
+    from training.cli import run_main
+    argv = sys.argv[1:]
+    if os.environ.get("RANK") == "1" and os.environ.get("CRLD_TEST_RANK1_OVERRIDE"):
+        argv.append(os.environ["CRLD_TEST_RANK1_OVERRIDE"])  # a node whose config differs
+    sys.exit(run_main(lambda: train.main(argv)))
