@@ -3,7 +3,7 @@
     python cache_teacher.py --config configs/cifar100/crld/res32x4_res8x4.yaml \
         teacher.ckpt=checkpoints/resnet32x4.pth --epochs 240 --out caches/res32x4_c100
     python cache_teacher.py ... --epochs 300 --out caches/res32x4_c100     # extends it by 60 epochs
-    python cache_teacher.py --config configs/imagenet/r34_r18.yaml teacher.ckpt=... \
+    python cache_teacher.py --config configs/imagenet/crld/r34_r18.yaml teacher.ckpt=... \
         --epochs 100 --topk 32 --out caches/r34_in1k                       # top-k for 1000 classes
     python train.py --config ... teacher.source=cache teacher.cache=caches/res32x4_c100
 

@@ -69,6 +69,9 @@ def main(argv=None):
     print("\n".join(lines))
     with open(os.path.join(args.out, "demo_table.json"), "w") as f:
         json.dump({"teacher": teacher["best_top1"], **results, "seeds": seeds, "epochs": epochs}, f, indent=1)
+    import report
+    runs = [os.path.join(args.out, n) for n in ["teacher"] + [f"{m}_seed{s}" for s in range(seeds) for m in results]]
+    report.main([*runs, "--out", os.path.join(args.out, "report"), "--title", "demo: digits 32x32, resnet8 student"])
     return results
 
 

@@ -102,7 +102,8 @@ def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, tmp_path):
     cache_teacher.main(["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), "--out", str(tmp_path / "cache"),
                         "--epochs", "2", "--precision", "fp32", "--no-eval", *common])
     one = run(1, demo_root, teacher_ckpt, tmp_path / "one")
-    two = run(2, demo_root, teacher_ckpt, tmp_path / "two", "teacher.source=cache", f"teacher.cache={tmp_path / 'cache'}")
+    two = run(2, demo_root, teacher_ckpt, tmp_path / "two", "teacher.source=cache",
+              f"teacher.cache={tmp_path / 'cache'}")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
         for k in ("train_loss", "train_kd_wv", "train_kd_cv", "val_loss"):

@@ -42,3 +42,21 @@ def test_optimizer_impls():
     if not has_apex:
         with pytest.raises(RuntimeConfigError, match="apex is not importable"):
             build_optimizer(p, load_config(None, ["optim.impl=apex"]).optim, torch.device("cpu"))
+
+
+def test_apex_fused_sgd_when_apex_is_installed():
+    apex_opt = pytest.importorskip("apex.optimizers", reason="NVIDIA apex not installed (it ships in NGC images)")
+    if not torch.cuda.is_available():
+        pytest.skip("apex's fused optimizers need CUDA")
+    p = [torch.nn.Parameter(torch.zeros(3, device="cuda"))]
+    opt = build_optimizer(p, load_config(None, ["optim.impl=apex"]).optim, torch.device("cuda"))
+    assert isinstance(opt, apex_opt.FusedSGD)
+
+
+def test_linear_lr_scaling_is_optional():
+    from training.schedule import base_lr
+    o = load_config(None, ["optim.lr=0.1"]).optim
+    assert base_lr(o, 1024) == pytest.approx(0.1)
+    o = load_config(None, ["optim.lr=0.1", "optim.lr_ref_batch=256"]).optim
+    assert base_lr(o, 1024) == pytest.approx(0.4)
+    assert lr_at(0, 10, load_config(None, ["optim.schedule=step"]).optim, base=0.4) == pytest.approx(0.4)

@@ -244,3 +244,16 @@ def test_topk_cache_trains_and_is_smaller(demo_root, teacher_ckpt, tmp_path):
     with pytest.raises(CacheError, match="'temperature'"):  # the fill values were made for T=4
         step_losses(demo_root, teacher_ckpt, tmp_path / "r2", "teacher.source=cache", f"teacher.cache={d}",
                     "method.temperature=2")
+
+
+def test_topk_error_script_on_a_full_cache(fp32_cache, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("topk_error", os.path.join(ROOT, "scripts", "topk_error.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--cache", str(fp32_cache), "--k", "1,5,9", "--temperature", "1", "--json", str(tmp_path / "e.json")])
+    kl = [r["kl_mean"] for r in rows]
+    assert kl[0] > kl[1] > kl[2] and kl[2] < 1e-6
+    assert all(r["confidence_abs_err_max"] < 1e-5 for r in rows)  # at T=1 the tail mass, hence max prob, is exact
+    with pytest.raises(CacheError, match="must be in"):
+        mod.main(["--cache", str(fp32_cache), "--k", "10"])
