@@ -14,8 +14,10 @@ Worth it when several students (seeds, sweeps) learn from one teacher; for a sin
 teacher costs about the same as building the cache.
 """
 import argparse
+import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,7 +38,7 @@ def parse_args(argv=None):
     ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="storage dtype")
     ap.add_argument("--topk", type=int, default=0, help="keep the k largest logits per view (0: all)")
     ap.add_argument("--pipeline", help="data backend making the views (default: pipeline.name)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a cache with another fingerprint")
+    ap.add_argument("--overwrite", action="store_true", help="replace the cache in --out (another fingerprint)")
     ap.add_argument("--no-eval", action="store_true", help="skip the teacher's validation pass")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. teacher.ckpt=PATH")
     return ap.parse_intermixed_args(argv)
@@ -44,17 +46,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-
-    from pipelines import get_backend, subset
+    from pipelines import subset
     from pipelines.sources import open_source
-    from training.checkpoint import CheckpointError, load_model_weights
+    from training.checkpoint import CheckpointError
     from training.config import ConfigError, load_config
-    from training.loop import evaluate
-    from training.models import create_model
-    from training.runtime import autocast_for, dist_from_env, resolve_device
-    from training.teacher_cache import (CacheError, EpochWriter, compare_fingerprints, epoch_bytes, file_sha256,
-                                        fingerprint, read_meta, write_meta)
+    from training.runtime import dist_from_env, resolve_device
+    from training.teacher_cache import file_sha256, fingerprint
 
     over = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
     cfg = load_config(args.config, over + ["pipeline.drop_last=false", "teacher.source=online"])
@@ -69,33 +66,84 @@ def main(argv=None):
                           "use a full cache (--topk 0)")
     if not cfg.teacher.ckpt:
         raise CheckpointError("teacher.ckpt is required to build a teacher cache")
+    if dist_from_env().world > 1:
+        raise ConfigError("cache_teacher.py runs as one process (ranks would race on the same --out); "
+                          "launch it with python, not torchrun")
     device = resolve_device(cfg.run.device, dist_from_env())
     src = open_source(cfg.data, train=True)
     if cfg.data.subset:
         src = subset(src, cfg.data.subset)
-    fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=file_sha256(cfg.teacher.ckpt))
+    fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=file_sha256(cfg.teacher.ckpt),
+                     device=device)
+    os.makedirs(args.out, exist_ok=True)
+    with build_lock(args.out):
+        return build(args, cfg, src, fp, device)
+
+
+def _is_cache_entry(name: str) -> bool:
+    return name == "meta.json" or name.startswith(".") or re.fullmatch(r"epoch_\d{4}", name) is not None
+
+
+@contextlib.contextmanager
+def build_lock(out: str):
+    """One builder per cache directory: a second one (or a stale lock of a live process) is refused."""
+    from training.teacher_cache import CacheError
+    lock = os.path.join(out, ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(lock).read().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, OSError):
+                os.remove(lock)  # left by a killed build
+                continue
+            raise CacheError(f"{out}: another cache_teacher.py (pid {pid}) is building this cache") from None
+    else:
+        raise CacheError(f"{out}: cannot take the build lock {lock}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        if os.path.exists(lock):
+            os.remove(lock)
+
+
+def build(args, cfg, src, fp, device):
+    import torch
+
+    from pipelines import get_backend
+    from pipelines.sources import open_source
+    from training.loop import evaluate, frozen_teacher
+    from training.runtime import autocast_for
+    from training.teacher_cache import (CacheError, EpochWriter, compare_fingerprints, epoch_bytes, read_meta,
+                                        write_meta)
+    epochs, c = args.epochs or cfg.optim.epochs, cfg.data.num_classes
     meta = read_meta(args.out)
-    if meta is not None and args.overwrite:
-        shutil.rmtree(args.out)
+    if meta is None or args.overwrite:
+        odd = [n for n in os.listdir(args.out) if not _is_cache_entry(n)]
+        if odd:
+            raise CacheError(f"{args.out}: exists and is not a teacher cache (holds {odd[0]}); choose another --out")
+        for name in os.listdir(args.out):  # a replaced cache, or epochs of a build killed before meta.json
+            if name != ".lock":
+                path = os.path.join(args.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         meta = None
-    elif meta is None and os.path.isdir(args.out) and any(not n.startswith(".") for n in os.listdir(args.out)):
-        raise CacheError(f"{args.out}: exists and is not a teacher cache; choose another --out")
     if meta is not None:
-        compare_fingerprints(args.out, meta["fingerprint"], fp)
+        compare_fingerprints(args.out, meta.get("fingerprint"), fp)
         if meta["epochs"] >= epochs:
             print(f"{args.out}: already holds {meta['epochs']} epochs (>= {epochs}); nothing to do")
             return meta
     else:
         meta = {"fingerprint": fp, "epochs": 0, "num_samples": len(src), "num_classes": c, "builds": []}
-    os.makedirs(args.out, exist_ok=True)
     for name in os.listdir(args.out):  # temp epochs of a killed build
         if name.startswith(".epoch_"):
             shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
 
-    teacher = create_model(cfg.teacher.name, c)
-    load_model_weights(teacher, cfg.teacher.ckpt)
-    mf = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    teacher.to(device, memory_format=mf).eval().requires_grad_(False)
+    teacher = frozen_teacher(cfg, device)
     autocast, _, _ = autocast_for(cfg.run.amp, device)
     backend = get_backend(cfg.pipeline.name)
     if not args.no_eval and "teacher_val_top1" not in meta:

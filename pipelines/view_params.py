@@ -14,6 +14,8 @@ import numpy as np
 from pipelines.augment_spec import CUTOUT_MAX_FRAC, N_OPS, STRONG_OPS
 
 WEAK, STRONG = 0, 1
+# Bump when the mapping (seed, epoch, index, view) -> view changes: teacher caches fingerprint it.
+VIEWS_VERSION = 1
 
 
 def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:

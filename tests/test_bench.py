@@ -28,7 +28,7 @@ def test_step_benchmark_smoke_reports_reference_and_cache(tmp_path):
     ref, online, cache = recs
     assert ref["reference"] and ref["amp"] == "off" and not ref["channels_last"] and ref["vs_reference"] == 1.0
     assert (online["teacher_source"], cache["teacher_source"]) == ("online", "cache")
-    assert all(r["samples_per_s"] > 0 and r["peak_memory_mib"] > 0 for r in recs)
+    assert all(r["samples_per_s"] > 0 and r["peak_memory_mib"] is None for r in recs)  # CPU: no device memory
     assert set(ref["phases_ms"]) == {"teacher", "student_forward", "backward", "optimizer"}
     # the teacher's forward counts in the online step's FLOPs, not in the cached one
     assert online["gflops_per_sample"] > cache["gflops_per_sample"] > 0

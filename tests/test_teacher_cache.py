@@ -32,7 +32,9 @@ def teacher_ckpt(tmp_path_factory):
 def overrides(demo_root, teacher_ckpt, *extra):
     return [f"data.root={demo_root}", "data.subset=96", "pipeline.batch_size=32", "pipeline.val_batch_size=96",
             "pipeline.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", "run.progress=false",
-            "run.amp=off", "model.name=resnet8", "teacher.name=resnet8", f"teacher.ckpt={teacher_ckpt}", *extra]
+            "run.amp=off", "model.name=resnet8", "teacher.name=resnet8", f"teacher.ckpt={teacher_ckpt}",
+            # gates open for every sample, so the KD terms are compared, not zeros (the teacher is random)
+            "method.tau_w=0", "method.tau_s=0", *extra]
 
 
 def build(cache_dir, demo_root, teacher_ckpt, *extra, epochs=2, precision="fp32", topk=0):
@@ -58,8 +60,7 @@ def step_losses(demo_root, teacher_ckpt, tmp_path, *extra):
     losses = []
     for epoch in range(cfg.optim.epochs):
         tr.epoch = epoch
-        tl.set_epoch(tr.cache.view_epoch(epoch) if tr.cache else epoch)
-        for batch, cached in tr.batches(tr.cache.view_epoch(epoch) if tr.cache else epoch):
+        for batch, cached in tr.epoch_batches(epoch):
             out, _, _ = tr.train_step(batch, cached)
             losses.append({k: float(v.detach()) for k, v in out.items()})
     return losses, tr.student.state_dict()
@@ -70,6 +71,7 @@ def test_fp32_cache_gives_the_online_loss_at_every_step(demo_root, teacher_ckpt,
     cached, w_cached = step_losses(demo_root, teacher_ckpt, tmp_path / "b", "teacher.source=cache",
                                    f"teacher.cache={fp32_cache}")
     assert len(online) == len(cached) == 2 * 3
+    assert all(x["kd_wv"] > 0 and x["kd_cv"] > 0 for x in online)
     for a, b in zip(online, cached):
         for k in ("loss", "ce", "kd_wv", "kd_cv"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
@@ -145,10 +147,60 @@ def test_short_cache_errors_or_cycles_with_its_views(demo_root, teacher_ckpt, fp
     with pytest.raises(CacheError, match="holds 2 augmentation epochs but the run needs 3"):
         step_losses(demo_root, teacher_ckpt, tmp_path, *run)
     cfg = load_config(os.path.join(ROOT, "configs/demo/crld.yaml"),
-                      overrides(demo_root, teacher_ckpt, *run, "teacher.cache_cycle=true"))
+                      overrides(demo_root, teacher_ckpt, *run, "teacher.cache_cycle=true", f"run.out_dir={tmp_path}"))
     tl, vl, src = build_loaders(cfg, torch.device("cpu"))
     tr = Trainer(cfg, torch.device("cpu"), str(tmp_path), tl, vl, train_source=src)
     assert [tr.cache.view_epoch(e) for e in range(5)] == [0, 1, 0, 1, 0]
+    # Through the real epoch loop: at every step of epochs 0, 1 and the replayed 2, the cached logits are
+    # the teacher's logits on exactly the views the loader yielded.
+    from training.loop import frozen_teacher
+    teacher, real_step, checked = frozen_teacher(cfg, torch.device("cpu")), tr.train_step, []
+
+    def checking_step(batch, cached):
+        with torch.no_grad():
+            want = teacher(torch.cat([batch.weak, batch.strong])).chunk(2)
+        for got, w in zip(cached, want):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+        checked.append(tr.epoch)
+        return real_step(batch, cached)
+    tr.train_step = checking_step
+    for tr.epoch in range(3):
+        tr.train_epoch()
+    assert checked == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_teacher_precision_and_view_source_are_fingerprinted(demo_root, teacher_ckpt, fp32_cache, tmp_path):
+    with pytest.raises(CacheError, match="'teacher_amp' is 'off' in the cache but 'bfloat16'"):
+        step_losses(demo_root, teacher_ckpt, tmp_path, "teacher.source=cache", f"teacher.cache={fp32_cache}",
+                    "run.amp=bf16")
+    from training.teacher_cache import view_source
+    (tmp_path / "ffcv").mkdir()
+    side = {"settings": {"max_resolution": 256}, "num_samples": 96, "beton_bytes": 1}
+    (tmp_path / "ffcv" / "train.beton.json").write_text(json.dumps(side))
+    cfg = load_config(None, ["pipeline.name=ffcv", f"pipeline.ffcv_dir={tmp_path / 'ffcv'}"])
+    a = view_source(cfg)
+    side["settings"]["max_resolution"] = 512
+    (tmp_path / "ffcv" / "train.beton.json").write_text(json.dumps(side))
+    assert a.startswith("ffcv:") and view_source(cfg) != a != view_source(load_config(None, ["pipeline.name=dali"]))
+    assert view_source(load_config(None, ["pipeline.name=dali"])) == view_source(load_config(None, []))
+
+
+def test_killed_first_epoch_is_rebuilt_and_concurrent_builds_are_refused(demo_root, teacher_ckpt, tmp_path):
+    d = tmp_path / "c"
+    build(d, demo_root, teacher_ckpt, epochs=1, precision="fp16")
+    os.remove(d / "meta.json")  # killed after the first epoch's rename, before meta.json
+    meta = build(d, demo_root, teacher_ckpt, epochs=1, precision="fp16")
+    assert meta["epochs"] == 1 and (d / "meta.json").exists()
+    (d / ".lock").write_text(str(os.getpid()))  # a live builder holds the lock
+    with pytest.raises(CacheError, match="another cache_teacher.py"):
+        build(d, demo_root, teacher_ckpt, epochs=2, precision="fp16")
+    (d / ".lock").write_text("999999999")  # a dead one: taken over
+    assert build(d, demo_root, teacher_ckpt, epochs=2, precision="fp16")["epochs"] == 2
+    assert not (d / ".lock").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(CacheError, match="not a teacher cache"):
+        build(tmp_path / "other", demo_root, teacher_ckpt, epochs=1)
 
 
 def test_extend_is_incremental_and_rerun_is_a_no_op(demo_root, teacher_ckpt, tmp_path):
@@ -251,7 +303,8 @@ def test_topk_error_script_on_a_full_cache(fp32_cache, tmp_path):
     spec = importlib.util.spec_from_file_location("topk_error", os.path.join(ROOT, "scripts", "topk_error.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rows = mod.main(["--cache", str(fp32_cache), "--k", "1,5,9", "--temperature", "1", "--json", str(tmp_path / "e.json")])
+    rows = mod.main(["--cache", str(fp32_cache), "--k", "1,5,9", "--temperature", "1",
+                     "--json", str(tmp_path / "e.json")])
     kl = [r["kl_mean"] for r in rows]
     assert kl[0] > kl[1] > kl[2] and kl[2] < 1e-6
     assert all(r["confidence_abs_err_max"] < 1e-5 for r in rows)  # at T=1 the tail mass, hence max prob, is exact

@@ -49,22 +49,21 @@ def _build_cache(args, folder, amp):
     return out, meta["builds"][-1]
 
 
-def _dist():
-    from training.runtime import dist_from_env, resolve_device
+def _dist(device_arg: str):
+    from training.runtime import dist_from_env, init_distributed
     d = dist_from_env()
-    if d.world > 1 and not torch.distributed.is_initialized():
-        dev = resolve_device("auto", d)
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
+    dev = torch.device(f"cuda:{d.local_rank}" if device_arg.startswith("cuda") else device_arg)
+    if not torch.distributed.is_initialized():
+        init_distributed(d, dev, timeout_s=600)
     return d
 
 
 def run_training_bench(args, ap):
     from bench import machine
-    d = _dist()
-    if args.device.startswith("cuda") and d.world > 1:
+    d = _dist(args.device)
+    if args.device.startswith("cuda"):
         args.device = f"cuda:{d.local_rank}"
+        torch.backends.cudnn.benchmark = True  # as in train.py
     if args.mode == "e2e":
         if args.data == ap.get_default("data"):
             args.data = "data/demo"
@@ -132,10 +131,12 @@ def _report(args, gathered):
         peak = matmul_peak_tflops(torch.device(args.device))
     for r in agg:
         r["vs_reference"] = r["samples_per_s"] / base["samples_per_s"] if base else None
-        if peak and "achieved_tflops" in r:
-            r["matmul_peak_tflops"], r["mfu"] = peak, r["achieved_tflops"] * world / (peak * world)
-    head = f"{args.mode}: {args.teacher} -> {args.student} at {args.image_size}px, batch {args.batch_size} per rank, " \
-           f"{args.steps} steps, {world} rank(s), {agg[0]['device']}, {agg[0]['machine']}"
+        if peak and "achieved_tflops" in r and r["amp"] in ("bf16", "fp16"):  # per rank: its FLOP/s over its card
+            r["matmul_peak_tflops"], r["mfu"] = peak, r["achieved_tflops"] / peak
+    batch = (f"batch {args.batch_size} per rank" if args.mode == "step" else
+             f"global batch {args.batch_size} ({args.batch_size // world} per rank)")
+    head = (f"{args.mode}: {args.teacher} -> {args.student} at {args.image_size}px, {batch}, {args.steps} steps, "
+            f"{world} rank(s), {agg[0]['device']}, {agg[0]['machine']}")
     print(head)
     print(f"{'config':<42} {'samples/s':>10} {'vs ref':>7} {'wait':>6} {'peak MiB':>9}  "
           "phases ms (teacher/fwd/bwd/opt)")
@@ -145,8 +146,9 @@ def _report(args, gathered):
         ph = r.get("phases_ms", {})
         phs = "/".join(f"{ph[k]:.1f}" for k in ("teacher", "student_forward", "backward", "optimizer") if k in ph)
         ratio = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
+        mem = f"{r['peak_memory_mib']:>9.0f}" if r["peak_memory_mib"] is not None else f"{'-':>9}"
         print(f"{name:<42} {r['samples_per_s']:>10.1f} {ratio:>7} {r['data_wait_frac']:>6.1%} "
-              f"{r['peak_memory_mib']:>9.0f}  {phs}" + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
+              f"{mem}  {phs}" + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
         if world > 1:
             print("    per rank: " + ", ".join(f"{x:.1f}" for x in r["per_rank_samples_per_s"]))
         if r.get("cache_build"):

@@ -9,7 +9,6 @@ student forwards; end-to-end also the `torch` PIL backend), so every figure is a
 from __future__ import annotations
 
 import os
-import resource
 import tempfile
 import time
 from contextlib import contextmanager
@@ -92,7 +91,7 @@ def random_teacher_ckpt(name, num_classes, folder):
     return path
 
 
-def synthetic_cache(cfg, folder, n, topk=0, precision="fp16"):
+def synthetic_cache(cfg, folder, n, device, topk=0, precision="fp16"):
     """A one-epoch store of random logits with a valid fingerprint: the cache path reads real files."""
     from training.teacher_cache import EpochWriter, epoch_bytes, file_sha256, fingerprint, write_meta
     src = _Labels(n, cfg.data.num_classes)
@@ -103,7 +102,7 @@ def synthetic_cache(cfg, folder, n, topk=0, precision="fp16"):
         w.write(idx, torch.randn(len(idx), 2, c) * 3)
     w.commit()
     write_meta(folder, {"fingerprint": fingerprint(cfg, src, precision=precision, topk=topk,
-                                                       teacher_sha=file_sha256(cfg.teacher.ckpt)),
+                                                       teacher_sha=file_sha256(cfg.teacher.ckpt), device=device),
                         "epochs": 1, "num_samples": n, "num_classes": c, "epoch_bytes": epoch_bytes(n, c, precision,
                                                                                                      topk)})
     return src
@@ -174,9 +173,11 @@ def phase_breakdown(trainer, batches, read_cache):
 
 
 def peak_memory_mib(device):
+    """Peak device memory of the measured steps; None on a CPU (the process's peak RSS would include every
+    configuration measured before this one)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
+    return None
 
 
 def bench_step_one(args, source, amp, channels_last, dist=None):
@@ -186,7 +187,7 @@ def bench_step_one(args, source, amp, channels_last, dist=None):
         cfg = step_config(args, source, amp, channels_last, folder)
         src = None
         if source == "cache":
-            src = synthetic_cache(cfg, os.path.join(folder, "cache"), steps * args.batch_size, topk=args.topk)
+            src = synthetic_cache(cfg, os.path.join(folder, "cache"), steps * args.batch_size, device, topk=args.topk)
         loader = SyntheticLoader(steps, args.batch_size, args.image_size, args.num_classes, device, channels_last)
         trainer = Trainer(cfg, device, folder, loader, None, dist, train_source=src)
         n, dt, wait = time_steps(trainer, trainer.batches(0), args.warmup, args.steps)
@@ -194,6 +195,8 @@ def bench_step_one(args, source, amp, channels_last, dist=None):
         read = (lambda b: trainer.cache.logits(0, b.index)) if trainer.cache is not None else None
         phases = phase_breakdown(trainer, few, read)
         flops = flops_per_step(trainer, few[0], read(few[0]) if read else None)
+        if trainer.cache is not None:
+            trainer.cache.close()
         return {"mode": "step", "teacher": args.teacher, "student": args.student, "image_size": args.image_size,
                 "teacher_source": source, "amp": amp, "channels_last": channels_last, "batch_size": args.batch_size,
                 "steps": args.steps, "samples_per_s": n / dt, "ms_per_step": 1000 * dt / args.steps,
@@ -231,9 +234,7 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
     def stream():  # epochs back to back, each with its own views (and cache rows)
         epoch = 0
         while True:
-            view = trainer.cache.view_epoch(epoch) if trainer.cache is not None else epoch
-            train.set_epoch(view)
-            yield from trainer.batches(view)
+            yield from trainer.epoch_batches(epoch)
             epoch += 1
     n, dt, wait = time_steps(trainer, stream(), args.warmup, args.steps)
     return {"mode": "e2e", "pipeline": pipeline, "teacher": args.teacher, "student": args.student,

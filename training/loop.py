@@ -30,17 +30,25 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def frozen_teacher(cfg, device):
+    """The teacher in eval mode, without gradients, in the run's memory format; never wrapped in DDP."""
+    teacher = create_model(cfg.teacher.name, cfg.data.num_classes)
+    load_model_weights(teacher, cfg.teacher.ckpt)
+    mf = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    return teacher.to(device, memory_format=mf).eval().requires_grad_(False)
+
+
 def open_cache(cfg, train_source, device):
     """The checked teacher cache for this run (the teacher model is never built). Storage precision
     and k are the cache's own choice; everything that decides the views and the teacher is checked."""
     from training.teacher_cache import TeacherCache, file_sha256, fingerprint, read_meta
-    meta = read_meta(cfg.teacher.cache) or {"fingerprint": {}}
-    precision, topk = meta["fingerprint"].get("precision"), meta["fingerprint"].get("topk")
+    fp = (read_meta(cfg.teacher.cache) or {}).get("fingerprint") or {}
+    precision, topk = fp.get("precision"), fp.get("topk")
     if topk and cfg.method.logit_stand:
         raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve method.logit_stand=true "
                                  f"(standardisation needs every logit); build a full cache")
     sha = file_sha256(cfg.teacher.ckpt) if cfg.teacher.ckpt else None
-    wanted = fingerprint(cfg, train_source, precision=precision, topk=topk, teacher_sha=sha)
+    wanted = fingerprint(cfg, train_source, precision=precision, topk=topk, teacher_sha=sha, device=device)
     return TeacherCache(cfg.teacher.cache, wanted, cfg.optim.epochs, cfg.teacher.cache_cycle, device)
 
 
@@ -108,9 +116,7 @@ class Trainer:
         elif self.method.name != "ce":
             if not cfg.teacher.ckpt:
                 raise CheckpointError(f"teacher.ckpt is required for method '{self.method.name}'")
-            self.teacher = create_model(cfg.teacher.name, nc)
-            load_model_weights(self.teacher, cfg.teacher.ckpt)
-            self.teacher.to(device, memory_format=mf).eval().requires_grad_(False)
+            self.teacher = frozen_teacher(cfg, device)
         self.model = self.student
         if dist is not None and dist.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -178,9 +184,9 @@ class Trainer:
             losses["mask_w_rate"], losses["mask_s_rate"] = m_w.float().mean(), m_s.float().mean()
         return losses, s_w, t_w, t_s
 
-    def train_step(self, batch, cached=None) -> dict:
-        """One optimisation step at the current `self.step`; returns the loss components (device
-        tensors) and the student's weak-view logits under 'logits'."""
+    def train_step(self, batch, cached=None):
+        """One optimisation step at the current `self.step`: (loss components as device tensors, the
+        student's weak-view logits, the LR used)."""
         lr = lr_at(self.step, self.steps_per_epoch, self.cfg.optim, self.base_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -207,11 +213,15 @@ class Trainer:
         if pending is not None:
             yield pending[0], self.cache.result(pending[1])
 
+    def epoch_batches(self, epoch: int):
+        """(batch, cached logits) of training epoch `epoch`. With a cycled cache, epoch e replays augmentation
+        epoch e % E: the loader's views (and order) and the cache's rows both come from that epoch."""
+        view_epoch = self.cache.view_epoch(epoch) if self.cache is not None else epoch
+        self.train_loader.set_epoch(view_epoch)
+        return self.batches(view_epoch)
+
     def train_epoch(self):
         self.model.train()
-        # With a cycled cache, epoch e replays augmentation epoch e % E: its views and its logits.
-        view_epoch = self.cache.view_epoch(self.epoch) if self.cache is not None else self.epoch
-        self.train_loader.set_epoch(view_epoch)
         names, sums, acc, n_seen = None, None, None, 0
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         bad_comps = None
@@ -219,7 +229,7 @@ class Trainer:
                    disable=not (self.is_main and self.cfg.run.progress), leave=False, dynamic_ncols=True)
         t0, wait = time.perf_counter(), 0.0
         t_fetch = time.perf_counter()
-        for i, (batch, cached) in enumerate(self.batches(view_epoch)):
+        for i, (batch, cached) in enumerate(self.epoch_batches(self.epoch)):
             wait += time.perf_counter() - t_fetch
             losses, s_w, lr = self.train_step(batch, cached)
             with torch.no_grad():
@@ -247,8 +257,8 @@ class Trainer:
             t_fetch = time.perf_counter()
         bar.close()
         if self.world > 1:  # every rank's samples count in the logged means (rank 0 writes them)
-            n_t = torch.tensor([float(n_seen)], dtype=sums.dtype, device=self.device)
-            packed = torch.cat([sums, acc.to(sums.dtype), n_t])
+            n_t = torch.tensor([float(n_seen)], dtype=torch.float64, device=self.device)
+            packed = torch.cat([sums.double(), acc.double(), n_t])  # float64: counts stay exact
             torch.distributed.all_reduce(packed)
             sums, acc, n_seen = packed[:len(sums)], packed[len(sums):-1], int(packed[-1].item())
         elapsed = time.perf_counter() - t0
@@ -258,10 +268,14 @@ class Trainer:
         return stats
 
     def _check_finite(self, first_bad, bad_comps, names):
-        if self.world > 1:  # all ranks stop together, rather than the others waiting in a collective
-            flags = torch.cat([first_bad.view(1), bad_comps.long()])
-            torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
-            first_bad, bad_comps = flags[0], flags[1:].bool()
+        if self.world > 1:  # all ranks stop together (at the earliest bad step of any rank)
+            none = torch.iinfo(torch.long).max
+            step = torch.where(first_bad < 0, torch.full_like(first_bad, none), first_bad).view(1)
+            torch.distributed.all_reduce(step, torch.distributed.ReduceOp.MIN)
+            comps = bad_comps.long()
+            torch.distributed.all_reduce(comps, torch.distributed.ReduceOp.MAX)
+            first_bad = torch.where(step[0] == none, torch.full_like(first_bad, -1), step[0])
+            bad_comps = comps.bool()
         step = int(first_bad.item())
         if step >= 0:
             comps = [n for n, b in zip(names, bad_comps.tolist()) if b]

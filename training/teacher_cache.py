@@ -64,18 +64,40 @@ def dataset_digest(source) -> str:
 
 
 def augmentation_digest() -> str:
-    spec = repr((SPEC_VERSION, STRONG_OPS, N_OPS, CUTOUT_MAX_FRAC, CUTOUT_FILL))
+    from pipelines.view_params import VIEWS_VERSION
+    spec = repr((SPEC_VERSION, VIEWS_VERSION, STRONG_OPS, N_OPS, CUTOUT_MAX_FRAC, CUTOUT_FILL))
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def fingerprint(cfg, source, *, precision: str, topk: int, teacher_sha: Optional[str]) -> dict:
+def view_source(cfg) -> str:
+    """What the crop boxes are drawn from. `torch` and `dali` decode the source images themselves (same
+    sizes, pixels within the documented tolerance); `ffcv` reads a .beton whose images may have been
+    resized (--max-resolution) or re-encoded, so its views are its own."""
+    if cfg.pipeline.name != "ffcv":
+        return "source images"
+    from pipelines.ffcv_backend import beton_paths
+    side = beton_paths(cfg)[0] + ".json"
+    try:
+        with open(side) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{side}: cannot read the .beton sidecar ({e})") from None
+    keep = {k: meta.get(k) for k in ("settings", "num_samples", "beton_bytes")}
+    return "ffcv:" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg, source, *, precision: str, topk: int, teacher_sha: Optional[str], device) -> dict:
     """Everything that decides the cached numbers. `teacher_sha256` is None when the caller has no
     checkpoint to hash (a student run given only the cache): then that field is not compared."""
+    from training.runtime import autocast_for
     d, p = cfg.data, cfg.pipeline
+    amp = autocast_for(cfg.run.amp, device)[1]
     return {"format": FORMAT, "teacher": cfg.teacher.name, "teacher_sha256": teacher_sha,
+            # the teacher's compute precision: bf16 logits stored as fp32 are still bf16 logits
+            "teacher_amp": str(amp).replace("torch.", "") if amp else "off",
             "dataset": d.dataset, "num_samples": len(source), "data_sha256": dataset_digest(source),
             "num_classes": d.num_classes, "seed": cfg.run.seed, "augmentation": augmentation_digest(),
-            "image_size": d.image_size, "train_crop": d.train_crop,
+            "view_source": view_source(cfg), "image_size": d.image_size, "train_crop": d.train_crop,
             "crop_padding": d.crop_padding if d.train_crop == "pad" else 0,
             "randaug_n": p.randaug_n, "strong_aug": p.strong_aug, "precision": precision, "topk": topk,
             # top-k fill values depend on the temperature (and on standardisation, refused below)
@@ -83,6 +105,8 @@ def fingerprint(cfg, source, *, precision: str, topk: int, teacher_sha: Optional
 
 
 def compare_fingerprints(path: str, cached: dict, wanted: dict) -> None:
+    if not isinstance(cached, dict):
+        raise CacheError(f"{path}: meta.json has no fingerprint; rebuild the cache with cache_teacher.py")
     for key, want in wanted.items():
         if key == "teacher_sha256" and want is None:
             continue
@@ -151,11 +175,22 @@ def read_meta(root: str) -> Optional[dict]:
         raise CacheError(f"{path}: unreadable cache metadata ({e})") from None
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_meta(root: str, meta: dict) -> None:
     tmp = os.path.join(root, f".meta.json.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, "meta.json"))
+    _fsync(root)
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -169,9 +204,14 @@ class EpochWriter:
         self.precision, self.topk, self.temperature = precision, topk, temperature
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
-        self.arrays = {name: np.lib.format.open_memmap(os.path.join(self.tmp, f"{name}.npy"), mode="w+",
-                                                       dtype=dt, shape=shape)
-                       for name, (dt, shape) in array_specs(n, c, precision, topk).items()}
+        self.arrays = {}
+        for name, (dt, shape) in array_specs(n, c, precision, topk).items():
+            path = os.path.join(self.tmp, f"{name}.npy")
+            a = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+            # Reserve the blocks now: a full disk is an OSError here, not a SIGBUS in a later page write.
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+            self.arrays[name] = a
         order = epoch_order(n, seed, epoch).numpy()
         self.arrays["order"][:] = order
         self.pos = np.empty(n, dtype=np.int64)
@@ -200,8 +240,11 @@ class EpochWriter:
         for a in self.arrays.values():
             a.flush()
         self.arrays.clear()
+        for name in os.listdir(self.tmp):  # on disk before the rename makes the epoch visible
+            _fsync(os.path.join(self.tmp, name))
         shutil.rmtree(self.final, ignore_errors=True)  # an epoch left behind by a build killed before meta.json
         os.rename(self.tmp, self.final)
+        _fsync(os.path.dirname(self.final))
 
     def abort(self) -> None:
         self.arrays.clear()
@@ -217,7 +260,7 @@ class TeacherCache:
         if meta is None:
             what = "does not exist" if not os.path.exists(root) else "has no meta.json (never completed)"
             raise CacheError(f"{root}: teacher cache {what}; build it with cache_teacher.py")
-        compare_fingerprints(root, meta["fingerprint"], wanted)
+        compare_fingerprints(root, meta.get("fingerprint"), wanted)
         self.root, self.meta, self.device = root, meta, device
         fp = meta["fingerprint"]
         self.n, self.c, self.precision, self.topk = fp["num_samples"], fp["num_classes"], fp["precision"], fp["topk"]
@@ -252,6 +295,8 @@ class TeacherCache:
             arrays[name] = a
         if check_only:
             return None
+        for old in [k for k in self._epochs if abs(k - e) > 1]:  # keep this epoch and its neighbours only
+            del self._epochs[old]
         pos = np.empty(self.n, dtype=np.int64)
         pos[np.asarray(arrays.pop("order"))] = np.arange(self.n)
         self._epochs[e] = (pos, arrays)
@@ -269,18 +314,23 @@ class TeacherCache:
         out = {}
         for k, a in rows.items():
             t = from_storage(a, self.precision) if k in ("logits", "values") else torch.from_numpy(a)
-            out[k] = (t.pin_memory() if pin else t).to(self.device, non_blocking=True)
+            out[k] = t.pin_memory() if pin else t
         return out
 
     def submit(self, epoch: int, index: torch.Tensor) -> Future:
         return self._pool.submit(self._read, epoch, index)
 
     def result(self, fut: Future):
-        """(teacher_weak, teacher_strong) float32 logits, each (B, C)."""
-        rows = fut.result()
+        """(teacher_weak, teacher_strong) float32 logits, each (B, C). The host-to-device copy is issued
+        here, on the training thread's current stream, so it is ordered before the kernels that use it."""
+        rows = {k: v.to(self.device, non_blocking=True) for k, v in fut.result().items()}
         t = rows["logits"].float() if not self.topk else rebuild_topk(rows["values"], rows["classes"],
                                                                       rows["fill"], self.c)
         return t[:, 0], t[:, 1]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._epochs.clear()
 
     def logits(self, epoch: int, index: torch.Tensor):
         return self.result(self.submit(epoch, index))
