@@ -7,12 +7,14 @@ Training batches are `Batch(weak, strong, target, index)`:
   target        int64, shape (N,), class index in the sorted class list of the source.
   index         int64, shape (N,), the sample's position in the source's canonical order
                 (`pipelines.sources`), so (epoch, index, view) identifies a view exactly.
+  index_host    the same indices on the host (CPU int64): consumers such as the teacher cache read
+                with them without waiting for the device. Optional for hand-made batches (None).
 A backend built with `views=1` (single-view methods: ce, kd, dkd) yields `strong=None` and skips
 the strong augmentation entirely.
 Validation batches are `ValBatch(image, target, index)` with the same conventions.
 Backends do the uint8 -> float conversion and normalisation on the device, after the copy.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -22,6 +24,7 @@ class Batch(NamedTuple):
     strong: torch.Tensor
     target: torch.Tensor
     index: torch.Tensor
+    index_host: Optional[torch.Tensor] = None
 
 
 class ValBatch(NamedTuple):

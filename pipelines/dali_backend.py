@@ -257,13 +257,13 @@ class _DaliLoader:
                 weak, s = _to_torch(outs[0], dev), (_to_torch(outs[1], dev) if self.views == 2 else None)
                 if s is not None:
                     s = strong_on_host(s, [p[2] for p in params], dev, self.cfg.pipeline.strong_aug)
-                yield Batch(self.normalize(weak), None if s is None else self.normalize(s), y, i)
+                yield Batch(self.normalize(weak), None if s is None else self.normalize(s), y, i, index_cpu)
             else:  # host views come out normalised; moved only if training runs elsewhere
                 weak, s = _host_views(outs[0], params, self.cfg.data.image_size, self.views, self.normalize,
                                       self.cfg.pipeline.host_threads)
                 if dev.type != "cpu":
                     weak, s = weak.to(dev, non_blocking=True), (None if s is None else s.to(dev, non_blocking=True))
-                yield Batch(weak, s, y, i)
+                yield Batch(weak, s, y, i, index_cpu)
 
 
 def _host_views(images, params, size, views, normalize, threads=0):

@@ -206,7 +206,7 @@ class _FfcvLoader:
                 continue
             params = [self.table.strong[k] for k in idx_cpu.tolist()] if self.views == 2 else None
             weak, strong = finish_pairs(x, params, self.normalize, self.views, self.cfg.pipeline.strong_aug)
-            yield Batch(weak, strong, y, i)
+            yield Batch(weak, strong, y, i, idx_cpu)
 
 
 def _loader(path, cfg, batch, image_pipe, train, world):

@@ -99,7 +99,7 @@ class _DeviceLoader:
             if self.kind == "train":
                 w, s, y, i = cols if len(cols) == 4 else (cols[0], None, *cols[1:])
                 yield Batch(self.normalize(w), None if s is None else self.normalize(s),
-                            y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
+                            y.to(dev, non_blocking=True), i.to(dev, non_blocking=True), i)
             else:
                 x, y, i = cols
                 yield ValBatch(self.normalize(x), y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))

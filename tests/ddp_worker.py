@@ -26,6 +26,16 @@ if __name__ == "__main__":
     import train
     from training.cli import run_main
     argv = sys.argv[1:]
+    die_at = int(os.environ.get("CRLD_TEST_RANK1_DIES_AT_STEP", "0"))
+    if die_at and os.environ.get("RANK") == "1":  # a rank lost mid-epoch (OOM kill, node failure)
+        from training.loop import Trainer
+        step = Trainer.train_step
+
+        def dying_step(self, *a, **k):
+            if self.step == die_at:
+                os._exit(1)
+            return step(self, *a, **k)
+        Trainer.train_step = dying_step
     if os.environ.get("RANK") == "1" and os.environ.get("CRLD_TEST_RANK1_OVERRIDE"):
         argv.append(os.environ["CRLD_TEST_RANK1_OVERRIDE"])  # a node whose config differs
     sys.exit(run_main(lambda: train.main(argv)))

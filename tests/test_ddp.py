@@ -108,3 +108,14 @@ def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, tmp_path):
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
         for k in ("train_loss", "train_kd_wv", "train_kd_cv", "val_loss"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+
+
+def test_a_rank_dying_mid_epoch_stops_the_run(demo_root, teacher_ckpt, tmp_path):
+    import time
+    t0 = time.time()
+    r = run(2, demo_root, teacher_ckpt, tmp_path, "run.dist_timeout_s=60", env={"CRLD_TEST_RANK1_DIES_AT_STEP": "2"},
+            timeout=300)
+    # torchrun tears the survivors down and names the failed rank; no hang until the collective timeout
+    assert r.returncode != 0 and "rank      : 1" in r.stderr and "exitcode  : 1" in r.stderr
+    assert time.time() - t0 < 60
+    assert not os.path.exists(tmp_path / "r" / "last.pt")

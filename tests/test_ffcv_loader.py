@@ -73,6 +73,7 @@ def test_each_sample_is_decoded_once_per_epoch_and_runs_are_deterministic(demo_r
     b, _, _ = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"))
     for x, y in zip(a, b):
         assert torch.equal(x.index, y.index) and torch.equal(x.weak, y.weak) and torch.equal(x.strong, y.strong)
+        assert torch.equal(y.index_host, y.index.cpu()) and y.index_host.device.type == "cpu"
 
 
 def test_sidecar_mismatch_and_truncation_are_caught(demo_root, demo_betons, tmp_path):

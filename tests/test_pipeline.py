@@ -39,6 +39,7 @@ def test_batch_contract(demo_root):
         assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
         assert x.is_contiguous(memory_format=torch.channels_last)
     assert b.target.dtype == torch.int64 and b.index.dtype == torch.int64 and b.index.shape == (16,)
+    assert b.index_host.device.type == "cpu" and torch.equal(b.index_host, b.index.cpu())
     # index identifies the sample: its label and its exact weak/strong pixels can be rebuilt.
     assert torch.equal(b.target, torch.as_tensor(src.labels[b.index.numpy()]))
     ds = TwoViewDataset(src, cfg.data, cfg.pipeline, cfg.run.seed)

@@ -60,7 +60,8 @@ class SyntheticLoader:
         self.pool = [(torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=mf),
                       torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=mf),
                       torch.randint(0, num_classes, (batch,), generator=g).to(device)) for _ in range(distinct)]
-        self.index = torch.arange(steps * batch, device=device).view(steps, batch)
+        self.index_host = torch.arange(steps * batch).view(steps, batch)
+        self.index = self.index_host.to(device)
         self.steps = steps
 
     def set_epoch(self, epoch):
@@ -72,7 +73,7 @@ class SyntheticLoader:
     def __iter__(self):
         for k in range(self.steps):
             w, s, y = self.pool[k % len(self.pool)]
-            yield Batch(w, s, y, self.index[k])
+            yield Batch(w, s, y, self.index[k], self.index_host[k])
 
 
 class _Labels:  # the minimal "training source" a cache fingerprint needs
@@ -192,7 +193,7 @@ def bench_step_one(args, source, amp, channels_last, dist=None):
         trainer = Trainer(cfg, device, folder, loader, None, dist, train_source=src)
         n, dt, wait = time_steps(trainer, trainer.batches(0), args.warmup, args.steps)
         few = [b for _, b in zip(range(3), loader)]
-        read = (lambda b: trainer.cache.logits(0, b.index)) if trainer.cache is not None else None
+        read = (lambda b: trainer.cache.logits(0, b.index_host)) if trainer.cache is not None else None
         phases = phase_breakdown(trainer, few, read)
         flops = flops_per_step(trainer, few[0], read(few[0]) if read else None)
         if trainer.cache is not None:

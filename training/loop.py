@@ -206,7 +206,7 @@ class Trainer:
             return
         pending = None
         for b in self.train_loader:
-            nxt = (b, self.cache.submit(view_epoch, b.index))
+            nxt = (b, self.cache.submit(view_epoch, b.index if b.index_host is None else b.index_host))
             if pending is not None:
                 yield pending[0], self.cache.result(pending[1])
             pending = nxt

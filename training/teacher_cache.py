@@ -304,7 +304,7 @@ class TeacherCache:
 
     def _read(self, epoch: int, index: torch.Tensor):
         pos_of, arrays = self._open_epoch(epoch)
-        idx = index.cpu().numpy()  # on this thread: a CUDA index syncs here, not in the training loop
+        idx = index.cpu().numpy()  # the loaders hand host indices (Batch.index_host): no device sync
         pos = pos_of[idx]
         order = np.argsort(pos, kind="stable")
         inv = np.empty_like(order)
