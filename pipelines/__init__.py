@@ -6,7 +6,8 @@ import importlib
 import importlib.util
 
 _BACKENDS = {"torch": "pipelines.torch_backend"}
-_OPTIONAL = {"dali": ("pipelines.dali_backend", "nvidia.dali"), "ffcv": ("pipelines.ffcv_backend", "ffcv")}  # name -> (module, library it needs)
+# name -> (module, library it needs)
+_OPTIONAL = {"dali": ("pipelines.dali_backend", "nvidia.dali"), "ffcv": ("pipelines.ffcv_backend", "ffcv")}
 
 
 def available_pipelines():

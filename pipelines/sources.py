@@ -128,7 +128,8 @@ def cifar_source(root: str, train: bool, num_classes: int) -> ArraySource:
     if os.path.isdir(os.path.join(root, sub)):
         root = os.path.join(root, sub)
     if num_classes == 100:
-        files, label_key, meta, names_key = (["train"] if train else ["test"]), b"fine_labels", "meta", b"fine_label_names"
+        files, label_key = (["train"] if train else ["test"]), b"fine_labels"
+        meta, names_key = "meta", b"fine_label_names"
     else:
         files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
         label_key, meta, names_key = b"labels", "batches.meta", b"label_names"
