@@ -119,3 +119,19 @@ def test_a_rank_dying_mid_epoch_stops_the_run(demo_root, teacher_ckpt, tmp_path)
     assert r.returncode != 0 and "rank      : 1" in r.stderr and "exitcode  : 1" in r.stderr
     assert time.time() - t0 < 60
     assert not os.path.exists(tmp_path / "r" / "last.pt")
+
+
+def test_bench_step_under_torchrun_reports_ranks_and_aggregate(tmp_path):
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={_port()}", os.path.join(ROOT, "bench.py"), "step", "--teacher", "resnet14",
+                        "--student", "resnet8", "--num-classes", "10", "--image-size", "16", "--batch-size", "8",
+                        "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = json.load(open(out))
+    assert [x["world"] for x in recs] == [2, 2, 2] and "2 rank(s)" in r.stdout
+    for x in recs:
+        assert len(x["per_rank_samples_per_s"]) == 2
+        assert x["samples_per_s"] == pytest.approx(sum(x["per_rank_samples_per_s"]))

@@ -100,11 +100,12 @@ def run_training_bench(args, ap):
                     rec["cache_build"] = build
             rec.update(reference=c["reference"], rank=d.rank, world=d.world, machine=machine())
             records.append(rec)
+    gathered = [records]
     if d.world > 1:
         gathered = [None] * d.world
         torch.distributed.all_gather_object(gathered, records)
-    else:
-        gathered = [records]
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # every rank leaves the group before exiting
     if not d.is_main:
         return records
     out = _report(args, gathered)
