@@ -156,12 +156,7 @@ def phase_breakdown(trainer, batches, read_cache):
     tm = _Timer(trainer.device)
     for batch in batches:
         with tm.span("teacher"):
-            if trainer.cache is not None:
-                cached = read_cache(batch)
-            else:
-                with torch.inference_mode(), trainer.autocast():
-                    t = trainer.teacher(torch.cat([batch.weak, batch.strong]))
-                cached = tuple(t.float().clone().chunk(2))
+            cached = read_cache(batch) if trainer.cache is not None else trainer.teacher_logits(batch)
         with tm.span("student_forward"):
             losses, _, _, _ = trainer._forward_losses(batch, cached)
         with tm.span("backward"):

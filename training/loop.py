@@ -159,6 +159,13 @@ class Trainer:
         set_rng_state(ck["rng"])
 
     # ---- one step ----------------------------------------------------------------------------
+    def teacher_logits(self, batch, two_views: bool = True):
+        """The online teacher's float32 logits (weak, strong or None): one forward over both views."""
+        with torch.inference_mode(), self.autocast():
+            t = self.teacher(torch.cat([batch.weak, batch.strong]) if two_views else batch.weak)
+        t = t.float().clone()  # the clone leaves inference mode, so the loss may save it for backward
+        return t.chunk(2) if two_views else (t, None)
+
     def _forward_losses(self, batch, cached=None):
         w, s, y = batch.weak, batch.strong, batch.target
         two_views = self.method.name == "crld"
@@ -166,11 +173,7 @@ class Trainer:
         if cached is not None:
             t_w, t_s = cached if two_views else (cached[0], None)
         elif self.teacher is not None:
-            with torch.inference_mode(), self.autocast():
-                t = self.teacher(torch.cat([w, s]) if two_views else w)
-            # Clone leaves inference mode so the loss may save these for backward.
-            t = t.float().clone()
-            t_w, t_s = (t.chunk(2) if two_views else (t, None))
+            t_w, t_s = self.teacher_logits(batch, two_views)
         with self.autocast():
             if not two_views:
                 s_w, s_s = self.model(w), None
