@@ -145,23 +145,11 @@ def check_augment(device, small):
 
 
 def check_matmul(device, small):
-    """bf16 (n x n) @ (n x n), timed with CUDA events; 2 n^3 FLOP per product."""
+    """bf16 (n x n) @ (n x n) rate; 2 n^3 FLOP per product."""
+    from training.benchmark import matmul_peak_tflops  # the rate bench.py divides by for MFU
     n, iters = (256, 3) if small else (8192, 50)
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in "ab")
-    for _ in range(3):
-        a @ b
-    cuda = device.type == "cuda"
-    start, end = (torch.cuda.Event(enable_timing=True) for _ in "se") if cuda else (None, None)
-    torch.cuda.synchronize() if cuda else None
-    t0 = time.perf_counter()
-    start.record() if cuda else None
-    for _ in range(iters):
-        a @ b
-    if cuda:
-        end.record()
-        end.synchronize()
-    sec = start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0
-    tflops = 2 * n ** 3 * iters / sec / 1e12
+    tflops = matmul_peak_tflops(device, torch.bfloat16, n, iters)
+    sec = 2 * n ** 3 * iters / tflops / 1e12
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((p for key, p in PEAK_BF16_TFLOPS if key in name), None)
     frac = tflops / peak if peak else None

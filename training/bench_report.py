@@ -7,7 +7,8 @@ import tempfile
 
 import torch
 
-from training.benchmark import REFERENCE, bench_step_one, e2e_one, matmul_peak_tflops, random_teacher_ckpt
+from training.benchmark import (REFERENCE, bench_step_one, data_overrides, e2e_one, matmul_peak_tflops,
+                                run_overrides)
 
 
 def _list(text):
@@ -40,12 +41,8 @@ def _build_cache(args, folder, amp):
     if os.path.exists(out):
         return out, None
     best = next((p for p in ("dali", "torch") if p in available_pipelines() and p in _list(args.pipelines)), "torch")
-    over = [f"model.name={args.student}", f"teacher.name={args.teacher}", f"data.num_classes={args.num_classes}",
-            f"data.image_size={args.image_size}", f"data.dataset={args.dataset}", f"data.root={args.data}",
-            f"pipeline.batch_size={args.batch_size}", f"pipeline.num_workers={args.workers}", f"run.amp={amp}",
-            f"run.device={args.device}", "run.progress=false", "method.name=crld",
-            f"teacher.ckpt={random_teacher_ckpt(args.teacher, args.num_classes, folder)}", *args.overrides]
-    meta = cache_teacher.main(["--out", out, "--epochs", "1", "--no-eval", "--pipeline", best, *over])
+    meta = cache_teacher.main(["--out", out, "--epochs", "1", "--no-eval", *run_overrides(args, amp, folder),
+                               *data_overrides(args, best)])
     return out, meta["builds"][-1]
 
 

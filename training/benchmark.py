@@ -109,14 +109,26 @@ def synthetic_cache(cfg, folder, n, device, topk=0, precision="fp16"):
     return src
 
 
+def run_overrides(args, amp, folder):
+    """The settings a measured run and the cache it reads share: models, classes, views, precision."""
+    return [f"model.name={args.student}", f"teacher.name={args.teacher}", f"data.num_classes={args.num_classes}",
+            f"data.image_size={args.image_size}", f"pipeline.batch_size={args.batch_size}", "method.name=crld",
+            f"run.amp={amp}", f"run.device={args.device}", "run.progress=false",
+            f"teacher.ckpt={random_teacher_ckpt(args.teacher, args.num_classes, folder)}"]
+
+
+def data_overrides(args, pipeline):
+    """e2e: the real data through `pipeline`."""
+    return [f"data.dataset={args.dataset}", f"data.root={args.data}", f"pipeline.name={pipeline}",
+            f"pipeline.num_workers={args.workers}", *args.overrides]
+
+
 def step_config(args, source, amp, channels_last, folder, extra=(), cache_dir=None):
     return load_config(None, [
-        f"model.name={args.student}", f"teacher.name={args.teacher}", f"data.num_classes={args.num_classes}",
-        f"data.image_size={args.image_size}", f"pipeline.batch_size={args.batch_size}", "method.name=crld",
-        f"run.amp={amp}", f"run.channels_last={str(channels_last).lower()}", f"run.device={args.device}",
-        f"teacher.ckpt={random_teacher_ckpt(args.teacher, args.num_classes, folder)}", f"teacher.source={source}",
+        *run_overrides(args, amp, folder), f"run.channels_last={str(channels_last).lower()}",
+        f"teacher.source={source}",
         f"teacher.cache={(cache_dir or os.path.join(folder, 'cache')) if source == 'cache' else ''}", "optim.lr=0.01",
-        "optim.epochs=1", "run.progress=false", *extra])
+        "optim.epochs=1", *extra])
 
 
 def flops_per_step(trainer, batch, cached):
@@ -202,16 +214,17 @@ def bench_step_one(args, source, amp, channels_last, dist=None):
 
 
 def matmul_peak_tflops(device, dtype=torch.bfloat16, n=8192, reps=10):
-    """The card's measured dense matmul rate, the denominator of MFU."""
+    """The device's measured dense matmul rate (2 n^3 FLOP per product), the denominator of MFU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
@@ -219,8 +232,7 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
     """Real loader + trainer for `--steps` steps after `--warmup` (epochs wrap as needed)."""
     from pipelines import build_loaders
     device = torch.device(args.device)
-    extra = [f"data.dataset={args.dataset}", f"data.root={args.data}", f"pipeline.name={pipeline}",
-             f"pipeline.num_workers={args.workers}", "optim.epochs=1000", *args.overrides]
+    extra = [*data_overrides(args, pipeline), "optim.epochs=1000"]
     if source == "cache":
         extra += ["teacher.cache_cycle=true"]
     cfg = step_config(args, source, amp, channels_last, folder, extra, cache_dir=cache_dir)
