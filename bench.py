@@ -3,7 +3,7 @@
     python bench.py step --teacher resnet32x4 --student resnet8x4 --image-size 32 \
         --teacher-source online,cache [--amp off,bf16] [--channels-last on,off] [--json OUT]
     python bench.py step --teacher imagenet_resnet34 --student imagenet_resnet18 --num-classes 1000 \
-        --image-size 224 --batch-size 256 --teacher-source online,cache --amp bf16 --topk 0
+        --image-size 224 --batch-size 256 --teacher-source online,cache --amp bf16 --topk 0 [--compile on,off]
     python bench.py e2e --pipelines torch,dali --teacher-source online,cache     # demo data at 32x32
     torchrun --nproc_per_node=8 bench.py step ...                               # per rank + aggregate
 
@@ -144,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--teacher-source", default="online,cache")
     ap.add_argument("--amp", default="", help="comma list of off|bf16|fp16 (default: bf16 on CUDA, off on CPU)")
     ap.add_argument("--channels-last", nargs="?", const="on", default="on", help="on | off | on,off")
+    ap.add_argument("--compile", nargs="?", const="on", default="off",
+                    help="on | off | on,off: torch.compile the student and the online teacher (run.compile)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--topk", type=int, default=0, help="step mode: the cache stores the top-k logits")
     ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")

@@ -11,6 +11,9 @@ from training.benchmark import (REFERENCE, bench_step_one, data_overrides, e2e_o
                                 run_overrides)
 
 
+KEYS = ("pipeline", "teacher_source", "amp", "channels_last", "compile")
+
+
 def _list(text):
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -18,7 +21,9 @@ def _list(text):
 def _configs(args):
     """The reference configuration first, then every requested combination."""
     amps = _list(args.amp) or (["bf16"] if args.device.startswith("cuda") else ["off"])
-    layouts = [{"on": True, "off": False}[x] for x in _list(args.channels_last)]
+    onoff = {"on": True, "off": False}
+    layouts = [onoff[x] for x in _list(args.channels_last)]
+    compiles = [onoff[x] for x in _list(args.compile)]
     pipes = _list(args.pipelines) if args.mode == "e2e" else ["-"]
     out = [] if args.no_reference else [dict(REFERENCE, pipeline=REFERENCE["pipeline"] if args.mode == "e2e" else "-",
                                              reference=True)]
@@ -26,10 +31,11 @@ def _configs(args):
         for src in _list(args.teacher_source):
             for amp in amps:
                 for cl in layouts:
-                    c = {"pipeline": p, "teacher_source": src, "amp": amp, "channels_last": cl, "reference": False}
-                    if not any(all(o[k] == c[k] for k in ("pipeline", "teacher_source", "amp", "channels_last"))
-                               for o in out):
-                        out.append(c)
+                    for comp in compiles:
+                        c = {"pipeline": p, "teacher_source": src, "amp": amp, "channels_last": cl, "compile": comp,
+                             "reference": False}
+                        if not any(all(o[k] == c[k] for k in KEYS) for o in out):
+                            out.append(c)
     return out
 
 
@@ -87,12 +93,12 @@ def run_training_bench(args, ap):
         for c in _configs(args):
             if args.mode == "step":
                 rec = bench_step_one(args, c["teacher_source"], c["amp"], c["channels_last"],
-                                     d if d.world > 1 else None)
+                                     d if d.world > 1 else None, compiled=c["compile"])
             else:
                 cache_dir, build = (_build_cache(args, folder, c["amp"]) if c["teacher_source"] == "cache"
                                     else (None, None))
                 rec = e2e_one(args, c["pipeline"], c["teacher_source"], c["amp"], c["channels_last"], cache_dir,
-                              folder, d if d.world > 1 else None)
+                              folder, d if d.world > 1 else None, compiled=c["compile"])
                 if build:
                     rec["cache_build"] = build
             rec.update(reference=c["reference"], rank=d.rank, world=d.world, machine=machine())
@@ -136,16 +142,16 @@ def _report(args, gathered):
     head = (f"{args.mode}: {args.teacher} -> {args.student} at {args.image_size}px, {batch}, {args.steps} steps, "
             f"{world} rank(s), {agg[0]['device']}, {agg[0]['machine']}")
     print(head)
-    print(f"{'config':<42} {'samples/s':>10} {'vs ref':>7} {'wait':>6} {'peak MiB':>9}  "
+    print(f"{'config':<51} {'samples/s':>10} {'vs ref':>7} {'wait':>6} {'peak MiB':>9}  "
           "phases ms (teacher/fwd/bwd/opt)")
     for r in agg:
         name = (f"{'REFERENCE ' if r['reference'] else ''}{r.get('pipeline', '-')}/{r['teacher_source']}/"
-                f"amp={r['amp']}/{'cl' if r['channels_last'] else 'nchw'}")
+                f"amp={r['amp']}/{'cl' if r['channels_last'] else 'nchw'}{'/compiled' if r.get('compile') else ''}")
         ph = r.get("phases_ms", {})
         phs = "/".join(f"{ph[k]:.1f}" for k in ("teacher", "student_forward", "backward", "optimizer") if k in ph)
         ratio = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
         mem = f"{r['peak_memory_mib']:>9.0f}" if r["peak_memory_mib"] is not None else f"{'-':>9}"
-        print(f"{name:<42} {r['samples_per_s']:>10.1f} {ratio:>7} {r['data_wait_frac']:>6.1%} "
+        print(f"{name:<51} {r['samples_per_s']:>10.1f} {ratio:>7} {r['data_wait_frac']:>6.1%} "
               f"{mem}  {phs}" + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
         if world > 1:
             print("    per rank: " + ", ".join(f"{x:.1f}" for x in r["per_rank_samples_per_s"]))

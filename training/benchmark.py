@@ -21,7 +21,7 @@ from training.config import load_config
 from training.loop import Trainer
 from training.models import create_model
 
-REFERENCE = {"teacher_source": "online", "amp": "off", "channels_last": False, "pipeline": "torch"}
+REFERENCE = {"teacher_source": "online", "amp": "off", "channels_last": False, "compile": False, "pipeline": "torch"}
 
 
 class _Timer:
@@ -123,20 +123,27 @@ def data_overrides(args, pipeline):
             f"pipeline.num_workers={args.workers}", *args.overrides]
 
 
-def step_config(args, source, amp, channels_last, folder, extra=(), cache_dir=None):
+def step_config(args, source, amp, channels_last, folder, extra=(), cache_dir=None, compiled=False):
     return load_config(None, [
         *run_overrides(args, amp, folder), f"run.channels_last={str(channels_last).lower()}",
+        f"run.compile={str(compiled).lower()}",
         f"teacher.source={source}",
         f"teacher.cache={(cache_dir or os.path.join(folder, 'cache')) if source == 'cache' else ''}", "optim.lr=0.01",
         "optim.epochs=1", *extra])
 
 
 def flops_per_step(trainer, batch, cached):
-    """FLOPs of one training step (teacher forward included when online), counted by PyTorch."""
+    """FLOPs of one training step (teacher forward included when online), counted by PyTorch on the eager
+    modules (a compiled graph runs kernels the counter cannot see)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        losses = trainer._forward_losses(batch, cached)[0]
-        losses["loss"].backward()
+    fwd = trainer.student_fwd, trainer.teacher_fwd
+    trainer.student_fwd, trainer.teacher_fwd = trainer.model, trainer.teacher
+    try:
+        with FlopCounterMode(display=False) as fc:
+            losses = trainer._forward_losses(batch, cached)[0]
+            losses["loss"].backward()
+    finally:
+        trainer.student_fwd, trainer.teacher_fwd = fwd
     trainer.opt.zero_grad(set_to_none=True)
     return fc.get_total_flops()
 
@@ -188,11 +195,11 @@ def peak_memory_mib(device):
     return None
 
 
-def bench_step_one(args, source, amp, channels_last, dist=None):
+def bench_step_one(args, source, amp, channels_last, dist=None, compiled=False):
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         steps = args.steps + args.warmup
-        cfg = step_config(args, source, amp, channels_last, folder)
+        cfg = step_config(args, source, amp, channels_last, folder, compiled=compiled)
         src = None
         if source == "cache":
             src = synthetic_cache(cfg, os.path.join(folder, "cache"), steps * args.batch_size, device, topk=args.topk)
@@ -206,8 +213,8 @@ def bench_step_one(args, source, amp, channels_last, dist=None):
         if trainer.cache is not None:
             trainer.cache.close()
         return {"mode": "step", "teacher": args.teacher, "student": args.student, "image_size": args.image_size,
-                "teacher_source": source, "amp": amp, "channels_last": channels_last, "batch_size": args.batch_size,
-                "steps": args.steps, "samples_per_s": n / dt, "ms_per_step": 1000 * dt / args.steps,
+                "teacher_source": source, "amp": amp, "channels_last": channels_last, "compile": compiled,
+                "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt, "ms_per_step": 1000 * dt / args.steps,
                 "data_wait_frac": wait / dt, "phases_ms": phases, "gflops_per_sample": flops / args.batch_size / 1e9,
                 "achieved_tflops": flops * args.steps / dt / 1e12, "peak_memory_mib": peak_memory_mib(device),
                 "device": str(device), "topk": args.topk if source == "cache" else None}
@@ -228,14 +235,14 @@ def matmul_peak_tflops(device, dtype=torch.bfloat16, n=8192, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=None):
+def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=None, compiled=False):
     """Real loader + trainer for `--steps` steps after `--warmup` (epochs wrap as needed)."""
     from pipelines import build_loaders
     device = torch.device(args.device)
     extra = [*data_overrides(args, pipeline), "optim.epochs=1000"]
     if source == "cache":
         extra += ["teacher.cache_cycle=true"]
-    cfg = step_config(args, source, amp, channels_last, folder, extra, cache_dir=cache_dir)
+    cfg = step_config(args, source, amp, channels_last, folder, extra, cache_dir=cache_dir, compiled=compiled)
     train, _, src = build_loaders(cfg, device, dist.rank if dist else 0, dist.world if dist else 1)
     trainer = Trainer(cfg, device, folder, train, None, dist, train_source=src)
 
@@ -247,5 +254,5 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
     n, dt, wait = time_steps(trainer, stream(), args.warmup, args.steps)
     return {"mode": "e2e", "pipeline": pipeline, "teacher": args.teacher, "student": args.student,
             "image_size": args.image_size, "teacher_source": source, "amp": amp, "channels_last": channels_last,
-            "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt,
+            "compile": compiled, "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt,
             "data_wait_frac": wait / dt, "peak_memory_mib": peak_memory_mib(device), "device": str(device)}

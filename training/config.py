@@ -125,6 +125,7 @@ class RunConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     amp: str = "auto"              # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
     channels_last: bool = True
+    compile: bool = False          # torch.compile the student's training forward and the online teacher
     deterministic: bool = False
     log_every: int = 50            # steps between host syncs for the progress bar
     progress: bool = True

@@ -121,6 +121,13 @@ class Trainer:
         if dist is not None and dist.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None)
+        # Compiled callables for the hot loop only; checkpoints, validation and the cache builder keep the
+        # plain modules. DDP is compiled from outside, so its bucketed all-reduce stays (DDPOptimizer).
+        self.student_fwd, self.teacher_fwd = self.model, self.teacher
+        if cfg.run.compile:
+            self.student_fwd = torch.compile(self.model)
+            if self.teacher is not None:
+                self.teacher_fwd = torch.compile(self.teacher)
         self.opt = build_optimizer(self.student.parameters(), cfg.optim, device)
         self.autocast, self.amp_dtype, use_scaler = autocast_for(cfg.run.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -162,7 +169,7 @@ class Trainer:
     def teacher_logits(self, batch, two_views: bool = True):
         """The online teacher's float32 logits (weak, strong or None): one forward over both views."""
         with torch.inference_mode(), self.autocast():
-            t = self.teacher(torch.cat([batch.weak, batch.strong]) if two_views else batch.weak)
+            t = self.teacher_fwd(torch.cat([batch.weak, batch.strong]) if two_views else batch.weak)
         t = t.float().clone()  # the clone leaves inference mode, so the loss may save it for backward
         return t.chunk(2) if two_views else (t, None)
 
@@ -176,11 +183,11 @@ class Trainer:
             t_w, t_s = self.teacher_logits(batch, two_views)
         with self.autocast():
             if not two_views:
-                s_w, s_s = self.model(w), None
+                s_w, s_s = self.student_fwd(w), None
             elif self.method.joint_forward:
-                s_w, s_s = self.model(torch.cat([w, s])).chunk(2)
+                s_w, s_s = self.student_fwd(torch.cat([w, s])).chunk(2)
             else:
-                s_w, s_s = self.model(w), self.model(s)
+                s_w, s_s = self.student_fwd(w), self.student_fwd(s)
         losses = method_loss(self.method, s_w, s_s, t_w, t_s, y, epoch=self.epoch + 1)
         if two_views:  # pass rates of the confidence gates, for the logs
             m_w, m_s = crld_masks(t_w, t_s, self.method.tau_w, self.method.tau_s)
