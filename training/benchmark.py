@@ -214,7 +214,8 @@ def bench_step_one(args, source, amp, channels_last, dist=None, compiled=False):
             trainer.cache.close()
         return {"mode": "step", "teacher": args.teacher, "student": args.student, "image_size": args.image_size,
                 "teacher_source": source, "amp": amp, "channels_last": channels_last, "compile": compiled,
-                "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt, "ms_per_step": 1000 * dt / args.steps,
+                "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt,
+                "ms_per_step": 1000 * dt / args.steps,
                 "data_wait_frac": wait / dt, "phases_ms": phases, "gflops_per_sample": flops / args.batch_size / 1e9,
                 "achieved_tflops": flops * args.steps / dt / 1e12, "peak_memory_mib": peak_memory_mib(device),
                 "device": str(device), "topk": args.topk if source == "cache" else None}
