@@ -24,7 +24,7 @@ from nvidia.dali import fn, pipeline_def, types
 from pipelines.contract import Batch, Normalizer, ValBatch
 from pipelines.host_views import strong_on_host
 from pipelines.sampler import EpochSampler
-from pipelines.sources import DataError
+from pipelines.sources import DataError, read_bytes
 from pipelines.view_params import sample_views
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class _Feeder:
         if i not in self._resolved:
             j = i
             for _ in range(len(self.source)):
-                if _looks_decodable(np.fromfile(self.source.files[j], dtype=np.uint8)):
+                if _looks_decodable(read_bytes(self.source.files[j])):
                     break
                 log.warning("skipping unreadable image: %s", self.source.files[j])
                 j = (j + 1) % len(self.source)
@@ -73,7 +73,7 @@ class _Feeder:
     def _data(self, i):
         if not self.encoded:
             return self.source.images[i]
-        return np.fromfile(self.source.files[i], dtype=np.uint8)
+        return read_bytes(self.source.files[i])
 
     def __call__(self):
         if self.keys is None:

@@ -29,6 +29,15 @@ NORMALIZATION = {
 }
 
 
+def read_bytes(path: str) -> np.ndarray:
+    """A file's bytes as a writable uint8 array. An unbuffered readinto releases the GIL during the read
+    (np.fromfile holds it: with every core busy decoding, a preempted reader stalled the view threads)."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(os.fstat(f.fileno()).st_size)
+        n = f.readinto(buf)
+    return np.frombuffer(buf, dtype=np.uint8, count=n)
+
+
 class DataError(ValueError):
     """A problem with the user's data; the message names the file or folder."""
 

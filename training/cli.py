@@ -1,4 +1,5 @@
 """Entry-point plumbing: user errors become one line on stderr and exit code 2, not a traceback."""
+import ctypes
 import logging
 import os
 import sys
@@ -27,8 +28,27 @@ def is_user_error(exc: BaseException) -> bool:
     return any(f"{n}: " in str(exc) for n in USER_ERRORS)
 
 
+def keep_freed_host_memory() -> bool:
+    """glibc: serve every large allocation from the heap and keep freed memory for reuse.
+
+    By default glibc maps each allocation over 32 MiB (a batch of float views, a CPU activation) with its
+    own mmap and unmaps it on free, so the next batch page-faults and zeroes it again: on the 2-core machine
+    that cost the loaders 20-30% of their throughput (docs/benchmarks.md). The cost
+    is that the process keeps its peak heap, as a caching allocator does. CRLD_KEEP_FREED_MEMORY=0 opts out;
+    forked DataLoader workers inherit the setting. False where libc has no mallopt (not glibc)."""
+    if os.environ.get("CRLD_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def run_main(main) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    keep_freed_host_memory()
     try:
         main()
         return 0
