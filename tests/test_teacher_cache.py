@@ -310,3 +310,18 @@ def test_topk_error_script_on_a_full_cache(fp32_cache, tmp_path):
     assert all(r["confidence_abs_err_max"] < 1e-5 for r in rows)  # at T=1 the tail mass, hence max prob, is exact
     with pytest.raises(CacheError, match="must be in"):
         mod.main(["--cache", str(fp32_cache), "--k", "10"])
+
+
+def test_folder_digest_sees_names_and_sizes_of_the_files(tmp_path):
+    from datasets_prep.make_jpeg_folder import make_jpeg_folder
+    from pipelines.sources import FolderSource
+    from training.teacher_cache import dataset_digest
+    root = make_jpeg_folder(str(tmp_path / "j"), train=6, val=2, classes=2, size=(40, 30))
+    src = FolderSource(os.path.join(root, "train"))
+    first = dataset_digest(src)
+    assert dataset_digest(FolderSource(os.path.join(root, "train"))) == first
+    # the same tree resized under the same file names: other image sizes, other crop boxes
+    from PIL import Image
+    f = src.files[0]
+    Image.open(f).resize((20, 15)).save(f, quality=90)
+    assert dataset_digest(FolderSource(os.path.join(root, "train"))) != first

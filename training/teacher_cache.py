@@ -52,14 +52,18 @@ def file_sha256(path: str) -> str:
 
 
 def dataset_digest(source) -> str:
-    """Labels plus pixels (array datasets) or relative file names (folders): a cache built on other
-    data of the same size cannot be paired with this one."""
+    """Labels plus pixels (array datasets) or relative file names and byte sizes (folders): a cache built on
+    other data of the same size cannot be paired with this one, nor one built on a re-encoded or resized copy
+    of the same tree (other image sizes mean other crop boxes). Hashing every image would read the dataset."""
     h = hashlib.sha256(np.ascontiguousarray(source.labels).tobytes())
     if hasattr(source, "images"):
         h.update(np.ascontiguousarray(source.images).tobytes())
     if hasattr(source, "files"):
         root = os.path.commonpath(source.files) if len(source.files) > 1 else ""
         h.update("\n".join(os.path.relpath(f, root) if root else f for f in source.files).encode())
+        with ThreadPoolExecutor(16) as pool:  # stat is I/O-bound: threads hide a network file system's latency
+            sizes = list(pool.map(lambda f: os.stat(f).st_size, source.files, chunksize=1024))
+        h.update(np.asarray(sizes, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
