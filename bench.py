@@ -46,6 +46,16 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}"
 
 
+def loader_overrides(data, image_size, batch_size, workers, device, extra=()):
+    """The config of a loader measurement: an ImageFolder at `data`, RandomResizedCrop views, CRLD's two views."""
+    from pipelines.sources import FolderSource
+    classes = len(FolderSource(os.path.join(data, "train")).classes)
+    return ["data.dataset=imagefolder", f"data.root={data}", f"data.num_classes={classes}",
+            f"data.image_size={image_size}", "data.train_crop=rrc", f"data.val_resize={image_size}",
+            f"pipeline.batch_size={batch_size}", f"pipeline.num_workers={workers}", f"run.device={device}",
+            "method.name=crld", *extra]
+
+
 def bench_loader(name, cfg_over, args):
     import torch
 
@@ -159,8 +169,6 @@ def main(argv=None):
     if args.make_data:
         from datasets_prep.make_jpeg_folder import make_jpeg_folder
         make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)
-    from pipelines.sources import FolderSource
-    classes = len(FolderSource(os.path.join(args.data, "train")).classes)
     if "ffcv" in args.pipelines:  # convert once with FFCV's ImageNet settings; reused when up to date
         from datasets_prep.prep_ffcv import main as prep
         for split in ("train", "val"):
@@ -169,10 +177,8 @@ def main(argv=None):
                          "--write-mode", "proportion", "--compress-probability", "0.5", "--jpeg-quality", "90"])
             print(f"ffcv {split}.beton: {meta['num_samples']} images, {meta['beton_bytes'] / 2**20:.0f} MiB, "
                   f"converted at {meta['images_per_s']:.0f} images/s")
-    over = ["data.dataset=imagefolder", f"data.root={args.data}", f"data.num_classes={classes}",
-            f"data.image_size={args.image_size}", "data.train_crop=rrc", f"data.val_resize={args.image_size}",
-            f"pipeline.batch_size={args.batch_size}", f"pipeline.num_workers={args.workers}",
-            f"run.device={args.device}", "method.name=crld", *args.overrides]
+    over = loader_overrides(args.data, args.image_size, args.batch_size, args.workers, args.device,
+                            args.overrides)
     names = [n.strip() for n in args.pipelines.split(",")]
     runs = {n: [] for n in names}
     for _ in range(args.repeat):  # alternating rounds, so a noisy neighbour hits every pipeline alike

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench import loader_overrides  # noqa: E402
 from pipelines import build_loaders  # noqa: E402
 from training.cli import keep_freed_host_memory  # noqa: E402
 from training.config import load_config  # noqa: E402
@@ -34,11 +35,8 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     kept = keep_freed_host_memory()
-    classes = sum(e.is_dir() for e in os.scandir(os.path.join(args.data, "train")))
-    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={args.data}", f"data.num_classes={classes}",
-                             "data.image_size=224", "data.train_crop=rrc", "data.val_resize=224",
-                             "pipeline.batch_size=64", "pipeline.num_workers=2", "run.device=cpu",
-                             "method.name=crld", f"pipeline.name={args.pipeline}", *args.overrides])
+    cfg = load_config(None, loader_overrides(args.data, 224, 64, 2, "cpu", [f"pipeline.name={args.pipeline}",
+                                                                         *args.overrides]))
     train, _, _ = build_loaders(cfg, torch.device("cpu"))
     train.set_epoch(0)
     it = iter(train)
