@@ -121,7 +121,7 @@ class Trainer:
         if dist is not None and dist.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None)
-        # Compiled callables for the hot loop only; checkpoints, validation and the cache builder keep the
+        # Compiled callables for the training step only; checkpoints and validation use the
         # plain modules. DDP is compiled from outside, so its bucketed all-reduce stays (DDPOptimizer).
         self.student_fwd, self.teacher_fwd = self.model, self.teacher
         if cfg.run.compile:
