@@ -41,9 +41,35 @@ class Normalizer:
         self.device = torch.device(device)
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device) * 255.0)
         self.bias = -torch.tensor(mean, device=self.device) * 255.0 * self.inv_std
+        self._rows, self._mean_std, self._others = {}, mean_std, {}
+
+    def on(self, device) -> "Normalizer":
+        """The same normalisation on another device (host-side work before a copy to the GPU)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        if device not in self._others:
+            self._others[device] = Normalizer(self._mean_std, device)
+        return self._others[device]
+
+    def _row(self, width: int):
+        # The (3,) scale and shift repeated along one image row: x * inv_std + bias over a (rows, W*3)
+        # view then runs a vectorised inner loop of W*3 elements; broadcasting (3,) over the channel
+        # axis gives an inner loop of 3, ~5x slower on a CPU (docs/benchmarks.md).
+        if width not in self._rows:
+            self._rows[width] = (self.bias.repeat(width), self.inv_std.repeat(width))
+        return self._rows[width]
+
+    def into(self, x_hwc_uint8: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Normalise one (..., H, W, 3) uint8 tensor into the float32 `out` of the same shape."""
+        w = x_hwc_uint8.shape[-2]
+        bias, inv = self._row(w)
+        torch.addcmul(bias, x_hwc_uint8.reshape(-1, w * 3), inv, out=out.view(-1, w * 3))
+        return out
 
     def __call__(self, x_nhwc_uint8: torch.Tensor) -> torch.Tensor:
-        # One fused uint8 -> float pass (x * inv_std + bias) on the contiguous NHWC tensor, then a
-        # permuted view: that view *is* NCHW in channels-last memory, so no layout copy is needed.
+        # One fused uint8 -> float pass on the contiguous NHWC tensor, then a permuted view: that view
+        # *is* NCHW in channels-last memory, so no layout copy is needed.
         x = x_nhwc_uint8.to(self.device, non_blocking=True)
-        return torch.addcmul(self.bias, x, self.inv_std).permute(0, 3, 1, 2)
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        return self.into(x, out).permute(0, 3, 1, 2)

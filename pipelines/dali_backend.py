@@ -271,18 +271,17 @@ def _host_views(images, params, size, views, normalize, threads=0):
     host pool; the strong view's ops run in PIL (see pipelines.host_views)."""
     from pipelines.crops import crop_resize
     from pipelines.host_views import pool, strong_pil
-    n = len(params)
+    n, normalize = len(params), normalize.on("cpu")
     weak = torch.empty((n, size, size, 3), dtype=torch.float32)
     strong = torch.empty_like(weak) if views == 2 else None
-    bias, inv_std = normalize.bias.cpu(), normalize.inv_std.cpu()
 
     def work(j):  # normalising per sample keeps that work in the pool, off the main thread
         wc, sc, sp = params[j]
         img = np.asarray(images[j])  # a view of DALI's buffer, read before the next run()
-        torch.addcmul(bias, crop_resize(img, wc, size), inv_std, out=weak[j])  # == Normalizer
+        normalize.into(crop_resize(img, wc, size), weak[j])
         if views == 2:
             v = crop_resize(img, sc, size)
-            torch.addcmul(bias, v if sp is None else strong_pil(v, sp), inv_std, out=strong[j])
+            normalize.into(v if sp is None else strong_pil(v, sp), strong[j])
 
     list(pool(threads).map(work, range(n)))
     # NHWC -> NCHW view: channels-last memory, as the contract asks

@@ -68,13 +68,12 @@ def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled:
     n, _, h, w, _ = x.shape
     weak = torch.empty((n, h, w, 3), dtype=torch.float32)
     strong = torch.empty_like(weak) if views == 2 else None
-    bias, inv_std = normalize.bias, normalize.inv_std
 
     def work(j):
-        torch.addcmul(bias, x[j, 0], inv_std, out=weak[j])
+        normalize.into(x[j, 0], weak[j])
         if views == 2:
             v = x[j, 1] if not strong_enabled or params[j] is None else strong_pil(x[j, 1], params[j])
-            torch.addcmul(bias, v, inv_std, out=strong[j])
+            normalize.into(v, strong[j])
 
     list(pool().map(work, range(n)))
     return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
