@@ -22,7 +22,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.contract import Batch, Normalizer, ValBatch
-from pipelines.host_views import strong_on_host
+from pipelines.host_views import strong_on_host, views_from_decoded
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError, read_bytes
 from pipelines.view_params import sample_views
@@ -258,34 +258,10 @@ class _DaliLoader:
                 if s is not None:
                     s = strong_on_host(s, [p[2] for p in params], dev, self.cfg.pipeline.strong_aug)
                 yield Batch(self.normalize(weak), None if s is None else self.normalize(s), y, i, index_cpu)
-            else:  # host views come out normalised; moved only if training runs elsewhere
-                weak, s = _host_views(outs[0], params, self.cfg.data.image_size, self.views, self.normalize,
-                                      self.cfg.pipeline.host_threads)
-                if dev.type != "cpu":
-                    weak, s = weak.to(dev, non_blocking=True), (None if s is None else s.to(dev, non_blocking=True))
+            else:  # CPU decode: views cut on the host (pipelines.host_views)
+                weak, s = views_from_decoded([np.asarray(im) for im in outs[0]], params, self.cfg.data.image_size,
+                                             self.views, self.normalize, self.cfg.pipeline.host_threads)
                 yield Batch(weak, s, y, i, index_cpu)
-
-
-def _host_views(images, params, size, views, normalize, threads=0):
-    """CPU mode: cut both views from each decoded image and normalise them, per sample on the shared
-    host pool; the strong view's ops run in PIL (see pipelines.host_views)."""
-    from pipelines.crops import crop_resize
-    from pipelines.host_views import pool, strong_pil
-    n, normalize = len(params), normalize.on("cpu")
-    weak = torch.empty((n, size, size, 3), dtype=torch.float32)
-    strong = torch.empty_like(weak) if views == 2 else None
-
-    def work(j):  # normalising per sample keeps that work in the pool, off the main thread
-        wc, sc, sp = params[j]
-        img = np.asarray(images[j])  # a view of DALI's buffer, read before the next run()
-        normalize.into(crop_resize(img, wc, size), weak[j])
-        if views == 2:
-            v = crop_resize(img, sc, size)
-            normalize.into(v if sp is None else strong_pil(v, sp), strong[j])
-
-    list(pool(threads).map(work, range(n)))
-    # NHWC -> NCHW view: channels-last memory, as the contract asks
-    return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
 
 
 def _translate(e: RuntimeError, feeder) -> DataError:

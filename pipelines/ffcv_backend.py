@@ -30,7 +30,7 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
 from pipelines.contract import Batch, Normalizer, ValBatch
-from pipelines.host_views import finish_pairs
+from pipelines.host_views import finish_pairs, views_from_decoded
 from pipelines.sources import DataError
 from pipelines.view_params import sample_views
 
@@ -50,27 +50,36 @@ _KEEP_ALIVE = []
 
 
 class ViewTable:
-    """Per-epoch crop boxes for every sample: (n, 2 views, [top, left, height, width, flip])."""
+    """View parameters per sample. With compiled crops (`crops_in_pipeline`) the epoch's boxes are
+    written ahead into (n, 2 views, [top, left, height, width, flip]) for the compiled decoder;
+    otherwise they are drawn per batch on the host, which cuts the views itself."""
 
-    def __init__(self, metadata, data_cfg, pipe_cfg, seed):
+    def __init__(self, metadata, data_cfg, pipe_cfg, seed, crops_in_pipeline: bool):
         self.h, self.w = metadata["height"].astype(int), metadata["width"].astype(int)
         self.table = np.zeros((len(self.h), 2, 5), dtype=np.int32)
         self.decodes = np.zeros(len(self.h), dtype=np.int64)  # decodes per sample (tests count them)
-        self.strong = [None] * len(self.h)
+        self.crops_in_pipeline, self.stored = crops_in_pipeline, [None] * len(self.h)
         self.data_cfg, self.pipe_cfg, self.seed, self.epoch = data_cfg, pipe_cfg, seed, None
 
-    def fill(self, epoch, indices):
-        if self.epoch == epoch:
-            return
+    def _draw(self, epoch, i):
         d, p = self.data_cfg, self.pipe_cfg
+        return sample_views(self.seed, epoch, i, int(self.h[i]), int(self.w[i]), crop=d.train_crop,
+                            size=d.image_size, pad=d.crop_padding, n_ops=p.randaug_n, strong_aug=p.strong_aug)
+
+    def fill(self, epoch, indices):
+        if not self.crops_in_pipeline or self.epoch == epoch:
+            return
         for i in indices:
-            weak, strong, sp = sample_views(self.seed, epoch, int(i), int(self.h[i]), int(self.w[i]),
-                                            crop=d.train_crop, size=d.image_size, pad=d.crop_padding,
-                                            n_ops=p.randaug_n, strong_aug=p.strong_aug)
+            weak, strong, sp = self.stored[i] = self._draw(epoch, int(i))
             self.table[i, 0] = (weak.top, weak.left, weak.height, weak.width, weak.flip)
             self.table[i, 1] = (strong.top, strong.left, strong.height, strong.width, strong.flip)
-            self.strong[i] = sp
         self.epoch = epoch
+
+    def params(self, epoch, indices):
+        """(weak Crop, strong Crop, StrongParams) of each sample of a batch."""
+        if self.crops_in_pipeline:
+            return [self.stored[i] for i in indices]
+        return [self._draw(epoch, i) for i in indices]
 
 
 class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as its decoder by type
@@ -132,6 +141,48 @@ class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as
                                     t = out[r, c, ch]
                                     out[r, c, ch] = out[r, size - 1 - c, ch]
                                     out[r, size - 1 - c, ch] = t
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class DecodeOnceDecoder(SimpleRGBImageDecoder):
+    """Decode once (JPEG via libjpeg-turbo, or raw), nothing else: output the full image, flattened
+    into a (max_pixels * 3,) uint8 slot. The host cuts both views with torch's antialiased resize,
+    ~2x cheaper than the OpenCV INTER_AREA resize FFCV's compiled ops use (docs/benchmarks.md)."""
+
+    def __init__(self, table: ViewTable):
+        super().__init__()
+        self.views = table
+
+    def declare_state_and_memory(self, previous_state):
+        max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
+        shape = (int(max_pixels) * 3,)
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1")), \
+            AllocationQuery(shape, np.dtype("u1"))
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        _KEEP_ALIVE.append(imdecode_c)
+        count_addr, n = self.views.decodes.ctypes.data, len(self.views.decodes)
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            decodes = numba.carray(_as_pointer(count_addr), (n,), np.int64)
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                decodes[source_ix] += 1  # indices within a batch are distinct: no race
+                if field["mode"] == jpg:
+                    h32, w32 = np.uint32(field["height"]), np.uint32(field["width"])  # the C signature's types
+                    imdecode_c(image_data, destination[dst_ix], h32, w32, h32, w32, 0, 0, 1, 1, False, False)
+                else:
+                    npix = 3 * np.int64(field["height"]) * np.int64(field["width"])
+                    destination[dst_ix, :npix] = image_data[:npix]
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -204,8 +255,16 @@ class _FfcvLoader:
             if self.kind == "val":
                 yield ValBatch(self.normalize(x), y, i)
                 continue
-            params = [self.table.strong[k] for k in idx_cpu.tolist()] if self.views == 2 else None
-            weak, strong = finish_pairs(x, params, self.normalize, self.views, self.cfg.pipeline.strong_aug)
+            params = self.table.params(self.epoch, idx_cpu.tolist())
+            if self.table.crops_in_pipeline:
+                strong_params = [p[2] for p in params] if self.views == 2 else None
+                weak, strong = finish_pairs(x, strong_params, self.normalize, self.views,
+                                            self.cfg.pipeline.strong_aug)
+            else:
+                hw = [(self.table.h[k], self.table.w[k]) for k in idx_cpu.tolist()]
+                images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(hw)]
+                weak, strong = views_from_decoded(images, params, self.cfg.data.image_size, self.views,
+                                                  self.normalize, self.cfg.pipeline.host_threads)
             yield Batch(weak, strong, y, i, idx_cpu)
 
 
@@ -225,9 +284,11 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     meta = check_sidecar(path, cfg)
     from ffcv.reader import Reader
     reader = Reader(path)
-    table = ViewTable(reader.metadata["f0"], cfg.data, cfg.pipeline, cfg.run.seed)
-    loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [TwoViewDecoder(cfg.data.image_size, table)],
-                     True, world)
+    # Padded crops (CIFAR) are cheap slices: compiled. Resized crops: decode in FFCV, resize on the host.
+    compiled = cfg.data.train_crop == "pad"
+    table = ViewTable(reader.metadata["f0"], cfg.data, cfg.pipeline, cfg.run.seed, compiled)
+    decoder = TwoViewDecoder(cfg.data.image_size, table) if compiled else DecodeOnceDecoder(table)
+    loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [decoder], True, world)
     return _FfcvLoader(loader, table, Normalizer(tuple(map(tuple, meta["mean_std"])), device), "train", cfg, views)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.crops import crop_resize
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
 
@@ -20,9 +21,11 @@ _POOLS = {}
 
 
 def pool(threads: int = 0) -> ThreadPoolExecutor:
-    """Two threads per core by default; each keeps a single intra-op torch thread (a per-thread
-    OpenMP setting) so nested parallel regions do not oversubscribe the cores."""
-    threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    """One thread per usable core by default (on 2 cores: ffcv ~835 samples/s with 2 threads, 580-770
+    with 4, the extra threads mostly contend for the GIL; docs/benchmarks.md); each keeps a single
+    intra-op torch thread (a per-thread OpenMP setting) so nested parallel regions do not
+    oversubscribe the cores."""
+    threads = threads or min(16, len(os.sched_getaffinity(0)))
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="views",
                                              initializer=torch.set_num_threads, initargs=(1,))
@@ -52,6 +55,17 @@ def strong_on_host(x: torch.Tensor, params, device: torch.device, enabled: bool 
     return out
 
 
+def _cut_pairs(images, params, size, views, threads):
+    out = torch.empty((len(params), views, size, size, 3), dtype=torch.uint8)
+
+    def work(j):
+        for k in range(views):
+            crop_resize(images[j], params[j][k], size, out=out[j, k])
+
+    list(pool(threads).map(work, range(len(params))))
+    return out
+
+
 def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled: bool = True):
     """uint8 (N, 2, H, W, 3) weak/strong crops -> normalised float (weak, strong) NCHW channels-last.
 
@@ -76,4 +90,30 @@ def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled:
             normalize.into(v, strong[j])
 
     list(pool().map(work, range(n)))
+    return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
+
+
+def views_from_decoded(images, params, size: int, views: int, normalize, threads: int = 0):
+    """Decoded uint8 HWC images (one per sample, any size) -> normalised float (weak, strong) NCHW
+    channels-last on normalize's device. `params[j]` is sample j's (weak Crop, strong Crop, StrongParams).
+
+    CPU: per sample on the host pool, both views cut, the strong one through PIL, normalised. GPU: uint8
+    views cut on the host, then `finish_pairs` (one copy, batched augmenter and normalisation there)."""
+    if normalize.device.type != "cpu":
+        pairs = _cut_pairs(images, params, size, views, threads)
+        return finish_pairs(pairs, [p[2] for p in params], normalize, views)
+    n = len(params)
+    weak = torch.empty((n, size, size, 3), dtype=torch.float32)
+    strong = torch.empty_like(weak) if views == 2 else None
+
+    def work(j):  # normalising per sample keeps that work in the pool, off the main thread
+        wc, sc, sp = params[j]
+        img = images[j]
+        normalize.into(crop_resize(img, wc, size), weak[j])
+        if views == 2:
+            v = crop_resize(img, sc, size)
+            normalize.into(v if sp is None else strong_pil(v, sp), strong[j])
+
+    list(pool(threads).map(work, range(n)))
+    # NHWC -> NCHW view: channels-last memory, as the contract asks
     return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))

@@ -21,8 +21,8 @@ def apply_crop(img: Image.Image, c: Crop, size: int) -> Image.Image:
     box = (c.left, c.top, c.left + c.width, c.top + c.height)
     if c.height == size and c.width == size:
         out = img.crop(box)  # PIL fills outside the image with zeros == RandomCrop's zero padding
-    else:
-        out = img.resize((size, size), Image.BILINEAR, box=box)
+    else:  # crop, then resize: torchvision's resized_crop (resize(box=) would filter across the box edge)
+        out = img.crop(box).resize((size, size), Image.BILINEAR)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if c.flip else out
 
 

@@ -15,7 +15,7 @@ from pipelines.augment_spec import CUTOUT_MAX_FRAC, N_OPS, STRONG_OPS
 
 WEAK, STRONG = 0, 1
 # Bump when the mapping (seed, epoch, index, view) -> view changes: teacher caches fingerprint it.
-VIEWS_VERSION = 1
+VIEWS_VERSION = 2  # 2: resized crops are crop-then-resize (torchvision), not PIL resize(box=)
 
 
 def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:

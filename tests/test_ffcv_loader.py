@@ -103,9 +103,13 @@ def test_jpeg_views_within_tolerance(tmp_path):
     f, _, _ = epoch_batches(load_config(None, over + ["pipeline.name=ffcv"]), n=2)
     t, _, _ = epoch_batches(load_config(None, over + ["pipeline.name=torch"]), n=4)
     ref = {int(i): (b.weak[k], b.strong[k]) for b in t for k, i in enumerate(b.index)}
-    diffs = [(f_b.weak[k] - ref[int(i)][0]).abs().mean().item() for f_b in f for k, i in enumerate(f_b.index)
+    pairs = [(f_b.weak[k], f_b.strong[k], *ref[int(i)]) for f_b in f for k, i in enumerate(f_b.index)
              if int(i) in ref]
-    assert diffs and max(diffs) * 0.225 * 255 < 4.0  # OpenCV INTER_AREA vs PIL bilinear: grey levels, mean
+    grey = 1 / (0.225 * 255)  # one grey level after normalisation (std ~0.225)
+    assert pairs
+    for fw, fs, rw, rs in pairs:  # raw pixels; torch's antialiased resize vs PIL's: a level at most
+        assert (fw - rw).abs().max() < 1.01 * grey  # (the strong ops can turn a level into more: mean)
+        assert (fs - rs).abs().mean() < 0.5 * grey
 
 
 def test_one_epoch_crld_through_ffcv(demo_root, demo_betons, tmp_path):

@@ -60,7 +60,7 @@ class PipelineConfig:
     drop_last: bool = True
     dali_device: str = "auto"      # dali: auto (GPU decode when CUDA is there) | cpu | gpu
     dali_threads: int = 0          # dali: DALI's CPU threads (0: one per core)
-    host_threads: int = 0          # dali CPU mode: threads cutting views on the host (0: two per core)
+    host_threads: int = 0          # dali CPU mode, ffcv: threads cutting views on the host (0: one per core)
     prefetch: int = 2              # dali: batches in flight
     ffcv_dir: str = ""             # ffcv: folder with train.beton / val.beton (default: <data.root>/ffcv)
     ffcv_order: str = "random"     # ffcv: random | quasi_random (less RAM, for datasets beyond memory)
