@@ -24,7 +24,7 @@ from nvidia.dali import fn, pipeline_def, types
 from pipelines.contract import Batch, Normalizer, ValBatch
 from pipelines.host_views import strong_on_host, views_from_decoded
 from pipelines.sampler import EpochSampler
-from pipelines.sources import DataError, read_bytes
+from pipelines.sources import DataError, jpeg_hw, read_bytes
 from pipelines.view_params import sample_views
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,10 @@ class _Feeder:
         self.epoch, self.keys, self.pos = epoch, None, 0
         self.params = {k: v for k, v in self.params.items() if k[0] >= epoch}
 
-    def _size(self, i):
+    def _size(self, i, raw=None):
         if i not in self._sizes:
-            self._sizes[i] = self.source.size_of(i)
+            hw = jpeg_hw(raw) if raw is not None else None  # the header of bytes in hand, else PIL
+            self._sizes[i] = hw if hw and hw[0] > 0 and hw[1] > 0 else self.source.size_of(i)
         return self._sizes[i]
 
     def _resolve(self, i):
@@ -92,13 +93,14 @@ class _Feeder:
                [np.array([i], dtype=np.int64) for i in idx]]
         if not self.train:
             if self.encoded:  # resize target and centre-crop anchor, rounded as the torch backend does
-                geo = [_val_geometry(*self._size(j), self.size, self.val_resize) for j in src_idx]
+                geo = [_val_geometry(*self._size(j, raw), self.size, self.val_resize)
+                       for j, raw in zip(src_idx, out[0])]
                 out += [[g[0] for g in geo], [g[1] for g in geo]]
             return out
         boxes = [[], [], [], []]  # weak anchor+shape, weak flip, strong anchor+shape, strong flip
         rois = [[], []]
-        for i, j in zip(idx, src_idx):
-            h, w = self._size(j)
+        for i, j, raw in zip(idx, src_idx, out[0]):
+            h, w = self._size(j, raw if self.encoded else None)
             weak, strong, sp = sample_views(self.seed, self.epoch, i, h, w, crop=self.crop, size=self.size,
                                             pad=self.pad, n_ops=self.n_ops, strong_aug=self.strong_aug)
             if self.roi_decode:  # decode only the region both views need; boxes become ROI-relative

@@ -29,11 +29,10 @@ class StrongBatch(NamedTuple):
     @staticmethod
     def from_params(params: Sequence[StrongParams], device=None) -> "StrongBatch":
         k = max(len(p.ops) for p in params)
-        ops = torch.full((len(params), k), OP_INDEX["Identity"], dtype=torch.long)
-        mags = torch.zeros((len(params), k), dtype=torch.float64)
-        for i, p in enumerate(params):
-            for j, (o, m) in enumerate(p.ops):
-                ops[i, j], mags[i, j] = o, m
+        identity = (OP_INDEX["Identity"], 0.0)
+        rows = [list(p.ops) + [identity] * (k - len(p.ops)) for p in params]  # one tensor() call per field
+        ops = torch.tensor([[o for o, _ in r] for r in rows], dtype=torch.long).view(len(params), k)
+        mags = torch.tensor([[m for _, m in r] for r in rows], dtype=torch.float64).view(len(params), k)
         cut = torch.tensor([[p.cutout_frac, p.cutout_cx, p.cutout_cy] for p in params], dtype=torch.float64)
         return StrongBatch(ops, mags.to(device), cut)  # op choices and Cutout boxes stay on the host
 

@@ -7,6 +7,7 @@ handed the same (seed, epoch, index, view) makes the same view.
 from __future__ import annotations
 
 import math
+import threading
 from typing import List, NamedTuple, Tuple
 
 import numpy as np
@@ -18,9 +19,25 @@ WEAK, STRONG = 0, 1
 VIEWS_VERSION = 2  # 2: resized crops are crop-then-resize (torchvision), not PIL resize(box=)
 
 
+_LOCAL = threading.local()
+
+
 def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(key=seed & (2**64 - 1),
-                                                counter=[view, index, epoch, 0]))
+    """The generator of one view: Philox keyed by the seed, counter (view, index, epoch, 0).
+
+    Returns this thread's generator with its state set, the same stream as a freshly built
+    `Generator(Philox(key=seed, counter=[view, index, epoch, 0]))` (tests) at a fifth of the cost;
+    valid until the thread's next call."""
+    gen = getattr(_LOCAL, "gen", None)
+    if gen is None:
+        gen = _LOCAL.gen = np.random.Generator(np.random.Philox(key=0))
+        _LOCAL.state = gen.bit_generator.state
+    state = _LOCAL.state
+    state["state"]["counter"] = np.array([view, index, epoch, 0], dtype=np.uint64)
+    state["state"]["key"] = np.array([seed & (2**64 - 1), 0], dtype=np.uint64)
+    state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0  # nothing buffered
+    gen.bit_generator.state = state
+    return gen
 
 
 class Crop(NamedTuple):

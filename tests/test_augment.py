@@ -28,6 +28,23 @@ def test_params_are_a_pure_function_of_seed_epoch_index_view():
     assert a[0] not in others and len(others) == 4
 
 
+def test_view_rng_is_the_fresh_philox_stream_in_every_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fresh(seed, epoch, index, view):
+        return np.random.Generator(np.random.Philox(key=seed, counter=[view, index, epoch, 0]))
+
+    def draws(g):  # 32-bit (buffered), 64-bit and float draws, interleaved
+        return (tuple(g.integers(0, 1000, 3)), g.random(), int(g.integers(0, 2**40)), tuple(g.random(3)))
+
+    keys = [(s, e, i, v) for s in (0, 7, 2**63 + 5) for e in (0, 3) for i in (0, 1, 999) for v in (0, 1)]
+    want = [draws(fresh(*k)) for k in keys]
+    view_rng(1, 2, 3, 0).integers(0, 10)  # leaves a 32-bit value buffered: must not leak into the next stream
+    assert [draws(view_rng(*k)) for k in keys] == want
+    with ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(lambda k: draws(view_rng(*k)), keys * 4)) == want * 4
+
+
 def test_magnitudes_ops_and_cutout_are_drawn_from_the_spec_ranges():
     counts = np.zeros(len(PAPER_OPS))
     for i in range(3000):

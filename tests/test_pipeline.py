@@ -157,3 +157,24 @@ def test_cifar_pickles_and_missing_pickle(tmp_path):
     os.remove(root / "test")
     with pytest.raises(DataError, match="test: missing CIFAR pickle"):
         build_loaders(cfg, torch.device("cpu"))
+
+
+def test_jpeg_header_size_equals_pil(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from pipelines.sources import jpeg_hw
+    rng = np.random.default_rng(0)
+    for k, (w, h, mode, kw) in enumerate([(500, 375, "RGB", {}), (37, 301, "RGB", {"progressive": True}),
+                                          (64, 48, "L", {}), (320, 200, "RGB", {"exif": b"Exif\x00\x00" + bytes(64)}),
+                                          (1, 1, "RGB", {"quality": 5})]):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8), mode)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", **kw)
+        raw = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+        assert jpeg_hw(raw) == (h, w), k
+        assert jpeg_hw(raw[:20]) is None  # cut before the frame header
+    png = io.BytesIO()
+    Image.new("RGB", (5, 4)).save(png, "PNG")
+    assert jpeg_hw(np.frombuffer(png.getvalue(), dtype=np.uint8)) is None
