@@ -161,32 +161,46 @@ def _coeffs(n, dev, **kv):
     return base
 
 
-def shear_x(img, mag):
-    return _affine(img, _coeffs(len(img), img.device, c1=mag))
+def _shear_x(shape, mag):
+    return _coeffs(len(mag), mag.device, c1=mag)
 
 
-def shear_y(img, mag):
-    return _affine(img, _coeffs(len(img), img.device, c3=mag))
+def _shear_y(shape, mag):
+    return _coeffs(len(mag), mag.device, c3=mag)
 
 
-def translate_x(img, mag):
-    return _affine(img, _coeffs(len(img), img.device, c2=mag * img.shape[3]))
+def _translate_x(shape, mag):
+    return _coeffs(len(mag), mag.device, c2=mag * shape[3])
 
 
-def translate_y(img, mag):
-    return _affine(img, _coeffs(len(img), img.device, c5=mag * img.shape[2]))
+def _translate_y(shape, mag):
+    return _coeffs(len(mag), mag.device, c5=mag * shape[2])
 
 
-def rotate(img, mag):
+def _rotate(shape, mag):
     """PIL Image.rotate(angle): counter-clockwise about the centre, same size, nearest."""
-    n, _, h, w = img.shape
+    h, w = shape[2], shape[3]
     ang = -torch.deg2rad(torch.remainder(mag.double(), 360.0))  # PIL: -radians(angle % 360)
     cos, sin = torch.round(torch.cos(ang), decimals=15), torch.round(torch.sin(ang), decimals=15)
     cx, cy = w / 2.0, h / 2.0
     # PIL: matrix (cos, sin, 0, -sin, cos, 0) applied about the centre.
     c = cos * (-cx) + sin * (-cy) + cx
     f = -sin * (-cx) + cos * (-cy) + cy
-    return _affine(img, torch.stack([cos, sin, c, -sin, cos, f], 1))
+    return torch.stack([cos, sin, c, -sin, cos, f], 1)
+
+
+# The geometric ops are one affine sampling each: apply_strong_batch runs all of a round's samples
+# that drew any of them through a single _affine call (its per-call host cost dominated on a GPU).
+AFFINE_COEFFS = {"ShearX": _shear_x, "ShearY": _shear_y, "TranslateX": _translate_x,
+                 "TranslateY": _translate_y, "Rotate": _rotate}
+
+
+def _geometric(name):
+    return lambda img, mag: _affine(img, AFFINE_COEFFS[name](img.shape, mag))
+
+
+shear_x, shear_y, translate_x, translate_y, rotate = (
+    _geometric(n) for n in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"))
 
 
 TENSOR_OPS = {
@@ -236,13 +250,21 @@ def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input
     ops = params.ops.cpu()
     mags = params.mags.to(img.device, non_blocking=True)
     for k in range(ops.shape[1]):
+        geo_sel, geo_coeffs = [], []
         for op_id in torch.unique(ops[:, k]).tolist():
             name = STRONG_OPS[op_id].name
             if name == "Identity":
                 continue
             sel = (ops[:, k] == op_id).nonzero().squeeze(1).to(img.device, non_blocking=True)
+            if name in AFFINE_COEFFS:
+                geo_sel.append(sel)
+                geo_coeffs.append(AFFINE_COEFFS[name](img.shape, mags[sel, k]))
+                continue
             out = TENSOR_OPS[name](img[sel].float(), mags[sel, k])
             img[sel] = out.round_().clamp_(0, 255).to(torch.uint8)
+        if geo_sel:  # nearest sampling of uint8 values: no rounding needed
+            sel = torch.cat(geo_sel)
+            img[sel] = _affine(img[sel], torch.cat(geo_coeffs))
     img = cutout(img, params.cutout)
     out = img if dtype == torch.uint8 else img.to(dtype)
     return out.permute(0, 2, 3, 1) if channels_last_input else out

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_dali.sh OUT_DIR [N_IMAGES]        # default 3200 images
 #   DALI_SITE=/tmp/site bash scripts/gpu_dali.sh OUT   # DALI's packages unpacked into a folder, not installed
 #   DEVICE=cpu BATCH=16 STEPS=2 IMAGE=64 bash scripts/gpu_dali.sh OUT 64   # a dry run of the code paths
+#   STAGES="loader e2e" bash scripts/gpu_dali.sh OUT      # a subset of: loader dali_cpu e2e
 # Stops at 9 minutes; each stage's figures are written when it ends.
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -23,6 +24,7 @@ STEPS=${STEPS:-20}
 IMAGE=${IMAGE:-224}
 DATA=${DATA:-/tmp/jpeg_gpu_dali}
 CORES=$(nproc)
+STAGES=" ${STAGES:-loader dali_cpu e2e} "
 if [ -n "${DALI_SITE:-}" ]; then
   export DALI_SITE PYTHONPATH="$DALI_SITE${PYTHONPATH:+:$PYTHONPATH}"
   export LD_LIBRARY_PATH="$DALI_SITE/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -55,14 +57,16 @@ EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+want() { [[ $STAGES == *" $1 "* ]]; }
 status=0
-py bench.py loader --pipelines torch,dali --data "$DATA" --make-data "$N" --image-size "$IMAGE" \
+[ -d "$DATA/train" ] || py datasets_prep/make_jpeg_folder.py --out "$DATA" --train "$N" --val 16 --classes 8
+! want loader || py bench.py loader --pipelines torch,dali --data "$DATA" --image-size "$IMAGE" \
   --batch-size "$BATCH" --batches "$STEPS" --warmup 3 --repeat 3 --workers "$CORES" --device "$DEVICE" \
   --json "$OUT/loader_mixed.json" 2>&1 | tee "$OUT/loader_mixed.txt" || status=$?
-py bench.py loader --pipelines dali --data "$DATA" --image-size "$IMAGE" --batch-size "$BATCH" \
+! want dali_cpu || py bench.py loader --pipelines dali --data "$DATA" --image-size "$IMAGE" --batch-size "$BATCH" \
   --batches "$STEPS" --warmup 3 --repeat 1 --workers "$CORES" --device "$DEVICE" --json "$OUT/loader_dali_cpu.json" \
   pipeline.dali_device=cpu 2>&1 | tee "$OUT/loader_dali_cpu.txt" || status=$?
-py bench.py e2e --pipelines torch,dali --data "$DATA" --dataset imagefolder --teacher imagenet_resnet34 \
+! want e2e || py bench.py e2e --pipelines torch,dali --data "$DATA" --dataset imagefolder --teacher imagenet_resnet34 \
   --student imagenet_resnet18 --image-size "$IMAGE" --batch-size "$BATCH" --steps "$STEPS" --warmup 5 \
   --teacher-source online,cache --workers "$CORES" --device "$DEVICE" --json "$OUT/e2e.json" \
   data.train_crop=rrc "data.val_resize=$IMAGE" 2>&1 | tee "$OUT/e2e.txt" || status=$?

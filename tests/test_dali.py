@@ -136,3 +136,18 @@ def test_one_epoch_crld_run_through_dali(demo_root, tmp_path):
                     "teacher.name=resnet8", f"teacher.ckpt={ckpt}"])
     assert s["epochs"] == 1 and np.isfinite(s["best_top1"])
     assert "name: dali" in open(tmp_path / "dali" / "config.yaml").read()
+
+
+def test_views_cut_inside_the_dali_graph_match_the_reference(demo_root, jpegs, monkeypatch):
+    """The GPU route (boxes fed to DALI, views cut by fn.slice / fn.resize, strong ops after the copy)
+    run on the CPU: what a `mixed` pipeline computes, minus nvJPEG."""
+    from pipelines import dali_backend
+    monkeypatch.setattr(dali_backend, "_views_in_graph", lambda dec: True)
+    (ref, _), (got, _) = (batches(demo_cfg(demo_root, p), epoch=1, n=2) for p in ("torch", "dali"))
+    for a, b in zip(ref, got):  # padded crops are exact slices
+        assert torch.equal(a.index, b.index) and torch.equal(a.weak, b.weak) and torch.equal(a.strong, b.strong)
+    (ref, _), (got, _) = (batches(jpeg_cfg(jpegs, p), n=2) for p in ("torch", "dali"))
+    std = 0.225 * 255
+    for a, b in zip(ref, got):  # DALI's resize filter: within the tolerance of the host route's test
+        assert torch.equal(a.index, b.index) and b.weak.is_contiguous(memory_format=torch.channels_last)
+        assert (a.weak - b.weak).abs().mean() * std < 1.0 and (a.strong - b.strong).abs().mean() * std < 2.0
