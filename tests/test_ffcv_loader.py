@@ -93,23 +93,30 @@ def test_sidecar_mismatch_and_truncation_are_caught(demo_root, demo_betons, tmp_
     assert side["dataset"] == "demo"
 
 
-def test_jpeg_views_within_tolerance(tmp_path):
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+def test_resized_views_decode_once_and_match_the_reference(tmp_path, mode):
     root = make_jpeg_folder(str(tmp_path / "j"), train=32, val=8, classes=4, size=(96, 72))
     for split in ("train", "val"):
         prep(["--format", "imagefolder", "--src", root, "--split", split, "--out", f"{root}/ffcv/{split}.beton",
-              "--num-workers", "1", "--write-mode", "raw"])
+              "--num-workers", "1", "--write-mode", mode, "--jpeg-quality", "95"])
     over = ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=4", "data.image_size=48",
             "data.train_crop=rrc", "data.val_resize=56", "pipeline.batch_size=8", "pipeline.num_workers=1"]
-    f, _, _ = epoch_batches(load_config(None, over + ["pipeline.name=ffcv"]), n=2)
+    f, _, f_train = epoch_batches(load_config(None, over + ["pipeline.name=ffcv"]), n=2)
+    seen = torch.cat([b.index for b in f]).numpy()
+    counts = f_train.table.decodes  # resized crops: FFCV decodes once, the host cuts both views
+    assert (counts[seen] == 1).all() and counts.max() == 1
     t, _, _ = epoch_batches(load_config(None, over + ["pipeline.name=torch"]), n=4)
     ref = {int(i): (b.weak[k], b.strong[k]) for b in t for k, i in enumerate(b.index)}
     pairs = [(f_b.weak[k], f_b.strong[k], *ref[int(i)]) for f_b in f for k, i in enumerate(f_b.index)
              if int(i) in ref]
     grey = 1 / (0.225 * 255)  # one grey level after normalisation (std ~0.225)
     assert pairs
-    for fw, fs, rw, rs in pairs:  # raw pixels; torch's antialiased resize vs PIL's: a level at most
-        assert (fw - rw).abs().max() < 1.01 * grey  # (the strong ops can turn a level into more: mean)
-        assert (fs - rs).abs().mean() < 0.5 * grey
+    for fw, fs, rw, rs in pairs:
+        if mode == "raw":  # the source's pixels; torch's antialiased resize vs PIL's: a level at most
+            assert (fw - rw).abs().max() < 1.01 * grey  # (the strong ops can turn a level into more: mean)
+            assert (fs - rs).abs().mean() < 0.5 * grey
+        else:  # re-encoded by the conversion: quality 95 alone moves these textured images ~2.3 levels mean
+            assert (fw - rw).abs().mean() < 4 * grey and (fs - rs).abs().mean() < 5 * grey
 
 
 def test_one_epoch_crld_through_ffcv(demo_root, demo_betons, tmp_path):
