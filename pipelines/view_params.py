@@ -16,7 +16,7 @@ from pipelines.augment_spec import CUTOUT_MAX_FRAC, N_OPS, STRONG_OPS
 
 WEAK, STRONG = 0, 1
 # Bump when the mapping (seed, epoch, index, view) -> view changes: teacher caches fingerprint it.
-VIEWS_VERSION = 2  # 2: resized crops are crop-then-resize (torchvision), not PIL resize(box=)
+VIEWS_VERSION = 3  # 2: crop-then-resize (torchvision), not PIL resize(box=); 3: block draws
 
 
 _LOCAL = threading.local()
@@ -55,25 +55,39 @@ class StrongParams(NamedTuple):
     cutout_cy: float
 
 
+# Each function draws its uniforms in one block (`rng.random(k)`) and maps them with floor(u * n): one
+# generator call instead of up to 25 (~1 us each, the bulk of a view's host cost). floor(u * n) is biased
+# by at most n / 2^53.
+def _index(u: float, n: int) -> int:
+    if n < 1:
+        raise ValueError(f"no valid position: the image is smaller than the crop allows ({n} choices)")
+    return min(int(u * n), n - 1)
+
+
 def pad_crop(rng, img_h: int, img_w: int, size: int, pad: int) -> Crop:
     """RandomCrop(size, padding=pad) + flip: the box may reach `pad` pixels outside the image."""
-    top = int(rng.integers(0, img_h + 2 * pad - size + 1)) - pad
-    left = int(rng.integers(0, img_w + 2 * pad - size + 1)) - pad
-    return Crop(top, left, size, size, bool(rng.random() < 0.5))
+    u = rng.random(3).tolist()
+    top = _index(u[0], img_h + 2 * pad - size + 1) - pad
+    left = _index(u[1], img_w + 2 * pad - size + 1) - pad
+    return Crop(top, left, size, size, u[2] < 0.5)
+
+
+_RRC_TRIES = 10
 
 
 def random_resized_crop(rng, img_h: int, img_w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Crop:
     """torchvision's RandomResizedCrop box algorithm (10 tries, then a clamped centre crop) + flip."""
+    u = rng.random(2 * _RRC_TRIES + 3).tolist()  # (area, aspect) per try, then top, left, flip
     area = img_h * img_w
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     box = None
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_r[0], log_r[1]))
+    for t in range(_RRC_TRIES):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[2 * t])
+        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[2 * t + 1])
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= img_w and 0 < h <= img_h:
-            box = (int(rng.integers(0, img_h - h + 1)), int(rng.integers(0, img_w - w + 1)), h, w)
+            box = (_index(u[-3], img_h - h + 1), _index(u[-2], img_w - w + 1), h, w)
             break
     if box is None:
         in_ratio = img_w / img_h
@@ -84,17 +98,18 @@ def random_resized_crop(rng, img_h: int, img_w: int, scale=(0.08, 1.0), ratio=(3
         else:
             w, h = img_w, img_h
         box = ((img_h - h) // 2, (img_w - w) // 2, h, w)
-    return Crop(*box, bool(rng.random() < 0.5))
+    return Crop(*box, u[-1] < 0.5)
 
 
 def strong_params(rng, n_ops: int = N_OPS) -> StrongParams:
-    idx = rng.integers(0, len(STRONG_OPS), size=n_ops)
+    """n_ops ops drawn uniformly with replacement, a magnitude for each from its range, and a Cutout box."""
+    u = rng.random(2 * n_ops + 3).tolist()
     ops: List[Tuple[int, float]] = []
-    for i in idx:
-        spec = STRONG_OPS[int(i)]
-        ops.append((int(i), float(spec.low + (spec.high - spec.low) * rng.random())))
-    return StrongParams(tuple(ops), float(rng.random() * CUTOUT_MAX_FRAC), float(rng.random()),
-                        float(rng.random()))
+    for k in range(n_ops):
+        i = _index(u[k], len(STRONG_OPS))
+        spec = STRONG_OPS[i]
+        ops.append((i, spec.low + (spec.high - spec.low) * u[n_ops + k]))
+    return StrongParams(tuple(ops), u[2 * n_ops] * CUTOUT_MAX_FRAC, u[2 * n_ops + 1], u[2 * n_ops + 2])
 
 
 def sample_views(seed: int, epoch: int, index: int, img_h: int, img_w: int, *, crop: str, size: int,
