@@ -50,35 +50,63 @@ _KEEP_ALIVE = []
 
 
 class ViewTable:
-    """View parameters per sample. With compiled crops (`crops_in_pipeline`) the epoch's boxes are
-    written ahead into (n, 2 views, [top, left, height, width, flip]) for the compiled decoder;
-    otherwise they are drawn per batch on the host, which cuts the views itself."""
+    """View parameters per sample. With compiled crops (`crops_in_pipeline`) an epoch's boxes are written
+    ahead into one of two buffers (n, 2 views, [top, left, height, width, flip]) that the compiled
+    decoder reads, picked by `parity`; while an epoch runs, a thread fills the other buffer for the next
+    one, so an epoch starts without drawing n samples' views first (CIFAR: 50,000 x ~11 us). Otherwise
+    the views are drawn per batch on the host, which cuts them itself."""
 
     def __init__(self, metadata, data_cfg, pipe_cfg, seed, crops_in_pipeline: bool):
         self.h, self.w = metadata["height"].astype(int), metadata["width"].astype(int)
-        self.table = np.zeros((len(self.h), 2, 5), dtype=np.int32)
-        self.decodes = np.zeros(len(self.h), dtype=np.int64)  # decodes per sample (tests count them)
-        self.crops_in_pipeline, self.stored = crops_in_pipeline, [None] * len(self.h)
-        self.data_cfg, self.pipe_cfg, self.seed, self.epoch = data_cfg, pipe_cfg, seed, None
+        n = len(self.h)
+        self.tables = np.zeros((2, n, 2, 5), dtype=np.int32)
+        self.parity = np.zeros(1, dtype=np.int64)  # the buffer the compiled decoder reads
+        self.decodes = np.zeros(n, dtype=np.int64)  # decodes per sample (tests count them)
+        self.crops_in_pipeline, self.stored = crops_in_pipeline, [[None] * n, [None] * n]
+        self.seed, self.hw = seed, list(zip(self.h.tolist(), self.w.tolist()))
+        # plain values: reading OmegaConf attributes per sample cost more than drawing the views
+        self.view_kw = dict(crop=data_cfg.train_crop, size=data_cfg.image_size, pad=data_cfg.crop_padding,
+                            n_ops=pipe_cfg.randaug_n, strong_aug=pipe_cfg.strong_aug)
+        self.filled = [None, None]  # epoch held by each buffer
+        self._ahead = None  # (epoch, thread) filling the next epoch's buffer
 
     def _draw(self, epoch, i):
-        d, p = self.data_cfg, self.pipe_cfg
-        return sample_views(self.seed, epoch, i, int(self.h[i]), int(self.w[i]), crop=d.train_crop,
-                            size=d.image_size, pad=d.crop_padding, n_ops=p.randaug_n, strong_aug=p.strong_aug)
+        return sample_views(self.seed, epoch, i, self.hw[i][0], self.hw[i][1], **self.view_kw)
 
-    def fill(self, epoch, indices):
-        if not self.crops_in_pipeline or self.epoch == epoch:
+    def _fill(self, epoch, indices):
+        b = epoch % 2
+        self.filled[b] = None
+        stored, indices = self.stored[b], np.asarray(indices, dtype=np.int64)
+        rows = []
+        for i in indices.tolist():
+            weak, strong, _ = stored[i] = self._draw(epoch, i)
+            rows.append((*weak, *strong))  # Crop fields: top, left, height, width, flip
+        if rows:  # one numpy assignment: row by row from tuples cost ~5x the drawing itself
+            self.tables[b][indices] = np.asarray(rows, dtype=np.int32).reshape(-1, 2, 5)
+        self.filled[b] = epoch
+
+    def start(self, epoch, indices, next_indices=None):
+        """Before `epoch` runs: its boxes in place (drawn now unless filled ahead); then the next epoch's
+        drawn in the background into the other buffer, which no compiled code reads meanwhile."""
+        if not self.crops_in_pipeline:
             return
-        for i in indices:
-            weak, strong, sp = self.stored[i] = self._draw(epoch, int(i))
-            self.table[i, 0] = (weak.top, weak.left, weak.height, weak.width, weak.flip)
-            self.table[i, 1] = (strong.top, strong.left, strong.height, strong.width, strong.flip)
-        self.epoch = epoch
+        if self._ahead is not None:
+            self._ahead[1].join()
+            self._ahead = None
+        if self.filled[epoch % 2] != epoch:
+            self._fill(epoch, indices)
+        self.parity[0] = epoch % 2
+        if next_indices is not None:
+            import threading
+            t = threading.Thread(target=self._fill, args=(epoch + 1, next_indices), daemon=True,
+                                 name="ffcv-views-ahead")
+            t.start()
+            self._ahead = (epoch + 1, t)
 
     def params(self, epoch, indices):
         """(weak Crop, strong Crop, StrongParams) of each sample of a batch."""
         if self.crops_in_pipeline:
-            return [self.stored[i] for i in indices]
+            return [self.stored[epoch % 2][i] for i in indices]
         return [self._draw(epoch, i) for i in indices]
 
 
@@ -102,12 +130,14 @@ class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         _KEEP_ALIVE.append((imdecode_c, resize_crop_c))
-        addr, n, size = self.views.table.ctypes.data, self.views.table.shape[0], self.size
+        addr, n, size = self.views.tables.ctypes.data, self.views.tables.shape[1], self.size
+        parity_addr = self.views.parity.ctypes.data
         count_addr = self.views.decodes.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
-            table = numba.carray(_as_pointer(addr), (n, 2, 5), np.int32)
+            table = numba.carray(_as_pointer(addr), (2, n, 2, 5), np.int32)[
+                numba.carray(_as_pointer(parity_addr), (1,), np.int64)[0]]
             decodes = numba.carray(_as_pointer(count_addr), (n,), np.int64)
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
@@ -245,7 +275,8 @@ class _FfcvLoader:
         dev = self.normalize.device
         if self.table is not None:
             # only this rank's samples of this epoch (FFCV's own order, sharded when distributed)
-            self.table.fill(self.epoch, self.loader.traversal_order.sample_order(self.epoch))
+            order = self.loader.traversal_order.sample_order
+            self.table.start(self.epoch, order(self.epoch), order(self.epoch + 1))
         self.loader.next_epoch = self.epoch  # FFCV's order for this epoch (seeded shuffle)
         for data, label_index in self.loader:
             li = torch.from_numpy(np.array(label_index, dtype=np.int64))  # copy: FFCV reuses its slots

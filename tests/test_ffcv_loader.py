@@ -65,6 +65,26 @@ def test_views_equal_the_reference_backend(demo_root, demo_betons):
     assert torch.equal(next(iter(ref_val)).image, next(iter(ffcv_val)).image)
 
 
+def test_views_drawn_ahead_for_the_next_epoch_are_that_epochs(demo_root, demo_betons):
+    """Padded crops: each epoch's boxes are filled in the background during the previous epoch."""
+    from pipelines.contract import Normalizer
+    from pipelines.sources import demo_source
+    from pipelines.torch_backend import TwoViewDataset
+    cfg = cfg_for(demo_root, demo_betons, "ffcv")
+    train, _, _ = build_loaders(cfg, CPU)
+    src = demo_source(demo_root, True)
+    ds, norm = TwoViewDataset(src, cfg.data, cfg.pipeline, cfg.run.seed), Normalizer(src.mean_std, "cpu")
+    for epoch in (0, 1, 2, 5, 6):  # 5 was not drawn ahead: filled on the spot
+        train.set_epoch(epoch)
+        for n, b in enumerate(train):
+            for j in range(0, 32, 7):
+                w, s, _, _ = ds[(epoch, int(b.index[j]))]
+                assert torch.equal(norm(torch.from_numpy(np.array(w))[None])[0], b.weak[j]), (epoch, n, j)
+                assert torch.equal(norm(torch.from_numpy(np.array(s))[None])[0], b.strong[j]), (epoch, n, j)
+        assert train.table.parity[0] == epoch % 2 and train.table.filled[epoch % 2] == epoch
+    assert train.table._ahead[0] == 7
+
+
 def test_each_sample_is_decoded_once_per_epoch_and_runs_are_deterministic(demo_root, demo_betons):
     a, _, train = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"))
     seen = torch.cat([b.index for b in a])
