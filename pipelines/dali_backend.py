@@ -164,6 +164,8 @@ def _view(img, box, flip, crop, size):
     return fn.flip(v, horizontal=flip)
 
 
+# Decoders keep the stored orientation (adjust_orientation=False), as PIL and torchvision's loader do: the
+# crop boxes are drawn from the stored size, and DALI's default would rotate by the EXIF tag.
 @pipeline_def(enable_conditionals=False)
 def _train_graph(feeder, decode_device, crop, size, views, encoded, roi, in_graph):
     """GPU: decode (nvJPEG) and cut both views in DALI. CPU: DALI decodes (its threads, no GIL) and the
@@ -174,9 +176,11 @@ def _train_graph(feeder, decode_device, crop, size, views, encoded, roi, in_grap
     data, label, index = outs[:3]
     if roi:  # CPU: decode only the union of the two crops (libjpeg-turbo skips the rest)
         img = fn.decoders.image_slice(data, outs[3], outs[4], normalized_anchor=False, normalized_shape=False,
-                                      axis_names="HW", device="cpu", output_type=types.RGB)
+                                      axis_names="HW", device="cpu", output_type=types.RGB,
+                                      adjust_orientation=False)
     else:
-        img = fn.decoders.image(data, device=decode_device, output_type=types.RGB) if encoded else data
+        img = fn.decoders.image(data, device=decode_device, output_type=types.RGB,
+                                adjust_orientation=False) if encoded else data
     if not in_graph:
         return img, label, index
     if not encoded and decode_device == "mixed":
@@ -191,7 +195,7 @@ def _val_graph(feeder, decode_device, size, encoded):
                               layout=[None if encoded else "HWC"] + [None] * (4 if encoded else 2))
     data, label, index = outs[:3]
     if encoded:
-        img = fn.decoders.image(data, device=decode_device, output_type=types.RGB)
+        img = fn.decoders.image(data, device=decode_device, output_type=types.RGB, adjust_orientation=False)
         img = fn.resize(img, size=outs[3], interp_type=types.INTERP_LINEAR, antialias=True)
         img = fn.slice(img, outs[4], [size, size], normalized_anchor=False, normalized_shape=False,
                        axis_names="HW", out_of_bounds_policy="pad", fill_values=0)

@@ -151,3 +151,26 @@ def test_views_cut_inside_the_dali_graph_match_the_reference(demo_root, jpegs, m
     for a, b in zip(ref, got):  # DALI's resize filter: within the tolerance of the host route's test
         assert torch.equal(a.index, b.index) and b.weak.is_contiguous(memory_format=torch.channels_last)
         assert (a.weak - b.weak).abs().mean() * std < 1.0 and (a.strong - b.strong).abs().mean() * std < 2.0
+
+
+def test_exif_orientation_is_ignored_like_the_reference(tmp_path):
+    """PIL (the reference, torchvision's loader) keeps a JPEG's stored orientation; DALI's decoders would
+    rotate by the EXIF tag by default, and the crop boxes (drawn from the stored size) would not fit."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "train" / f"c{c}")
+        os.makedirs(tmp_path / "val" / f"c{c}")
+        for k in range(4):
+            img = Image.fromarray(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8).repeat(1, 0))
+            exif = Image.Exif()
+            exif[0x0112] = 6  # "rotate 90 CW to display"
+            for split in ("train", "val"):
+                img.save(tmp_path / split / f"c{c}" / f"{k}.jpg", quality=95, exif=exif.tobytes())
+    root = str(tmp_path)
+    (ref, ref_val), (got, got_val) = (batches(jpeg_cfg(root, p, "data.num_classes=2"), n=1) for p in ("torch", "dali"))
+    std = 0.225 * 255
+    for a, b in zip(ref, got):
+        assert torch.equal(a.index, b.index) and (a.weak - b.weak).abs().mean() * std < 2.0
+    assert ref_val.image.shape == got_val.image.shape
+    assert (ref_val.image - got_val.image).abs().mean() * std < 2.0
