@@ -3,12 +3,14 @@
 Files: `<pipeline.ffcv_dir or data.root/ffcv>/train.beton` and `val.beton`, each with its JSON sidecar,
 checked against the config before training (class count, dataset, byte size).
 
-A custom FFCV decoder (`TwoViewDecoder`) decodes each image once inside FFCV's compiled pipeline and
-cuts both views from that decode (crop or resized crop + flip). The crop boxes are not drawn inside
-FFCV: they come from `pipelines.view_params` (a pure function of seed, epoch, index, view), computed
-for the epoch in Python and read by the compiled code through a shared table, so views are
-replayable and equal to the other backends' boxes. The strong view then gets RandAugment + Cutout
-(PIL on a CPU, the batched tensor augmenter on a GPU) and both are normalised on the device.
+Each image is decoded once inside FFCV's compiled pipeline. Padded crops (CIFAR, demo): a custom
+decoder (`TwoViewDecoder`) also cuts both views there (crop + flip), from boxes that are not drawn
+inside FFCV but come from `pipelines.view_params` (a pure function of seed, epoch, index, view),
+computed per epoch in Python (the next epoch's in the background) and read through a shared table.
+Resized crops (ImageNet-style): `DecodeOnceDecoder` hands the decoded image over and the host cuts both
+views with torch's antialiased resize (`pipelines.host_views`). Either way the views are replayable and
+equal to the other backends' boxes. The strong view then gets RandAugment + Cutout (PIL on a CPU, the
+batched tensor augmenter on a GPU) and both are normalised on the device.
 """
 from __future__ import annotations
 
