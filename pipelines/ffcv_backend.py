@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import replace
 
 import numba
@@ -59,13 +60,13 @@ class ViewTable:
     the views are drawn per batch on the host, which cuts them itself."""
 
     def __init__(self, metadata, data_cfg, pipe_cfg, seed, crops_in_pipeline: bool):
-        self.h, self.w = metadata["height"].astype(int), metadata["width"].astype(int)
-        n = len(self.h)
+        self.hw = list(zip(metadata["height"].tolist(), metadata["width"].tolist()))  # plain ints, per sample
+        n = len(self.hw)
         self.tables = np.zeros((2, n, 2, 5), dtype=np.int32)
         self.parity = np.zeros(1, dtype=np.int64)  # the buffer the compiled decoder reads
         self.decodes = np.zeros(n, dtype=np.int64)  # decodes per sample (tests count them)
         self.crops_in_pipeline, self.stored = crops_in_pipeline, [[None] * n, [None] * n]
-        self.seed, self.hw = seed, list(zip(self.h.tolist(), self.w.tolist()))
+        self.seed = seed
         # plain values: reading OmegaConf attributes per sample cost more than drawing the views
         self.view_kw = dict(crop=data_cfg.train_crop, size=data_cfg.image_size, pad=data_cfg.crop_padding,
                             n_ops=pipe_cfg.randaug_n, strong_aug=pipe_cfg.strong_aug)
@@ -99,7 +100,6 @@ class ViewTable:
             self._fill(epoch, indices)
         self.parity[0] = epoch % 2
         if next_indices is not None:
-            import threading
             t = threading.Thread(target=self._fill, args=(epoch + 1, next_indices), daemon=True,
                                  name="ffcv-views-ahead")
             t.start()
@@ -294,7 +294,7 @@ class _FfcvLoader:
                 weak, strong = finish_pairs(x, strong_params, self.normalize, self.views,
                                             self.cfg.pipeline.strong_aug)
             else:
-                hw = [(self.table.h[k], self.table.w[k]) for k in idx_cpu.tolist()]
+                hw = [self.table.hw[k] for k in idx_cpu.tolist()]
                 images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(hw)]
                 weak, strong = views_from_decoded(images, params, self.cfg.data.image_size, self.views,
                                                   self.normalize, self.cfg.pipeline.host_threads)
