@@ -24,11 +24,28 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# The CUDA build of torch plus DALI take about 7 GiB unpacked; pip also unpacks in $TMPDIR. A full disk
+# otherwise ends in pip's bare "[Errno 28] No space left on device" halfway through.
+NEED_GIB=9
+free_gib() { df -Pk "$1" 2>/dev/null | awk 'NR==2 {print int($4 / 1048576)}'; }
+for d in . "${TMPDIR:-/tmp}"; do
+  f=$(free_gib "$d")
+  if [ -n "$f" ] && [ "$f" -lt "$NEED_GIB" ]; then
+    echo "[setup] warning: only ${f} GiB free on the filesystem of $(cd "$d" && pwd); the environment needs about ${NEED_GIB} GiB" >&2
+  fi
+done
+# No wheel cache: it would keep a second copy of every wheel on the same disk.
+export PIP_NO_CACHE_DIR=1
+pip_failed() {
+  echo "[setup] pip install failed (free space: $(free_gib .) GiB here, $(free_gib "${TMPDIR:-/tmp}") GiB in ${TMPDIR:-/tmp}; about ${NEED_GIB} GiB are needed)" >&2
+  exit 1
+}
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # This machine's pip config lists local wheel folders that may not exist; drop that noise only.
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2 || true); }
-quiet "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
-quiet "$VENV/bin/python" -m pip install -q -r requirements.txt
+quiet "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools || pip_failed
+quiet "$VENV/bin/python" -m pip install -q -r requirements.txt || pip_failed
 if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
   # ffcv's setup.py imports numpy and pkg-config at build time: no build isolation.
   quiet "$VENV/bin/python" -m pip install -q --no-build-isolation -r requirements-ffcv.txt \
