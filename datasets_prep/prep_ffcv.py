@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -131,9 +132,11 @@ def convert(args) -> dict:
     if os.path.exists(out) and not args.overwrite:
         raise DataError(f"{out} exists with other settings or is incomplete; use --overwrite")
     out_dir = os.path.dirname(out)
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise DataError(f"{out_dir}: output folder is not writable")
+    try:  # a real write: os.access says yes to root even on a read-only mount or a path through a file
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise DataError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
     for stale in glob.glob(out + ".tmp-*"):  # left by a killed conversion
         os.remove(stale)
     source = open_split(args.format, args.src, args.split, args.num_classes, args.skip_bad_images)

@@ -127,3 +127,17 @@ def test_missing_or_empty_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="missing or empty"):
         prep(["--format", "demo", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "x.beton")])
+
+
+def test_unwritable_output_and_full_disk_are_clear_errors_with_no_files(demo_root, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    args = ["--format", "demo", "--src", demo_root, "--split", "test", "--num-workers", "1"]
+    with pytest.raises(DataError, match="a_file.*not writable"):
+        prep(args + ["--out", str(blocker / "d.beton")])
+    out_dir = tmp_path / "o"
+    # 1 KiB free: less than any split needs, so the conversion must refuse before FFCV's writer starts
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2**40, 2**40 - 2**10, 2**10))
+    with pytest.raises(DataError, match="not enough free disk space"):
+        prep(args + ["--out", str(out_dir / "d.beton")])
+    assert os.listdir(out_dir) == []
