@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.sources import DataError, FolderSource, cifar_source, demo_source  # noqa: E402
+from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source  # noqa: E402
 
 log = logging.getLogger("prep_ffcv")
 SIDECAR_VERSION = 1
@@ -74,9 +74,11 @@ def open_split(fmt, src, split, num_classes=None, skip_bad=False):
             raise DataError(f"{sub}: missing split folder (expected {src}/train and {src}/val)")
         return FolderSource(sub, skip_bad=skip_bad, name="imagefolder")
     if fmt == "cifar":
-        if num_classes is None:
-            num_classes = 10 if glob.glob(os.path.join(src, "*10*")) or os.path.isfile(
-                os.path.join(src, "data_batch_1")) else 100
+        if num_classes is None:  # from the pickles present: a folder name like cifar-100-python contains "10"
+            num_classes = cifar_classes_in(src)
+            if num_classes is None:
+                raise DataError(f"--src {src}: no CIFAR-10 (data_batch_1, batches.meta) or CIFAR-100 "
+                                f"(train, meta) pickles here or in cifar-10-batches-py / cifar-100-python")
         return cifar_source(src, train, num_classes)
     return demo_source(src, train)
 

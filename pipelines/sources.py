@@ -157,6 +157,16 @@ def _unpickle(path: str):
         raise DataError(f"{path}: unreadable CIFAR pickle ({type(e).__name__}: {e})") from None
 
 
+def cifar_classes_in(root: str) -> Optional[int]:
+    """10 or 100 from the pickles present (root itself or its cifar-*-py subfolder); None if neither."""
+    for d in (root, os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-100-python")):
+        if os.path.isfile(os.path.join(d, "data_batch_1")) or os.path.isfile(os.path.join(d, "batches.meta")):
+            return 10
+        if os.path.isfile(os.path.join(d, "train")) or os.path.isfile(os.path.join(d, "meta")):
+            return 100
+    return None
+
+
 def cifar_source(root: str, train: bool, num_classes: int) -> ArraySource:
     """CIFAR-10/100 'python version' folder (root itself or root/cifar-{10-batches,100}-py)."""
     sub = "cifar-100-python" if num_classes == 100 else "cifar-10-batches-py"

@@ -46,20 +46,32 @@ def test_demo_round_trip_is_exact(demo_root, tmp_path):
     assert side["beton_bytes"] == os.path.getsize(out)
 
 
-def test_cifar_round_trip(tmp_path):
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_round_trip(tmp_path, classes):
+    """The official folder names (cifar-100-python contains "10": the count must come from the files)."""
     rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                     b"labels": list(rng.integers(0, 10, 4))}, open(root / name, "wb"))
-    pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, open(root / "batches.meta", "wb"))
-    out = str(tmp_path / "c10.beton")
+    if classes == 10:
+        root, train_files, key = tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], b"labels"
+        meta_file, names_key, test_file = "batches.meta", b"label_names", "test_batch"
+    else:
+        root, train_files, key = tmp_path / "cifar-100-python", ["train"], b"fine_labels"
+        meta_file, names_key, test_file = "meta", b"fine_label_names", "test"
+    root.mkdir()
+    for name in train_files + [test_file]:
+        pickle.dump({b"data": rng.integers(0, 256, (4 * 5 // len(train_files), 3072), dtype=np.uint8),
+                     key: list(rng.integers(0, classes, 4 * 5 // len(train_files)))}, open(root / name, "wb"))
+    pickle.dump({names_key: [f"c{i}".encode() for i in range(classes)]}, open(root / meta_file, "wb"))
+    out = str(tmp_path / "c.beton")
     meta = prep(["--format", "cifar", "--src", str(tmp_path), "--out", out, "--num-workers", "1"])
-    assert meta["num_samples"] == 20 and meta["num_classes"] == 10 and meta["dataset"] == "cifar10"
-    raw = pickle.load(open(root / "data_batch_1", "rb"))
+    assert meta["num_samples"] == 20 and meta["num_classes"] == classes and meta["dataset"] == f"cifar{classes}"
+    raw = pickle.load(open(root / train_files[0], "rb"))
     img, lab = read_beton(out)[0]
-    assert np.array_equal(img.transpose(2, 0, 1).reshape(-1), raw[b"data"][0]) and lab == raw[b"labels"][0]
+    assert np.array_equal(img.transpose(2, 0, 1).reshape(-1), raw[b"data"][0]) and lab == raw[key][0]
+    other = tmp_path / "not_cifar"
+    other.mkdir()
+    (other / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="no CIFAR-10"):
+        prep(["--format", "cifar", "--src", str(other), "--out", out + "2", "--num-workers", "1"])
 
 
 def test_imagefolder_round_trip_within_jpeg_tolerance(jpegs, tmp_path):
