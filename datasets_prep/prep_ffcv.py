@@ -142,9 +142,10 @@ def convert(args) -> dict:
     for stale in glob.glob(out + ".tmp-*"):  # left by a killed conversion
         os.remove(stale)
     source = open_split(args.format, args.src, args.split, args.num_classes, args.skip_bad_images)
-    keep, skipped = list(range(len(source))), []
+    keep, skipped = list(range(len(source))), list(getattr(source, "skipped", []))  # non-image files
     if args.skip_bad_images and hasattr(source, "files"):
-        keep, skipped = _prescan(source, args.num_workers)
+        keep, undecodable = _prescan(source, args.num_workers)
+        skipped += undecodable
     _check_space(source, keep, out_dir, args)
 
     from ffcv.fields import IntField, RGBImageField

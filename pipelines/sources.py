@@ -99,6 +99,7 @@ class FolderSource:
                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
         self.classes, self.mean_std, self.name, self.skip_bad = found, mean_std, name, skip_bad
         self.files: List[str] = []
+        self.skipped: List[str] = []  # non-image files left out in skip mode (prep_ffcv counts them)
         labels = []
         for c, cls in enumerate(found):
             names = sorted(f for f in os.listdir(os.path.join(root, cls)) if not f.startswith("."))
@@ -107,6 +108,7 @@ class FolderSource:
                 if not f.lower().endswith(IMG_EXTENSIONS):
                     if skip_bad:
                         log.warning("skipping non-image file %s", path)
+                        self.skipped.append(path)
                         continue
                     raise DataError(f"{path}: not an image file (use data.skip_bad_images=true to skip)")
                 self.files.append(path)
@@ -114,7 +116,6 @@ class FolderSource:
         if not self.files:
             raise DataError(f"{root}: no images found")
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.skipped: List[str] = []
 
     def __len__(self):
         return len(self.files)

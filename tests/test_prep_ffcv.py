@@ -129,8 +129,11 @@ def test_corrupt_image_fails_naming_it_or_is_skipped(jpegs, tmp_path):
                        timeout=300)
     assert r.returncode != 0 and os.path.basename(victim) in r.stderr.strip().splitlines()[-1]
     assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    notes = os.path.join(root, "train", "class_002", "notes.txt")  # not an image: left out and counted too
+    open(notes, "w").write("x")
     meta = prep(["--format", "imagefolder", "--src", root, "--out", out, "--num-workers", "1", "--skip-bad-images"])
-    assert meta["skipped_count"] == 1 and meta["skipped"] == [victim] and meta["num_samples"] == 23
+    assert meta["skipped_count"] == 2 and sorted(meta["skipped"]) == sorted([victim, notes])
+    assert meta["num_samples"] == 23
 
 
 def test_missing_or_empty_source(tmp_path):
