@@ -243,21 +243,41 @@ def beton_paths(cfg):
     return os.path.join(folder, "train.beton"), os.path.join(folder, "val.beton")
 
 
-def check_sidecar(path: str, cfg) -> dict:
+def check_sidecar(path: str, cfg, source=None, split: str = "train") -> dict:
+    """The .beton is complete and was converted from this dataset's `split` with these classes, in
+    this order, and (given the raw `source`) from these files: its labels are indices into that list."""
     side = path + ".json"
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing .beton (create it with datasets_prep/prep_ffcv.py)")
     if not os.path.isfile(side):
         raise DataError(f"{side}: missing sidecar: the conversion did not finish; rerun prep_ffcv.py")
-    meta = json.load(open(side))
-    if meta.get("beton_bytes") != os.path.getsize(path):
+    try:
+        with open(side) as f:
+            meta = json.load(f)
+        ds, n_cls, n, have_bytes = meta["dataset"], meta["num_classes"], meta["num_samples"], meta["beton_bytes"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{side}: unreadable sidecar ({type(e).__name__}: {e}); rerun prep_ffcv.py") from None
+    if have_bytes != os.path.getsize(path):
         raise DataError(f"{path}: {os.path.getsize(path)} bytes but the sidecar recorded "
-                        f"{meta.get('beton_bytes')}: truncated or replaced; rerun prep_ffcv.py")
-    if meta["num_classes"] != cfg.data.num_classes:
-        raise DataError(f"{path}: {meta['num_classes']} classes but data.num_classes={cfg.data.num_classes}")
-    ds, want = meta["dataset"], cfg.data.dataset
+                        f"{have_bytes}: truncated or replaced; rerun prep_ffcv.py")
+    if n_cls != cfg.data.num_classes:
+        raise DataError(f"{path}: {n_cls} classes but data.num_classes={cfg.data.num_classes}")
+    want = cfg.data.dataset
     if ds != want and not (ds == "imagefolder" and want in ("imagenet", "tiny_imagenet", "imagefolder")):
         raise DataError(f"{path}: converted from dataset '{ds}' but data.dataset={want}")
+    got_split = (meta.get("settings") or {}).get("split")
+    if (got_split == "train") != (split == "train"):
+        raise DataError(f"{path}: converted from the '{got_split}' split but used as the {split} split")
+    if source is not None:
+        classes = list(getattr(source, "classes", []))
+        if meta.get("classes") != classes:
+            diff = next((f"position {k}: '{a}' vs '{b}'" for k, (a, b) in enumerate(zip(meta.get("classes") or [],
+                         classes)) if a != b), f"{len(meta.get('classes') or [])} vs {len(classes)} names")
+            raise DataError(f"{path}: class names differ from {cfg.data.root}'s ({diff}); the labels would "
+                            f"point at the wrong classes: rerun prep_ffcv.py")
+        if n + meta.get("skipped_count", 0) != len(source) + len(getattr(source, "skipped", [])):
+            raise DataError(f"{path}: holds {n} images (+{meta.get('skipped_count', 0)} skipped) but "
+                            f"{cfg.data.root} has {len(source)}: converted from other files; rerun prep_ffcv.py")
     return meta
 
 
@@ -314,7 +334,7 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     if cfg.data.subset:
         raise DataError("data.subset is not supported by the ffcv pipeline: convert the subset instead")
     path = beton_paths(cfg)[0]
-    meta = check_sidecar(path, cfg)
+    meta = check_sidecar(path, cfg, source, "train")
     from ffcv.reader import Reader
     reader = Reader(path)
     # Padded crops (CIFAR) are cheap slices: compiled. Resized crops: decode in FFCV, resize on the host.
@@ -327,7 +347,7 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1):
     path = beton_paths(cfg)[1]
-    meta = check_sidecar(path, cfg)
+    meta = check_sidecar(path, cfg, source, "val")
     size, resize = cfg.data.image_size, cfg.data.val_resize
     dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize) if resize else SimpleRGBImageDecoder()
     loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world)

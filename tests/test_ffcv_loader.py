@@ -113,6 +113,36 @@ def test_sidecar_mismatch_and_truncation_are_caught(demo_root, demo_betons, tmp_
     assert side["dataset"] == "demo"
 
 
+def _edit_sidecar(folder, name, edit):
+    path = os.path.join(folder, name + ".json")
+    meta = json.load(open(path))
+    edit(meta)
+    json.dump(meta, open(path, "w"))
+
+
+@pytest.mark.parametrize("case", ["classes", "order", "count", "split", "dataset", "garbage"])
+def test_sidecar_must_match_the_dataset_split_and_classes(demo_root, demo_betons, tmp_path, case):
+    """A .beton paired with another label mapping, split or file list is refused before training."""
+    bad = str(tmp_path / "s")
+    shutil.copytree(demo_betons, bad)
+    if case == "split":  # the train .beton placed as val.beton
+        shutil.copy(os.path.join(bad, "train.beton"), os.path.join(bad, "val.beton"))
+        shutil.copy(os.path.join(bad, "train.beton.json"), os.path.join(bad, "val.beton.json"))
+    elif case == "garbage":
+        open(os.path.join(bad, "train.beton.json"), "w").write("{not json")
+    else:
+        _edit_sidecar(bad, "train.beton", {
+            "classes": lambda m: m["classes"].__setitem__(3, "not_" + m["classes"][3]),
+            "order": lambda m: m.__setitem__("classes", m["classes"][::-1]),
+            "count": lambda m: m.__setitem__("num_samples", m["num_samples"] - 1),
+            "dataset": lambda m: m.__setitem__("dataset", "cifar100")}[case])
+    match = {"classes": "class names differ .*position 3", "order": "class names differ", "count": "holds",
+             "split": "'train' split but used as the val split", "dataset": "dataset 'cifar100'",
+             "garbage": "unreadable sidecar"}[case]
+    with pytest.raises(DataError, match=match):
+        build_loaders(cfg_for(demo_root, bad, "ffcv"), CPU)
+
+
 @pytest.mark.parametrize("mode", ["raw", "jpg"])
 def test_resized_views_decode_once_and_match_the_reference(tmp_path, mode):
     root = make_jpeg_folder(str(tmp_path / "j"), train=32, val=8, classes=4, size=(96, 72))
