@@ -15,6 +15,7 @@ batched tensor augmenter on a GPU) and both are normalised on the device.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import replace
@@ -36,6 +37,8 @@ from pipelines.contract import Batch, Normalizer, ValBatch
 from pipelines.host_views import finish_pairs, views_from_decoded
 from pipelines.sources import DataError
 from pipelines.view_params import sample_views
+
+log = logging.getLogger(__name__)
 
 
 @intrinsic
@@ -323,7 +326,14 @@ class _FfcvLoader:
 
 def _loader(path, cfg, batch, image_pipe, train, world):
     pc = cfg.pipeline
-    order = OrderOption.QUASI_RANDOM if pc.ffcv_order == "quasi_random" else OrderOption.RANDOM
+    quasi = train and pc.ffcv_order == "quasi_random"
+    if quasi and world > 1:
+        raise DataError(f"pipeline.ffcv_order=quasi_random: FFCV 1.0.2 has no distributed QUASI_RANDOM order "
+                        f"({world} processes); use pipeline.ffcv_order=random")
+    if quasi and pc.os_cache:
+        log.warning("pipeline.ffcv_order=quasi_random pays off with pipeline.os_cache=false (datasets larger "
+                    "than memory); over the OS page cache it only costs randomness")
+    order = OrderOption.QUASI_RANDOM if quasi else OrderOption.RANDOM
     return Loader(path, batch_size=batch, num_workers=max(1, pc.num_workers),
                   order=order if train else OrderOption.SEQUENTIAL, os_cache=pc.os_cache,
                   distributed=world > 1, seed=cfg.run.seed, drop_last=train and pc.drop_last,

@@ -193,3 +193,13 @@ def test_demo_quick_through_ffcv_converts_and_trains(tmp_path):
     assert "pipeline ffcv" in r.stdout and "| student resnet8 (crld) |" in r.stdout
     assert os.path.isfile(tmp_path / "demo" / "ffcv" / "train.beton.json")
     assert "Exception ignored" not in r.stderr
+
+
+def test_quasi_random_order_covers_the_epoch_and_is_refused_under_ddp(demo_root, demo_betons):
+    cfg = cfg_for(demo_root, demo_betons, "ffcv", "pipeline.ffcv_order=quasi_random", "pipeline.os_cache=false",
+                  "pipeline.drop_last=false")
+    batches, _, train = epoch_batches(cfg)
+    seen = torch.cat([b.index_host for b in batches])
+    assert sorted(seen.tolist()) == list(range(len(train.loader.indices)))
+    with pytest.raises(DataError, match="ffcv_order=quasi_random: .*no distributed"):
+        build_loaders(cfg, CPU, rank=0, world=2)
