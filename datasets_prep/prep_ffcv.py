@@ -13,7 +13,9 @@ The .beton is written under a temporary name and renamed when complete; the side
 source, class names in order, counts per class, settings, skipped files, byte size) is written last, also
 atomically, so a file without its sidecar is incomplete. Re-running with the same arguments over a complete
 output does nothing unless --overwrite. A corrupt image stops the conversion with a last line naming it and
-no output (or, with --skip-bad-images, is left out, logged and counted in the sidecar).
+no output (or, with --skip-bad-images, is left out, logged and counted in the sidecar). A conversion that
+cannot fit (its size is estimated from a sample of image headers) is refused up front; a write that fails
+anyway (a full disk, a writer process that died) is a one-line error, and the temp file is removed.
 """
 import argparse
 import glob
@@ -149,16 +151,21 @@ def convert(args) -> dict:
     _check_space(source, keep, out_dir, args)
 
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+
+    from datasets_prep.ffcv_writer import CheckedDatasetWriter
     tmp = f"{out}.tmp-{os.getpid()}"
     bad_log = tmp + ".bad"
     try:
         t0 = time.time()
-        writer = DatasetWriter(tmp, {
+        writer = CheckedDatasetWriter(tmp, {
             "image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution,
                                    compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality),
             "label": IntField()}, num_workers=args.num_workers)
-        writer.from_indexed_dataset(_Samples(source, keep, bad_log), chunksize=args.chunk_size)
+        try:
+            writer.from_indexed_dataset(_Samples(source, keep, bad_log), chunksize=args.chunk_size)
+        except OSError as e:  # ENOSPC in this process, or a writer process that died of it
+            raise DataError(f"{out}: writing failed ({e.strerror or e}; {shutil.disk_usage(out_dir).free / 2**30:.1f}"
+                            f" GiB free in {out_dir}); no output written") from None
         seconds = time.time() - t0
         if os.path.exists(bad_log):
             first = open(bad_log).readline().rstrip("\n").split("\t")
@@ -181,18 +188,28 @@ def convert(args) -> dict:
     return meta
 
 
-def _check_space(source, keep, out_dir, args):
-    """FFCV's writer hangs if a worker dies (a full disk, say): refuse up front when it cannot fit."""
+def estimate_bytes(source, keep, args, probe=256) -> int:
+    """Expected .beton size: raw pixels after --max-resolution for the raw share, the source's JPEG bytes
+    (scaled by area) for the compressed share, from the headers of up to `probe` evenly spread files."""
     if hasattr(source, "images"):
-        need = source.images[0].nbytes * len(keep)
-    else:
-        need = sum(os.path.getsize(source.files[i]) for i in keep)
-        if args.write_mode == "raw":
-            side = args.max_resolution or 512
-            need = max(need, len(keep) * side * side * 3)
+        return source.images[0].nbytes * len(keep)
+    picks = [keep[k] for k in np.linspace(0, len(keep) - 1, num=min(probe, len(keep))).round().astype(int)]
+    raw = jpg = 0.0
+    for i in picks:
+        h, w = source.size_of(i)
+        scale = min(1.0, args.max_resolution / max(h, w)) if args.max_resolution else 1.0
+        raw += round(h * scale) * round(w * scale) * 3
+        jpg += os.path.getsize(source.files[i]) * scale * scale
+    raw_share = {"raw": 1.0, "jpg": 0.0, "smart": 1.0, "proportion": 1 - args.compress_probability}[args.write_mode]
+    return int(len(keep) / len(picks) * (raw_share * raw + (1 - raw_share) * jpg))
+
+
+def _check_space(source, keep, out_dir, args):
+    """Refuse up front when the output cannot fit, rather than fail (cleanly, but late) mid-write."""
+    need = estimate_bytes(source, keep, args) * 1.1
     free = shutil.disk_usage(out_dir).free
-    if need * 1.2 > free:
-        raise DataError(f"{out_dir}: not enough free disk space (~{need * 1.2 / 2**30:.1f} GiB needed, "
+    if need > free:
+        raise DataError(f"{out_dir}: not enough free disk space (~{need / 2**30:.1f} GiB needed, "
                         f"{free / 2**30:.1f} GiB free)")
 
 

@@ -156,3 +156,40 @@ def test_unwritable_output_and_full_disk_are_clear_errors_with_no_files(demo_roo
     with pytest.raises(DataError, match="not enough free disk space"):
         prep(args + ["--out", str(out_dir / "d.beton")])
     assert os.listdir(out_dir) == []
+
+
+def test_a_writer_process_failing_mid_write_is_an_error_not_a_hang(demo_root, tmp_path, monkeypatch):
+    """A worker hitting ENOSPC used to leave FFCV's parent waiting forever (and the temp file behind)."""
+    import errno
+
+    from datasets_prep import prep_ffcv
+    get = prep_ffcv._Samples.__getitem__
+
+    def failing(self, k):  # inherited by the forked writer processes
+        if k == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return get(self, k)
+    monkeypatch.setattr(prep_ffcv._Samples, "__getitem__", failing)
+    t0 = time.time()
+    with pytest.raises(DataError, match="writing failed .*GiB free"):
+        prep(["--format", "demo", "--src", demo_root, "--split", "test", "--out", str(tmp_path / "d.beton"),
+              "--num-workers", "2", "--chunk-size", "4"])
+    assert time.time() - t0 < 60 and os.listdir(tmp_path) == []
+
+
+def test_a_really_full_disk_fails_cleanly(jpegs, tmp_path):
+    """A 2 MiB tmpfs (less than the writer's pages), past an up-front estimate told 1 KiB per image."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        code = ("import sys; from datasets_prep import prep_ffcv as p; p.estimate_bytes = lambda *a, **k: 1024; "
+                "sys.argv[0] = 'prep_ffcv.py'; from training.cli import run_main; sys.exit(run_main(p.main))")
+        r = subprocess.run([sys.executable, "-c", code, "--format", "imagefolder", "--src", jpegs, "--out",
+                            str(mnt / "f.beton"), "--write-mode", "raw", "--max-resolution", "256",
+                            "--num-workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "writing failed" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
