@@ -142,14 +142,19 @@ def _val_geometry(h, w, size, resize):
 
 
 def _looks_decodable(raw: np.ndarray) -> bool:
+    """Skip mode's test, once per file per run: whether PIL (the reference) decodes it. A JPEG is decoded
+    at 1/8 scale (`draft`): the entropy decoding, where a corrupt file fails, runs in full, for about a
+    fifth of a full decode (0.26 vs 1.4 ms at 500x375). A header check alone let a bad Huffman table
+    through to DALI, which then stopped the run."""
     from io import BytesIO
 
     from PIL import Image
     try:
-        with Image.open(BytesIO(raw.tobytes())):  # opening parses the header
-            pass
-        return not (raw[:2].tobytes() == b"\xff\xd8" and raw[-2:].tobytes() != b"\xff\xd9")
-    except Exception:
+        with Image.open(BytesIO(raw.tobytes())) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
         return False
 
 

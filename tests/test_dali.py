@@ -1,4 +1,5 @@
 """The `dali` backend (CPU mode here): same contract and views as the reference backend."""
+import logging
 import os
 import shutil
 
@@ -110,6 +111,22 @@ def test_corrupt_jpeg_is_named_or_skipped(jpegs, tmp_path):
         batches(jpeg_cfg(root, "dali", "pipeline.batch_size=48"))
     bs, _ = batches(jpeg_cfg(root, "dali", "pipeline.batch_size=48", "data.skip_bad_images=true"))
     assert bs[0].weak.shape[0] == 48 and torch.isfinite(bs[0].weak).all()
+
+
+def test_skip_mode_skips_a_jpeg_with_a_bad_huffman_table(jpegs, tmp_path, caplog):
+    """Its header parses and it ends with EOI, but neither PIL nor DALI can decode it."""
+    root = str(tmp_path / "huff")
+    shutil.copytree(jpegs, root)
+    folder = os.path.join(root, "train", "class_002")
+    path = os.path.join(folder, sorted(os.listdir(folder))[1])
+    raw = bytearray(open(path, "rb").read())
+    dht = raw.find(b"\xff\xc4")
+    raw[dht + 5:dht + 25] = b"\xff" * 20
+    open(path, "wb").write(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        bs, _ = batches(jpeg_cfg(root, "dali", "pipeline.batch_size=48", "data.skip_bad_images=true"))
+    assert bs[0].weak.shape[0] == 48 and torch.isfinite(bs[0].weak).all()
+    assert any(os.path.basename(path) in r.getMessage() for r in caplog.records)
 
 
 def test_gpu_decoding_without_cuda_is_a_clear_error(jpegs):
