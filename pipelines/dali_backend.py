@@ -91,7 +91,7 @@ class _Feeder:
         # Fixed-shape fields go as one (N, ...) array each: DALI converts a list of per-sample arrays
         # element by element, which cost the main thread ~30 ms per 256-sample batch on a GPU machine.
         out = [[self._data(j) for j in src_idx],
-               np.asarray([self.source.labels[i] for i in idx], dtype=np.int64).reshape(-1, 1),
+               np.asarray([self.source.labels[j] for j in src_idx], dtype=np.int64).reshape(-1, 1),  # substitute's
                np.asarray(idx, dtype=np.int64).reshape(-1, 1)]
         if not self.train:
             if self.encoded:  # resize target and centre-crop anchor, rounded as the torch backend does

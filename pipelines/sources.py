@@ -78,6 +78,9 @@ class ArraySource:
     def __len__(self):
         return len(self.labels)
 
+    def load_sample(self, i: int):
+        return self.load(i), int(self.labels[i])
+
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i])
 
@@ -128,14 +131,17 @@ class FolderSource:
             raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
     def load(self, i: int) -> Image.Image:
+        return self.load_sample(i)[0]
+
+    def load_sample(self, i: int) -> Tuple[Image.Image, int]:
+        """(image, label). Skip mode: a corrupt file is logged and replaced by the next readable sample,
+        label included, chosen deterministically so every backend and every run substitutes the same one."""
         if not self.skip_bad:
-            return self._open(self.files[i])
-        # Skip mode: a corrupt file is logged and replaced by the next readable sample, chosen
-        # deterministically so every backend and every run substitutes the same one.
+            return self._open(self.files[i]), int(self.labels[i])
         for k in range(len(self.files)):
             j = (i + k) % len(self.files)
             try:
-                return self._open(self.files[j])
+                return self._open(self.files[j]), int(self.labels[j])
             except DataError as e:
                 log.warning("skipping unreadable image: %s", e)
         raise DataError("no readable image in the dataset")

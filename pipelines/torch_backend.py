@@ -39,17 +39,17 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        img = self.source.load(index)
+        img, label = self.source.load_sample(index)
         weak_c, strong_c, sp = sample_views(self.seed, epoch, index, img.size[1], img.size[0],
                                             crop=self.crop, size=self.size, pad=self.pad,
                                             n_ops=self.n_ops, strong_aug=self.strong_aug)
         weak = apply_crop(img, weak_c, self.size)
         if self.views == 1:
-            return np.asarray(weak), int(self.source.labels[index]), index
+            return np.asarray(weak), label, index
         strong = apply_crop(img, strong_c, self.size)
         if sp is not None:
             strong = apply_strong(strong, sp)
-        return np.asarray(weak), np.asarray(strong), int(self.source.labels[index]), index
+        return np.asarray(weak), np.asarray(strong), label, index
 
 
 class ValDataset(Dataset):
@@ -61,7 +61,7 @@ class ValDataset(Dataset):
 
     def __getitem__(self, key):
         _, index = key
-        img = self.source.load(index)
+        img, label = self.source.load_sample(index)
         if self.resize:  # resize shorter side, then centre crop (ImageNet protocol)
             w, h = img.size
             s = self.resize / min(w, h)
@@ -71,7 +71,7 @@ class ValDataset(Dataset):
             img = img.crop((left, top, left + self.size, top + self.size))
         elif img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
-        return np.asarray(img), int(self.source.labels[index]), index
+        return np.asarray(img), label, index
 
 
 def _collate(items):

@@ -122,6 +122,21 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     assert next(iter(train)).weak.shape[0] == 6
 
 
+@pytest.mark.parametrize("pipe", ["torch", "dali"])
+def test_a_skipped_image_is_replaced_with_its_substitutes_label(tmp_path, pipe):
+    """The last cat is corrupt: its slot gets the next readable sample, the first dog, labelled dog."""
+    if pipe == "dali":
+        pytest.importorskip("nvidia.dali")
+    root = make_folder(str(tmp_path / "f"))
+    with open(os.path.join(root, "train", "cat", "2.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    train, _, src = build_loaders(folder_cfg(root, "pipeline.batch_size=6", "data.skip_bad_images=true",
+                                             f"pipeline.name={pipe}"), torch.device("cpu"))
+    b = next(iter(train))
+    labels = dict(zip(b.index.tolist(), b.target.tolist()))
+    assert src.labels[2] == 0 and labels[2] == 1 and labels[0] == 0 and labels[3] == 1
+
+
 def test_non_image_file_and_layout_errors(tmp_path):
     root = make_folder(str(tmp_path / "f"))
     open(os.path.join(root, "train", "cat", "notes.txt"), "w").write("x")
