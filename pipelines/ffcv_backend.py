@@ -285,10 +285,10 @@ def check_sidecar(path: str, cfg, source=None, split: str = "train") -> dict:
 
 
 class _FfcvLoader:
-    def __init__(self, loader, table, normalize, kind, cfg, views):
+    def __init__(self, loader, table, normalize, kind, cfg, views, keep=None):
         self.loader, self.table, self.normalize, self.kind, self.cfg, self.views = \
             loader, table, normalize, kind, cfg, views
-        self.epoch = 0
+        self.epoch, self.keep = 0, keep
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -303,12 +303,18 @@ class _FfcvLoader:
             order = self.loader.traversal_order.sample_order
             self.table.start(self.epoch, order(self.epoch), order(self.epoch + 1))
         self.loader.next_epoch = self.epoch  # FFCV's order for this epoch (seeded shuffle)
+        left = self.keep  # this rank's real validation samples (positions rank, rank + world, ...)
         for data, label_index in self.loader:
             li = torch.from_numpy(np.array(label_index, dtype=np.int64))  # copy: FFCV reuses its slots
             y, idx_cpu = li[:, 0].to(dev, non_blocking=True), li[:, 1]
             i = idx_cpu.to(dev, non_blocking=True)
             x = torch.from_numpy(np.asarray(data))
             if self.kind == "val":
+                if left is not None:  # drop the DistributedSampler's padding: no sample counted twice
+                    n, left = max(0, min(len(y), left)), left - len(y)
+                    x, y, i = x[:n], y[:n], i[:n]
+                    if n == 0:
+                        continue
                 yield ValBatch(self.normalize(x), y, i)
                 continue
             params = self.table.params(self.epoch, idx_cpu.tolist())
@@ -361,4 +367,5 @@ def build_val(source, cfg, device, rank: int = 0, world: int = 1):
     size, resize = cfg.data.image_size, cfg.data.val_resize
     dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize) if resize else SimpleRGBImageDecoder()
     loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world)
-    return _FfcvLoader(loader, None, Normalizer(tuple(map(tuple, meta["mean_std"])), device), "val", cfg, 1)
+    return _FfcvLoader(loader, None, Normalizer(tuple(map(tuple, meta["mean_std"])), device), "val", cfg, 1,
+                       keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None)

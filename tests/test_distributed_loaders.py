@@ -1,11 +1,12 @@
 """Every backend shards an epoch over real torch.distributed ranks (gloo, 2 processes): each rank gets
-the same number of samples and together they cover the dataset (the padding repeats at most one
-sample per rank)."""
+the same number of training samples and together they cover the dataset (the padding repeats at most
+one sample per rank); validation covers the split exactly once."""
 import json
 import os
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,11 +29,12 @@ def _rank_main(rank, world, port, over, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        train, _, _ = build_loaders(load_config(None, over), torch.device("cpu"), rank, world)
+        train, val, _ = build_loaders(load_config(None, over), torch.device("cpu"), rank, world)
         train.set_epoch(1)
         idx = torch.cat([b.index for b in train]).tolist()
+        val_idx = torch.cat([b.index for b in val]).tolist()
         with open(f"{out}.{rank}", "w") as f:
-            json.dump(idx, f)
+            json.dump([idx, val_idx], f)
     finally:
         dist.destroy_process_group()
 
@@ -41,6 +43,13 @@ def _rank_main(rank, world, port, over, out):
 def test_two_ranks_cover_the_epoch(pipe, demo_root, tmp_path):
     if pipe != "torch":
         pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[pipe])
+    odd = tmp_path / "demo_odd"  # 359 validation samples: 2 ranks need a padding sample there
+    odd.mkdir()
+    for name in ("train.npz", "meta.json"):
+        os.symlink(os.path.join(demo_root, name), odd / name)
+    with np.load(os.path.join(demo_root, "test.npz")) as z:
+        np.savez(odd / "test.npz", images=z["images"][:359], labels=z["labels"][:359])
+    demo_root = str(odd)
     over = ["data.dataset=demo", f"data.root={demo_root}", "data.num_classes=10", f"pipeline.name={pipe}",
             "pipeline.batch_size=32", "pipeline.num_workers=1", "pipeline.drop_last=false", "method.name=crld"]
     if pipe == "ffcv":
@@ -57,8 +66,10 @@ def test_two_ranks_cover_the_epoch(pipe, demo_root, tmp_path):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{pipe}: ranks did not finish in 300 s")
-    a, b = (json.load(open(f"{out}.{r}")) for r in range(2))
+    (a, va), (b, vb) = (json.load(open(f"{out}.{r}")) for r in range(2))
     n = 1437  # demo training split
     assert len(a) == len(b) == (n + 1) // 2
     assert set(a) | set(b) == set(range(n))
     assert len(set(a) & set(b)) <= 1
+    # validation: every sample exactly once over the ranks, so the reduced accuracy counts none twice
+    assert sorted(va + vb) == list(range(359))
