@@ -1,4 +1,5 @@
 # The two commands: `make demo` and `make test`. Both create or reuse .venv first.
+# `make demo ARGS="--pipeline ffcv"` passes options to demo.py.
 PY := .venv/bin/python
 
 .PHONY: setup demo test clean
@@ -7,7 +8,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) demo.py
+	$(PY) demo.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests
