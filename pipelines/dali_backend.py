@@ -233,7 +233,7 @@ class _DaliLoader:
     def __init__(self, feeder, pipe, steps, normalize, kind, cfg, views):
         self.feeder, self.pipe, self.steps, self.normalize, self.kind = feeder, pipe, steps, normalize, kind
         self.cfg, self.views = cfg, views
-        self.epoch = 0
+        self.epoch, self._live = 0, None
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -249,7 +249,29 @@ class _DaliLoader:
         except RuntimeError as e:
             raise _translate(e, self.feeder) from None
 
+    def _abandon(self):
+        """An iteration left early (a `break`): end the feeder's epoch and drain the batches DALI has
+        already prefetched, else the next iteration would start with them (another epoch's views)."""
+        self.feeder.keys, self.feeder.pos, self._live = [], 0, None
+        try:
+            while True:
+                self.pipe.run()
+        except StopIteration:
+            self.pipe.reset()
+
     def __iter__(self):
+        if self._live is not None:  # an earlier iterator still open (held, not closed): end it first
+            self._abandon()
+        me = self._live = object()
+        try:
+            yield from self._batches()
+            self._live = None
+        except GeneratorExit:
+            if self._live is me:  # a stale iterator closed later must not end the current one
+                self._abandon()
+            raise
+
+    def _batches(self):
         self.feeder.start(self.epoch)
         dev = self.normalize.device
         while True:

@@ -129,6 +129,26 @@ def test_skip_mode_skips_a_jpeg_with_a_bad_huffman_table(jpegs, tmp_path, caplog
     assert any(os.path.basename(path) in r.getMessage() for r in caplog.records)
 
 
+def test_an_iteration_left_early_does_not_leak_into_the_next(demo_root):
+    """DALI prefetches: after a `break`, the next epoch must still start with its own first batch."""
+    cfg = demo_cfg(demo_root, "dali")
+    train, _, _ = build_loaders(cfg, CPU)
+    for _ in zip(range(2), train):
+        pass
+    train.set_epoch(1)
+    got = [b.index.tolist() for b in train]
+    fresh, _ = batches(cfg, epoch=1)
+    assert got == [b.index.tolist() for b in fresh]
+    held = iter(train)  # an iterator kept open while a new epoch starts, and closed during it
+    next(held)
+    train.set_epoch(1)
+    it, again = iter(train), []
+    again.append(next(it).index.tolist())
+    held.close()
+    again += [b.index.tolist() for b in it]
+    assert again == got
+
+
 def test_gpu_decoding_without_cuda_is_a_clear_error(jpegs):
     if torch.cuda.is_available():
         pytest.skip("checks the no-CUDA error")
