@@ -343,8 +343,8 @@ def _build(source, cfg, device, rank, world, train, views):
     pipe.build()
     n = len(sampler)
     steps = n // batch if drop_last else -(-n // batch)
-    return _DaliLoader(feeder, pipe, steps, Normalizer(source.mean_std, device), "train" if train else "val",
-                       cfg, views)
+    norm = Normalizer.for_run(source.mean_std, cfg, device)
+    return _DaliLoader(feeder, pipe, steps, norm, "train" if train else "val", cfg, views)
 
 
 def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):

@@ -358,7 +358,7 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     table = ViewTable(reader.metadata["f0"], cfg.data, cfg.pipeline, cfg.run.seed, compiled)
     decoder = TwoViewDecoder(cfg.data.image_size, table) if compiled else DecodeOnceDecoder(table)
     loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [decoder], True, world)
-    return _FfcvLoader(loader, table, Normalizer(tuple(map(tuple, meta["mean_std"])), device), "train", cfg, views)
+    return _FfcvLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), "train", cfg, views)
 
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1):
@@ -367,5 +367,5 @@ def build_val(source, cfg, device, rank: int = 0, world: int = 1):
     size, resize = cfg.data.image_size, cfg.data.val_resize
     dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize) if resize else SimpleRGBImageDecoder()
     loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world)
-    return _FfcvLoader(loader, None, Normalizer(tuple(map(tuple, meta["mean_std"])), device), "val", cfg, 1,
+    return _FfcvLoader(loader, None, Normalizer.for_run(meta["mean_std"], cfg, device), "val", cfg, 1,
                        keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None)

@@ -80,7 +80,7 @@ def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled:
             return weak, None
         return weak, normalize(strong_on_host(x[:, 1], params, dev, strong_enabled))
     n, _, h, w, _ = x.shape
-    weak = torch.empty((n, h, w, 3), dtype=torch.float32)
+    weak = torch.empty((n, h, w, 3), dtype=normalize.dtype)
     strong = torch.empty_like(weak) if views == 2 else None
 
     def work(j):
@@ -103,7 +103,7 @@ def views_from_decoded(images, params, size: int, views: int, normalize, threads
         pairs = _cut_pairs(images, params, size, views, threads)
         return finish_pairs(pairs, [p[2] for p in params], normalize, views)
     n = len(params)
-    weak = torch.empty((n, size, size, 3), dtype=torch.float32)
+    weak = torch.empty((n, size, size, 3), dtype=normalize.dtype)
     strong = torch.empty_like(weak) if views == 2 else None
 
     def work(j):  # normalising per sample keeps that work in the pool, off the main thread

@@ -120,11 +120,11 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     sampler = EpochSampler(len(source), seed=cfg.run.seed, shuffle=True, rank=rank, world=world)
     ds = TwoViewDataset(source, cfg.data, cfg.pipeline, cfg.run.seed, views)
     dl = _loader(ds, sampler, cfg.pipeline, device, per_rank, cfg.pipeline.drop_last, cfg.run.seed)
-    return _DeviceLoader(dl, sampler, Normalizer(source.mean_std, device), "train")
+    return _DeviceLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device), "train")
 
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1):
     sampler = EpochSampler(len(source), seed=0, shuffle=False, rank=rank, world=world, pad=False)
     dl = _loader(ValDataset(source, cfg.data), sampler, cfg.pipeline, device,
                  cfg.pipeline.val_batch_size, False, 0)
-    return _DeviceLoader(dl, sampler, Normalizer(source.mean_std, device), "val")
+    return _DeviceLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device), "val")

@@ -203,3 +203,8 @@ def test_quasi_random_order_covers_the_epoch_and_is_refused_under_ddp(demo_root,
     assert sorted(seen.tolist()) == list(range(len(train.loader.indices)))
     with pytest.raises(DataError, match="ffcv_order=quasi_random: .*no distributed"):
         build_loaders(cfg, CPU, rank=0, world=2)
+
+
+def test_batches_arrive_in_the_training_dtype(demo_root, demo_betons):
+    from tests.test_pipeline import assert_batches_arrive_in_the_amp_dtype
+    assert_batches_arrive_in_the_amp_dtype(lambda amp: cfg_for(demo_root, demo_betons, "ffcv", f"run.amp={amp}"))

@@ -193,3 +193,22 @@ def test_jpeg_header_size_equals_pil(tmp_path):
     png = io.BytesIO()
     Image.new("RGB", (5, 4)).save(png, "PNG")
     assert jpeg_hw(np.frombuffer(png.getvalue(), dtype=np.uint8)) is None
+
+
+def assert_batches_arrive_in_the_amp_dtype(cfg_of):
+    """Under AMP the views arrive in the autocast dtype: the fp32 values rounded once, same layout."""
+    (t32, v32, _), (t16, v16, _) = (build_loaders(cfg_of(amp), torch.device("cpu")) for amp in ("off", "bf16"))
+    a, b = next(iter(t32)), next(iter(t16))
+    for x32, x16 in ((a.weak, b.weak), (a.strong, b.strong)):
+        assert x32.dtype == torch.float32 and x16.dtype == torch.bfloat16
+        assert x16.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x16, x32.to(torch.bfloat16))
+    assert torch.equal(next(iter(v16)).image, next(iter(v32)).image.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("pipe", ["torch", "dali"])
+def test_batches_arrive_in_the_training_dtype(demo_root, pipe):
+    if pipe == "dali":
+        pytest.importorskip("nvidia.dali")
+    assert_batches_arrive_in_the_amp_dtype(
+        lambda amp: demo_cfg(demo_root, f"run.amp={amp}", f"pipeline.name={pipe}", "data.subset=64"))
