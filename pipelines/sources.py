@@ -222,6 +222,9 @@ def open_source(data_cfg, train: bool, train_classes: Optional[List[str]] = None
     elif ds == "demo":
         src = demo_source(root, train)
     else:
+        if os.path.isfile(os.path.join(root, "wnids.txt")) and os.path.isdir(os.path.join(root, "val", "images")):
+            raise DataError(f"data.root '{root}' is the Tiny-ImageNet archive's layout: convert it with "
+                            f"python datasets_prep/tiny_imagenet.py --src {root} --out data/tiny_imagenet")
         split = os.path.join(root, "train" if train else "val")
         if not os.path.isdir(split):
             raise DataError(f"{split}: missing split folder (expected {root}/train and {root}/val)")
