@@ -48,6 +48,12 @@ class CheckedDatasetWriter(DatasetWriter):
                 except queue.Empty:
                     _check(procs)
             self.finalize([a for part in allocation_list for a in part])
+        except BaseException:
+            # Unread chunks sit in the queue's feeder thread, blocked on a full pipe; Python joins that
+            # thread at exit, so without this a failed conversion of a large dataset would never exit.
+            work.cancel_join_thread()
+            allocations.cancel_join_thread()
+            raise
         finally:
             for p in procs:
                 if p.is_alive():

@@ -59,7 +59,8 @@ class _Samples:
         if hasattr(self.source, "images"):
             return self.source.images[i], label
         try:
-            return np.asarray(self.source.load(i)), label
+            img, label = self.source.load_sample(i)  # a skip-mode substitute carries its own label
+            return np.asarray(img), label
         except Exception as e:  # noqa: BLE001 - reported after the writer finishes
             with open(self.bad_log, "a") as f:
                 f.write(f"{self.source.files[i]}\t{type(e).__name__}: {str(e).splitlines()[0]}\n")
@@ -148,6 +149,8 @@ def convert(args) -> dict:
     if args.skip_bad_images and hasattr(source, "files"):
         keep, undecodable = _prescan(source, args.num_workers)
         skipped += undecodable
+        if not keep:
+            raise DataError(f"--src {args.src}: none of the {len(source)} images of the {args.split} split decodes")
     _check_space(source, keep, out_dir, args)
 
     from ffcv.fields import IntField, RGBImageField
@@ -191,8 +194,9 @@ def convert(args) -> dict:
 def estimate_bytes(source, keep, args, probe=256) -> int:
     """Expected .beton size: raw pixels after --max-resolution for the raw share, the source's JPEG bytes
     (scaled by area) for the compressed share, from the headers of up to `probe` evenly spread files."""
+    pages = args.num_workers * 8 * 2**20  # each writer process's last, partly filled 8 MiB page
     if hasattr(source, "images"):
-        return source.images[0].nbytes * len(keep)
+        return source.images[0].nbytes * len(keep) + pages
     picks = [keep[k] for k in np.linspace(0, len(keep) - 1, num=min(probe, len(keep))).round().astype(int)]
     raw = jpg = 0.0
     for i in picks:
@@ -201,7 +205,7 @@ def estimate_bytes(source, keep, args, probe=256) -> int:
         raw += round(h * scale) * round(w * scale) * 3
         jpg += os.path.getsize(source.files[i]) * scale * scale
     raw_share = {"raw": 1.0, "jpg": 0.0, "smart": 1.0, "proportion": 1 - args.compress_probability}[args.write_mode]
-    return int(len(keep) / len(picks) * (raw_share * raw + (1 - raw_share) * jpg))
+    return int(len(keep) / len(picks) * (raw_share * raw + (1 - raw_share) * jpg)) + pages
 
 
 def _check_space(source, keep, out_dir, args):

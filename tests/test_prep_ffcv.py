@@ -193,3 +193,30 @@ def test_a_really_full_disk_fails_cleanly(jpegs, tmp_path):
         assert os.listdir(mnt) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_failed_writers_with_a_long_queue_still_exit(tmp_path):
+    """20,000 one-sample chunks left unread when every writer dies: the process must still exit."""
+    code = f"""
+import errno, sys
+sys.path.insert(0, {ROOT!r})
+from ffcv.fields import IntField
+from datasets_prep.ffcv_writer import CheckedDatasetWriter, WorkerFailed
+
+class Failing:
+    def __len__(self):
+        return 20000
+    def __getitem__(self, k):
+        if k >= 50:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return (k,)
+
+try:
+    CheckedDatasetWriter({str(tmp_path / "x.beton")!r}, {{"y": IntField()}}, num_workers=2).from_indexed_dataset(
+        Failing(), chunksize=1)
+except WorkerFailed as e:
+    print("failed:", e)
+    sys.exit(3)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "exited with code" in r.stdout, r.stderr[-1500:]
