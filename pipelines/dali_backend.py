@@ -258,6 +258,8 @@ class _DaliLoader:
                 self.pipe.run()
         except StopIteration:
             self.pipe.reset()
+        except Exception as e:  # noqa: BLE001 - may run during garbage collection: never raise there
+            log.warning("DALI pipeline could not be drained after an early stop: %s", str(e).splitlines()[0])
 
     def __iter__(self):
         if self._live is not None:  # an earlier iterator still open (held, not closed): end it first
@@ -269,6 +271,9 @@ class _DaliLoader:
         except GeneratorExit:
             if self._live is me:  # a stale iterator closed later must not end the current one
                 self._abandon()
+            raise
+        except BaseException:
+            self._live = None  # the error ended this epoch; nothing left to drain
             raise
 
     def _batches(self):

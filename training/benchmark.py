@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from pipelines.contract import Batch
+from pipelines.contract import Batch, input_dtype
 from training.config import load_config
 from training.loop import Trainer
 from training.models import create_model
@@ -54,11 +54,12 @@ class _Timer:
 class SyntheticLoader:
     """Device-resident random two-view batches (a few distinct ones, cycled) with distinct indices."""
 
-    def __init__(self, steps, batch, size, num_classes, device, channels_last, distinct=4):
+    def __init__(self, steps, batch, size, num_classes, device, channels_last, distinct=4, dtype=torch.float32):
         g = torch.Generator().manual_seed(0)
         mf = torch.channels_last if channels_last else torch.contiguous_format
-        self.pool = [(torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=mf),
-                      torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=mf),
+        # dtype: what the real loaders deliver (pipelines.contract.input_dtype: the AMP dtype under run.amp)
+        self.pool = [(torch.randn(batch, 3, size, size, generator=g).to(device, dtype, memory_format=mf),
+                      torch.randn(batch, 3, size, size, generator=g).to(device, dtype, memory_format=mf),
                       torch.randint(0, num_classes, (batch,), generator=g).to(device)) for _ in range(distinct)]
         self.index_host = torch.arange(steps * batch).view(steps, batch)
         self.index = self.index_host.to(device)
@@ -203,7 +204,8 @@ def bench_step_one(args, source, amp, channels_last, dist=None, compiled=False):
         src = None
         if source == "cache":
             src = synthetic_cache(cfg, os.path.join(folder, "cache"), steps * args.batch_size, device, topk=args.topk)
-        loader = SyntheticLoader(steps, args.batch_size, args.image_size, args.num_classes, device, channels_last)
+        loader = SyntheticLoader(steps, args.batch_size, args.image_size, args.num_classes, device, channels_last,
+                                 dtype=input_dtype(cfg, device))
         trainer = Trainer(cfg, device, folder, loader, None, dist, train_source=src)
         n, dt, wait = time_steps(trainer, trainer.batches(0), args.warmup, args.steps)
         few = [b for _, b in zip(range(3), loader)]
