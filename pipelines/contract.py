@@ -36,7 +36,8 @@ class ValBatch(NamedTuple):
 
 def input_dtype(cfg, device) -> torch.dtype:
     """The dtype batches arrive in: the autocast dtype when AMP is on (the first conv would cast to it
-    anyway, so values are the same and the copy and memory traffic halve), float32 otherwise."""
+    anyway, so values are the same and the normalised views take half the memory and bandwidth; the
+    host-to-device copy is uint8 either way), float32 otherwise."""
     from training.runtime import autocast_for
     return autocast_for(cfg.run.amp, torch.device(device))[1] or torch.float32
 
