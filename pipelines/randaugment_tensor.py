@@ -34,10 +34,15 @@ class StrongBatch(NamedTuple):
         ops = torch.tensor([[o for o, _ in r] for r in rows], dtype=torch.long).view(len(params), k)
         mags = torch.tensor([[m for _, m in r] for r in rows], dtype=torch.float64).view(len(params), k)
         cut = torch.tensor([[p.cutout_frac, p.cutout_cx, p.cutout_cy] for p in params], dtype=torch.float64)
-        return StrongBatch(ops, mags.to(device), cut)  # op choices and Cutout boxes stay on the host
+        # Everything stays on the host: apply_strong_batch sorts by op there and sends one index and
+        # one magnitude tensor per round. `device` is accepted for callers that name one.
+        del device
+        return StrongBatch(ops, mags, cut)
 
 
 # ---- helpers on uint8-valued float32 NCHW tensors --------------------------------------------------
+# Every op below returns whole numbers in [0, 255] (PIL's ops yield uint8), which apply_strong_batch
+# stores into uint8 without rounding; the per-op tests against PIL hold them to that.
 
 def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL Image.blend(degenerate, img, factor): truncation toward zero, clipped to [0, 255]."""
@@ -48,7 +53,7 @@ def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) ->
 
 def _gray(img: torch.Tensor) -> torch.Tensor:
     """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16."""
-    r, g, b = img[:, 0].int(), img[:, 1].int(), img[:, 2].int()
+    r, g, b = img.int().unbind(1)
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(img.dtype).unsqueeze(1)
 
 
@@ -105,10 +110,14 @@ def contrast(img, mag):
 def sharpness(img, mag):
     # PIL's SMOOTH filter: float32 weights 1/13 (5/13 at the centre), round half up; border kept.
     _, _, h, w = img.shape
+    if h < 3 or w < 3:  # all border: PIL keeps it, so the degenerate image is the image
+        return _blend(img, img, mag)
     one, five = torch.tensor(1 / 13, dtype=torch.float32).item(), torch.tensor(5 / 13, dtype=torch.float32).item()
-    ring = sum(img[:, :, 1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
-    smooth = ring * one + img[:, :, 1:-1, 1:-1] * five
+    # The 8 neighbours' sum as a 3x3 sum-pool minus the centre: whole numbers below 2**24, so exact in
+    # float32 in any order (one call instead of eight slice additions).
+    centre = img[:, :, 1:-1, 1:-1]
+    ring = torch.nn.functional.avg_pool2d(img, 3, stride=1, divisor_override=1) - centre
+    smooth = ring * one + centre * five
     degenerate = img.clone()
     degenerate[:, :, 1:-1, 1:-1] = (smooth + 0.5).floor_().clamp_(0, 255)
     return _blend(degenerate, img, mag)
@@ -133,25 +142,26 @@ def _affine(img: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     pixel at floor(a(x+.5) + b(y+.5) + c), floor(d(x+.5) + e(y+.5) + f); black outside.
 
     Like PIL, a pure scale/translate matrix is evaluated in double precision and any other one
-    in 16.16 fixed point (PIL's `affine_fixed`), so rotations and shears round as PIL does."""
+    in 16.16 fixed point (PIL's `affine_fixed`), so rotations and shears round as PIL does. The
+    source x and y are computed together as one (N, 2, H, W) tensor (each element with the same
+    operations in the same order as separately): a third of the calls, which is what costs on a GPU."""
     n, ch, h, w = img.shape
     dev = img.device
-    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, h, 1)
-    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, w)
-    a, b, c, d, e, f = (coeffs[:, i].double().view(n, 1, 1) for i in range(6))
-    fixed = ((b != 0) | (d != 0)).view(n, 1, 1)
+    cf = coeffs.double()
+    a, b, c = cf[:, 0::3].view(n, 2, 1, 1), cf[:, 1::3].view(n, 2, 1, 1), cf[:, 2::3].view(n, 2, 1, 1)  # x row, y row
+    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, 1, h, 1)
+    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, 1, w)
+    fixed = ((cf[:, 1] != 0) | (cf[:, 3] != 0)).view(n, 1, 1, 1)
     fix = lambda v: torch.floor(v * 65536.0 + 0.5).long()  # noqa: E731
-    xi, yi = xs.long(), ys.long()
-    x_fix = (fix(c + a * 0.5 + b * 0.5) + xi * fix(a) + yi * fix(b)) >> 16
-    y_fix = (fix(f + d * 0.5 + e * 0.5) + xi * fix(d) + yi * fix(e)) >> 16
-    x_flt = (a * (xs + 0.5) + b * (ys + 0.5) + c).floor().long()
-    y_flt = (d * (xs + 0.5) + e * (ys + 0.5) + f).floor().long()
-    xin = torch.where(fixed, x_fix, x_flt)
-    yin = torch.where(fixed, y_fix, y_flt)
-    valid = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    flat = (yin.clamp(0, h - 1) * w + xin.clamp(0, w - 1)).view(n, 1, h * w).expand(n, ch, h * w)
+    src_fix = (fix(c + a * 0.5 + b * 0.5) + xs.long() * fix(a) + ys.long() * fix(b)) >> 16
+    src_flt = (a * (xs + 0.5) + b * (ys + 0.5) + c).floor().long()
+    src = torch.where(fixed, src_fix, src_flt)                        # (N, 2, H, W): source x, source y
+    size = torch.tensor([w, h], device=dev).view(1, 2, 1, 1)
+    valid = ((src >= 0) & (src < size)).all(1, keepdim=True)          # (N, 1, H, W)
+    src = torch.minimum(src.clamp_(min=0), size - 1)
+    flat = (src[:, 1] * w + src[:, 0]).view(n, 1, h * w).expand(n, ch, h * w)
     out = torch.gather(img.reshape(n, ch, h * w), 2, flat).view(n, ch, h, w)
-    return out * valid.unsqueeze(1)
+    return out * valid
 
 
 def _coeffs(n, dev, **kv):
@@ -195,6 +205,11 @@ AFFINE_COEFFS = {"ShearX": _shear_x, "ShearY": _shear_y, "TranslateX": _translat
                  "TranslateY": _translate_y, "Rotate": _rotate}
 
 
+# Sort key per op id for _round_plan: geometric ops first (adjacent), then the others, Identity last.
+_SORT_KEY = torch.tensor([(0 if s.name in AFFINE_COEFFS else 2 if s.name == "Identity" else 1) * 100 + i
+                          for i, s in enumerate(STRONG_OPS)])
+
+
 def _geometric(name):
     return lambda img, mag: _affine(img, AFFINE_COEFFS[name](img.shape, mag))
 
@@ -236,35 +251,63 @@ def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     return torch.where(inside.unsqueeze(1), fill.unsqueeze(0), img)
 
 
+def _round_plan(col: torch.Tensor):
+    """Processing order for one round (host): samples grouped by op, the geometric ops adjacent
+    (one affine call covers them), Identity last; returns (order, [(op name, start, end)])."""
+    key = _SORT_KEY[col]
+    order = torch.argsort(key, stable=True)
+    ids, counts = torch.unique_consecutive(col[order], return_counts=True)
+    segs, a = [], 0
+    for op_id, c in zip(ids.tolist(), counts.tolist()):
+        segs.append((STRONG_OPS[op_id].name, a, a + c))
+        a += c
+    return order, segs
+
+
 def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
     """Strong view of a batch. `x`: uint8, or float holding integers in [0, 255]; NCHW (or NHWC if
     `channels_last_input`). Returns a new tensor of the same dtype and layout.
 
-    Between ops the batch is kept as uint8 (each PIL op yields uint8 too), so regrouping samples by
-    op moves a quarter of the bytes; each op computes in float32 on its own samples only."""
+    Between ops the batch is kept as uint8 (each PIL op yields uint8 too). Each round the batch is
+    reordered once so that every op's samples are one contiguous slice: an op then reads and writes
+    a view, with no per-op index lists, gathers or scatters. On a GPU the cost of this function is
+    the host's op-by-op dispatch, so fewer calls is the point (docs/benchmarks.md)."""
     dtype = x.dtype
     img = x.permute(0, 3, 1, 2) if channels_last_input else x
     img = img.clone() if dtype == torch.uint8 else img.round().clamp(0, 255).to(torch.uint8)
-    # Op choices stay on the host (they come from view_params there), so grouping samples by op
-    # needs no device->host sync; only the index lists travel to the device.
-    ops = params.ops.cpu()
-    mags = params.mags.to(img.device, non_blocking=True)
+    dev, n = img.device, img.shape[0]
+    # Op choices and magnitudes stay on the host (they come from view_params there): planning needs
+    # no device->host sync, and each round sends one index and one magnitude tensor.
+    ops, mags = params.ops.cpu(), params.mags.cpu()
+    pos = torch.arange(n)  # pos[r]: the sample now in row r of img
     for k in range(ops.shape[1]):
-        geo_sel, geo_coeffs = [], []
-        for op_id in torch.unique(ops[:, k]).tolist():
-            name = STRONG_OPS[op_id].name
+        order, segs = _round_plan(ops[:, k])
+        if segs[0][0] == "Identity":  # Identity sorts last: nothing to do this round
+            continue
+        if not torch.equal(order, pos):
+            rows = torch.empty_like(pos)
+            rows[pos] = torch.arange(n)  # rows[s]: the row that holds sample s
+            img = img[rows[order].to(dev, non_blocking=True)]  # indexing keeps the memory format
+            pos = order
+        mk = mags[order, k].to(dev, non_blocking=True)
+        geo_a, geo_b, geo_coeffs = None, None, []
+        for name, a, b in segs:
             if name == "Identity":
                 continue
-            sel = (ops[:, k] == op_id).nonzero().squeeze(1).to(img.device, non_blocking=True)
             if name in AFFINE_COEFFS:
-                geo_sel.append(sel)
-                geo_coeffs.append(AFFINE_COEFFS[name](img.shape, mags[sel, k]))
+                geo_a = a if geo_a is None else geo_a
+                geo_b = b
+                geo_coeffs.append(AFFINE_COEFFS[name](img.shape, mk[a:b]))
                 continue
-            out = TENSOR_OPS[name](img[sel].float(), mags[sel, k])
-            img[sel] = out.round_().clamp_(0, 255).to(torch.uint8)
-        if geo_sel:  # nearest sampling of uint8 values: no rounding needed
-            sel = torch.cat(geo_sel)
-            img[sel] = _affine(img[sel], torch.cat(geo_coeffs))
+            seg = img[a:b]  # every op returns whole numbers in [0, 255]: the uint8 store is exact
+            seg.copy_(TENSOR_OPS[name](seg.float(), mk[a:b]))
+        if geo_coeffs:  # nearest sampling of uint8 values: no rounding needed
+            seg = img[geo_a:geo_b]
+            seg.copy_(_affine(seg, torch.cat(geo_coeffs) if len(geo_coeffs) > 1 else geo_coeffs[0]))
+    if not torch.equal(pos, torch.arange(n)):
+        rows = torch.empty_like(pos)
+        rows[pos] = torch.arange(n)
+        img = img[rows.to(dev, non_blocking=True)]
     img = cutout(img, params.cutout)
     out = img if dtype == torch.uint8 else img.to(dtype)
     return out.permute(0, 2, 3, 1) if channels_last_input else out

@@ -48,10 +48,14 @@ def test_whole_strong_view_matches_pil_batched_uint8_nhwc():
     batch = np.stack([rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(32)])
     params = [strong_params(view_rng(0, 0, i, STRONG)) for i in range(32)]
     got = apply_strong_batch(torch.from_numpy(batch), StrongBatch.from_params(params), channels_last_input=True)
-    assert got.dtype == torch.uint8 and got.shape == batch.shape
+    assert got.dtype == torch.uint8 and got.shape == batch.shape and got.is_contiguous()  # layout kept
     for i in range(32):
         ref = np.asarray(apply_strong(Image.fromarray(batch[i]), params[i]))
         assert (ref != got[i].numpy()).mean() <= MAX_FRAC
+        # samples are regrouped by op inside the batch: each must come back exactly as if alone
+        alone = apply_strong_batch(torch.from_numpy(batch[i:i + 1]), StrongBatch.from_params(params[i:i + 1]),
+                                   channels_last_input=True)
+        assert torch.equal(alone[0], got[i]), i
 
 
 def test_float_nchw_input_keeps_dtype_and_layout():
