@@ -32,6 +32,13 @@ def pool(threads: int = 0) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
+def batched_on_device(device: torch.device) -> bool:
+    """The accelerator route: uint8 views to the device, batched tensor augmenter and normalisation
+    there. Otherwise (a CPU) per-sample PIL ops on the host pool. Tests force it to run the GPU
+    route's code on a CPU."""
+    return device.type != "cpu"
+
+
 def strong_pil(view: torch.Tensor, params) -> torch.Tensor:
     """One uint8 HWC view through the PIL definition (frombuffer shares the tensor's memory)."""
     size_hw = (view.shape[1], view.shape[0])
@@ -43,7 +50,7 @@ def strong_on_host(x: torch.Tensor, params, device: torch.device, enabled: bool 
     """uint8 (N, H, W, 3) strong-view crops -> augmented uint8 (N, H, W, 3) on `device`."""
     if not enabled or all(p is None for p in params):
         return x.to(device, non_blocking=True)
-    if device.type == "cuda":
+    if batched_on_device(device):
         return apply_strong_batch(x.to(device, non_blocking=True), StrongBatch.from_params(params, device),
                                   channels_last_input=True)
     out = torch.empty_like(x)
@@ -73,7 +80,7 @@ def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled:
     sample on the host pool (contiguous per-sample slices normalise ~4x faster than the strided
     batch, and the PIL ops run beside them)."""
     dev = normalize.device
-    if dev.type == "cuda":
+    if batched_on_device(dev):
         x = x.to(dev, non_blocking=True)
         weak = normalize(x[:, 0])
         if views == 1:
@@ -99,7 +106,7 @@ def views_from_decoded(images, params, size: int, views: int, normalize, threads
 
     CPU: per sample on the host pool, both views cut, the strong one through PIL, normalised. GPU: uint8
     views cut on the host, then `finish_pairs` (one copy, batched augmenter and normalisation there)."""
-    if normalize.device.type != "cpu":
+    if batched_on_device(normalize.device):
         pairs = _cut_pairs(images, params, size, views, threads)
         return finish_pairs(pairs, [p[2] for p in params], normalize, views)
     n = len(params)

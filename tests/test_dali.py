@@ -183,6 +183,14 @@ def test_views_cut_inside_the_dali_graph_match_the_reference(demo_root, jpegs, m
     (ref, _), (got, _) = (batches(demo_cfg(demo_root, p), epoch=1, n=2) for p in ("torch", "dali"))
     for a, b in zip(ref, got):  # padded crops are exact slices
         assert torch.equal(a.index, b.index) and torch.equal(a.weak, b.weak) and torch.equal(a.strong, b.strong)
+    from pipelines import host_views  # and the strong ops as the batched tensor augmenter, as on a GPU
+    monkeypatch.setattr(host_views, "batched_on_device", lambda device: True)
+    got, _ = batches(demo_cfg(demo_root, "dali"), epoch=1, n=2)
+    for a, b in zip(ref, got):
+        assert torch.equal(a.index, b.index) and torch.equal(a.weak, b.weak)
+        assert (a.strong != b.strong).float().mean() <= 0.002  # tensor ops vs PIL: test_augment_tensor's bound
+    monkeypatch.undo()
+    monkeypatch.setattr(dali_backend, "_views_in_graph", lambda dec: True)
     (ref, _), (got, _) = (batches(jpeg_cfg(jpegs, p), n=2) for p in ("torch", "dali"))
     std = 0.225 * 255
     for a, b in zip(ref, got):  # DALI's resize filter: within the tolerance of the host route's test

@@ -208,3 +208,27 @@ def test_quasi_random_order_covers_the_epoch_and_is_refused_under_ddp(demo_root,
 def test_batches_arrive_in_the_training_dtype(demo_root, demo_betons):
     from tests.test_pipeline import assert_batches_arrive_in_the_amp_dtype
     assert_batches_arrive_in_the_amp_dtype(lambda amp: cfg_for(demo_root, demo_betons, "ffcv", f"run.amp={amp}"))
+
+
+@pytest.mark.parametrize("crop", ["pad", "rrc"])
+def test_the_gpu_route_run_on_the_cpu_equals_the_cpu_route(demo_root, demo_betons, tmp_path, monkeypatch, crop):
+    """FFCV has not run on a GPU yet: its accelerator route (uint8 views to the device, the batched tensor
+    augmenter, normalisation there) is run here on the CPU and must give the CPU route's batches."""
+    from pipelines import host_views
+    if crop == "pad":
+        cfg = cfg_for(demo_root, demo_betons, "ffcv")
+    else:
+        root = make_jpeg_folder(str(tmp_path / "j"), train=32, val=8, classes=4, size=(96, 72))
+        for split in ("train", "val"):
+            prep(["--format", "imagefolder", "--src", root, "--split", split, "--out",
+                  f"{root}/ffcv/{split}.beton", "--num-workers", "1", "--write-mode", "raw"])
+        cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=4",
+                                 "data.image_size=48", "data.train_crop=rrc", "data.val_resize=56",
+                                 "pipeline.batch_size=8", "pipeline.num_workers=1", "pipeline.name=ffcv"])
+    on_cpu, _, _ = epoch_batches(cfg, epoch=1, n=2)
+    monkeypatch.setattr(host_views, "batched_on_device", lambda device: True)
+    on_dev, _, _ = epoch_batches(cfg, epoch=1, n=2)
+    for a, b in zip(on_cpu, on_dev):
+        assert torch.equal(a.index, b.index) and torch.equal(a.target, b.target) and torch.equal(a.weak, b.weak)
+        assert b.strong.is_contiguous(memory_format=torch.channels_last)
+        assert (a.strong != b.strong).float().mean() <= 0.002  # tensor ops vs PIL: test_augment_tensor's bound
