@@ -156,16 +156,19 @@ def _affine(img: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     src_fix = (fix(c + a * 0.5 + b * 0.5) + xs.long() * fix(a) + ys.long() * fix(b)) >> 16
     src_flt = (a * (xs + 0.5) + b * (ys + 0.5) + c).floor().long()
     src = torch.where(fixed, src_fix, src_flt)                        # (N, 2, H, W): source x, source y
-    size = torch.tensor([w, h], device=dev).view(1, 2, 1, 1)
-    valid = ((src >= 0) & (src < size)).all(1, keepdim=True)          # (N, 1, H, W)
-    src = torch.minimum(src.clamp_(min=0), size - 1)
+    # bounds as Python numbers: a tensor of them would be a host-to-device copy (and sync) per call
+    valid = (src >= 0).all(1, keepdim=True) & (src[:, :1] < w) & (src[:, 1:] < h)  # (N, 1, H, W)
+    src[:, 0].clamp_(0, w - 1)
+    src[:, 1].clamp_(0, h - 1)
     flat = (src[:, 1] * w + src[:, 0]).view(n, 1, h * w).expand(n, ch, h * w)
     out = torch.gather(img.reshape(n, ch, h * w), 2, flat).view(n, ch, h, w)
     return out * valid
 
 
 def _coeffs(n, dev, **kv):
-    base = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64, device=dev).repeat(n, 1)
+    # the identity matrix built on the device: torch.tensor(..., device=cuda) would be a blocking copy
+    base = torch.zeros(n, 6, dtype=torch.float64, device=dev)
+    base[:, 0::4] = 1.0
     for i, v in kv.items():
         base[:, int(i[1:])] = v
     return base
@@ -227,6 +230,12 @@ TENSOR_OPS = {
 assert set(TENSOR_OPS) == set(OP_INDEX)
 
 
+def cutout_by_slices(device: torch.device) -> bool:
+    """A slice assignment per sample beats a full-batch mask on a CPU; on a GPU the mask is one kernel
+    and needs no per-sample host work. Tests force the mask on a CPU."""
+    return device.type == "cpu"
+
+
 def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     """PIL's CutoutAbs box: x0 = int(max(0, cx*w - v/2)), x1 = min(w, x0 + v), drawn inclusive of
     both corners (ImageDraw truncates float corners); v = frac * width; no box when frac == 0.
@@ -238,8 +247,8 @@ def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     y0 = (cy * h - v / 2).clamp(min=0).floor()
     x1 = torch.minimum(x0 + v, torch.full_like(v, w)).floor()
     y1 = torch.minimum(y0 + v, torch.full_like(v, h)).floor()
-    fill = torch.tensor(CUTOUT_FILL, device=img.device, dtype=img.dtype).view(ch, 1, 1)
-    if img.device.type == "cpu":  # a slice assignment per sample beats a full-batch mask on a CPU
+    fill = torch.tensor(CUTOUT_FILL, dtype=img.dtype).view(ch, 1, 1).to(img.device, non_blocking=True)
+    if cutout_by_slices(img.device):
         for i in (frac > 0).nonzero().flatten().tolist():
             img[i, :, int(y0[i]):int(y1[i]) + 1, int(x0[i]):int(x1[i]) + 1] = fill
         return img
@@ -282,7 +291,7 @@ def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input
     pos = torch.arange(n)  # pos[r]: the sample now in row r of img
     for k in range(ops.shape[1]):
         order, segs = _round_plan(ops[:, k])
-        if segs[0][0] == "Identity":  # Identity sorts last: nothing to do this round
+        if not segs or segs[0][0] == "Identity":  # an empty batch, or Identity (sorted last) only
             continue
         if not torch.equal(order, pos):
             rows = torch.empty_like(pos)

@@ -36,6 +36,8 @@ def test_op_agrees_with_pil(spec):
         ref = np.asarray(PIL_OPS[spec.name](Image.fromarray(arr), mag)).astype(int)
         x = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
         got = TENSOR_OPS[spec.name](x, torch.tensor([mag], dtype=torch.float64))
+        # apply_strong_batch stores op outputs into uint8 without rounding: they must be whole and in range
+        assert torch.equal(got, got.round()) and got.min() >= 0 and got.max() <= 255, spec.name
         got = got[0].permute(1, 2, 0).numpy().astype(int)
         diff = np.abs(ref - got)
         assert (diff > 0).mean() <= MAX_FRAC, (spec.name, mag, (diff > 0).mean())
@@ -80,3 +82,13 @@ def test_chosen_ops_are_uniform_with_replacement_chi_square():
     assert chi2 < 34.5  # chi-square, 13 degrees of freedom, p = 0.001
     # with replacement: both slots pick the same op with probability 1/14
     assert abs(same / n - 1 / 14) < 0.015
+
+
+def test_empty_and_identity_only_batches_come_back_unchanged():
+    empty = StrongBatch(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.float64),
+                        torch.zeros(0, 3, dtype=torch.float64))
+    assert apply_strong_batch(torch.zeros(0, 8, 8, 3, dtype=torch.uint8), empty, channels_last_input=True).shape == \
+        (0, 8, 8, 3)
+    x = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
+    ident = StrongBatch.from_params([StrongParams(((5, 0.0), (5, 0.0)), 0.0, 0.5, 0.5)] * 3)  # Identity, no Cutout
+    assert STRONG_OPS[5].name == "Identity" and torch.equal(apply_strong_batch(x, ident), x)

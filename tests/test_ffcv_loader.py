@@ -226,9 +226,10 @@ def test_the_gpu_route_run_on_the_cpu_equals_the_cpu_route(demo_root, demo_beton
                                  "data.image_size=48", "data.train_crop=rrc", "data.val_resize=56",
                                  "pipeline.batch_size=8", "pipeline.num_workers=1", "pipeline.name=ffcv"])
     on_cpu, _, _ = epoch_batches(cfg, epoch=1, n=2)
+    from pipelines import randaugment_tensor
     monkeypatch.setattr(host_views, "batched_on_device", lambda device: True)
+    monkeypatch.setattr(randaugment_tensor, "cutout_by_slices", lambda device: False)  # Cutout's GPU branch
     on_dev, _, _ = epoch_batches(cfg, epoch=1, n=2)
-    for a, b in zip(on_cpu, on_dev):
+    for a, b in zip(on_cpu, on_dev):  # on a CPU the tensor ops equal PIL exactly (test_augment_tensor)
         assert torch.equal(a.index, b.index) and torch.equal(a.target, b.target) and torch.equal(a.weak, b.weak)
-        assert b.strong.is_contiguous(memory_format=torch.channels_last)
-        assert (a.strong != b.strong).float().mean() <= 0.002  # tensor ops vs PIL: test_augment_tensor's bound
+        assert torch.equal(a.strong, b.strong)
