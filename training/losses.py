@@ -44,7 +44,7 @@ def dkd_per_sample(student, teacher, target, *, alpha: float, beta: float, tempe
     log_ps, log_pt = F.log_softmax(s, 1), F.log_softmax(t, 1)
     # Binary (target vs rest) distributions, in log space for stability.
     def binary(logp):
-        log_gt = logp.masked_select(gt)
+        log_gt = logp.gather(1, target[:, None]).squeeze(1)  # masked_select would sync with the GPU (data-sized)
         log_rest = torch.logsumexp(logp.masked_fill(gt, float("-inf")), 1)
         return torch.stack([log_gt, log_rest], 1)
     bs, bt = binary(log_ps), binary(log_pt)
