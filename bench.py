@@ -113,12 +113,15 @@ def bench_ffcv_two_decode(over, args):
                         "image": [RandomResizedCropRGBImageDecoder(size)],
                         "image2": PipelineSpec("image", decoder=RandomResizedCropRGBImageDecoder(size)),
                         "label": [IntDecoder()]})
-    norm = Normalizer(tuple(map(tuple, meta["mean_std"])), "cpu")
+    device = torch.device(args.device)  # the same device as the other pipelines: GPU finishing on a GPU
+    norm = Normalizer(tuple(map(tuple, meta["mean_std"])), device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n, t0, epoch = 0, None, 0
     while True:
         for b, outs in enumerate(loader):
             w, s = [o for o in outs if np.ndim(o) == 4]  # output order follows FFCV's field handling
             if t0 is None and b == args.warmup:
+                sync()
                 t0 = time.perf_counter()
             x = torch.from_numpy(np.stack([w, s], 1))
             params = [strong_params(view_rng(0, epoch, b * args.batch_size + k, STRONG)) for k in range(len(w))]
@@ -126,9 +129,10 @@ def bench_ffcv_two_decode(over, args):
             if t0 is not None:
                 n += len(w)
                 if n >= args.batches * args.batch_size:
+                    sync()
                     dt = time.perf_counter() - t0
                     return {"pipeline": "ffcv_two_decode", "samples_per_s": n / dt, "batches": args.batches,
-                            "batch_size": args.batch_size, "image_size": args.image_size, "device": "cpu",
+                            "batch_size": args.batch_size, "image_size": args.image_size, "device": str(device),
                             "machine": machine(), "seconds": dt}
         epoch += 1
 
