@@ -272,12 +272,12 @@ def check_sidecar(path: str, cfg, source=None, split: str = "train") -> dict:
     if (got_split == "train") != (split == "train"):
         raise DataError(f"{path}: converted from the '{got_split}' split but used as the {split} split")
     if source is not None:
-        classes = list(getattr(source, "classes", []))
-        if meta.get("classes") != classes:
-            diff = next((f"position {k}: '{a}' vs '{b}'" for k, (a, b) in enumerate(zip(meta.get("classes") or [],
-                         classes)) if a != b), f"{len(meta.get('classes') or [])} vs {len(classes)} names")
-            raise DataError(f"{path}: class names differ from {cfg.data.root}'s ({diff}); the labels would "
-                            f"point at the wrong classes: rerun prep_ffcv.py")
+        have, classes = meta.get("classes") or [], list(source.classes)
+        if have != classes:
+            k = next((k for k, (a, b) in enumerate(zip(have, classes)) if a != b), min(len(have), len(classes)))
+            raise DataError(f"{path}: class names differ from {cfg.data.root}'s from position {k} ({have[k:k + 1]} "
+                            f"vs {classes[k:k + 1]}; {len(have)} vs {len(classes)} classes): the labels would "
+                            f"point at the wrong classes; rerun prep_ffcv.py")
         if n + meta.get("skipped_count", 0) != len(source) + len(getattr(source, "skipped", [])):
             raise DataError(f"{path}: holds {n} images (+{meta.get('skipped_count', 0)} skipped) but "
                             f"{cfg.data.root} has {len(source)}: converted from other files; rerun prep_ffcv.py")
