@@ -273,6 +273,13 @@ def _round_plan(col: torch.Tensor):
     return order, segs
 
 
+def _rows_of(pos: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: rows[s] is the row of a batch laid out as `pos` that holds sample s."""
+    rows = torch.empty_like(pos)
+    rows[pos] = torch.arange(len(pos))
+    return rows
+
+
 def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
     """Strong view of a batch. `x`: uint8, or float holding integers in [0, 255]; NCHW (or NHWC if
     `channels_last_input`). Returns a new tensor of the same dtype and layout.
@@ -294,9 +301,7 @@ def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input
         if not segs or segs[0][0] == "Identity":  # an empty batch, or Identity (sorted last) only
             continue
         if not torch.equal(order, pos):
-            rows = torch.empty_like(pos)
-            rows[pos] = torch.arange(n)  # rows[s]: the row that holds sample s
-            img = img[rows[order].to(dev, non_blocking=True)]  # indexing keeps the memory format
+            img = img[_rows_of(pos)[order].to(dev, non_blocking=True)]  # indexing keeps the memory format
             pos = order
         mk = mags[order, k].to(dev, non_blocking=True)
         geo_a, geo_b, geo_coeffs = None, None, []
@@ -313,10 +318,8 @@ def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input
         if geo_coeffs:  # nearest sampling of uint8 values: no rounding needed
             seg = img[geo_a:geo_b]
             seg.copy_(_affine(seg, torch.cat(geo_coeffs) if len(geo_coeffs) > 1 else geo_coeffs[0]))
-    if not torch.equal(pos, torch.arange(n)):
-        rows = torch.empty_like(pos)
-        rows[pos] = torch.arange(n)
-        img = img[rows.to(dev, non_blocking=True)]
+    if not torch.equal(pos, torch.arange(n)):  # back to the caller's order
+        img = img[_rows_of(pos).to(dev, non_blocking=True)]
     img = cutout(img, params.cutout)
     out = img if dtype == torch.uint8 else img.to(dtype)
     return out.permute(0, 2, 3, 1) if channels_last_input else out
