@@ -51,20 +51,11 @@ class Normalizer:
         self.device, self.dtype = torch.device(device), dtype
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device) * 255.0)
         self.bias = -torch.tensor(mean, device=self.device) * 255.0 * self.inv_std
-        self._rows, self._mean_std, self._others = {}, mean_std, {}
+        self._rows = {}
 
     @classmethod
     def for_run(cls, mean_std, cfg, device) -> "Normalizer":
         return cls(mean_std, device, input_dtype(cfg, device))
-
-    def on(self, device) -> "Normalizer":
-        """The same normalisation on another device (host-side work before a copy to the GPU)."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        if device not in self._others:
-            self._others[device] = Normalizer(self._mean_std, device, self.dtype)
-        return self._others[device]
 
     def _row(self, width: int):
         # The (3,) scale and shift repeated along one image row: x * inv_std + bias over a (rows, W*3)
