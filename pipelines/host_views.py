@@ -86,17 +86,29 @@ def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled:
         if views == 1:
             return weak, None
         return weak, normalize(strong_on_host(x[:, 1], params, dev, strong_enabled))
-    n, _, h, w, _ = x.shape
-    weak = torch.empty((n, h, w, 3), dtype=normalize.dtype)
+
+    def pair(j):
+        if views == 1:
+            return x[j, 0], None
+        return x[j, 0], x[j, 1] if not strong_enabled or params[j] is None else strong_pil(x[j, 1], params[j])
+
+    return _normalised_on_host(x.shape[0], x.shape[2:4], views, normalize, pair)
+
+
+def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):
+    """Per sample on the host pool: `pair(j)` gives sample j's uint8 HWC (weak, strong or None), each
+    normalised into its row of one NHWC buffer per view (contiguous per-sample slices normalise ~4x faster
+    than the strided batch). Returned as NCHW views: channels-last memory, as the contract asks."""
+    weak = torch.empty((n, *hw, 3), dtype=normalize.dtype)
     strong = torch.empty_like(weak) if views == 2 else None
 
     def work(j):
-        normalize.into(x[j, 0], weak[j])
-        if views == 2:
-            v = x[j, 1] if not strong_enabled or params[j] is None else strong_pil(x[j, 1], params[j])
-            normalize.into(v, strong[j])
+        w, s = pair(j)
+        normalize.into(w, weak[j])
+        if strong is not None:
+            normalize.into(s, strong[j])
 
-    list(pool().map(work, range(n)))
+    list(pool(threads).map(work, range(n)))
     return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
 
 
@@ -109,18 +121,12 @@ def views_from_decoded(images, params, size: int, views: int, normalize, threads
     if batched_on_device(normalize.device):
         pairs = _cut_pairs(images, params, size, views, threads)
         return finish_pairs(pairs, [p[2] for p in params], normalize, views)
-    n = len(params)
-    weak = torch.empty((n, size, size, 3), dtype=normalize.dtype)
-    strong = torch.empty_like(weak) if views == 2 else None
-
-    def work(j):  # normalising per sample keeps that work in the pool, off the main thread
+    def pair(j):  # cutting and normalising per sample keeps that work in the pool, off the main thread
         wc, sc, sp = params[j]
-        img = images[j]
-        normalize.into(crop_resize(img, wc, size), weak[j])
-        if views == 2:
-            v = crop_resize(img, sc, size)
-            normalize.into(v if sp is None else strong_pil(v, sp), strong[j])
+        weak = crop_resize(images[j], wc, size)
+        if views == 1:
+            return weak, None
+        v = crop_resize(images[j], sc, size)
+        return weak, v if sp is None else strong_pil(v, sp)
 
-    list(pool(threads).map(work, range(n)))
-    # NHWC -> NCHW view: channels-last memory, as the contract asks
-    return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
+    return _normalised_on_host(len(params), (size, size), views, normalize, pair, threads)
