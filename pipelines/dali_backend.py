@@ -111,9 +111,10 @@ class _Feeder:
                 rois[n] = (y0, x0), (y1 - y0, x1 - x0)
                 weak, strong = (c._replace(top=c.top - y0, left=c.left - x0) for c in (weak, strong))
             self.params[(self.epoch, i)] = (weak, strong, sp)
-            for k, c in enumerate((weak, strong)[: self.views]):
-                boxes[n, k] = c.top, c.left, c.height, c.width
-                flips[n, k] = c.flip
+            if self.boxes_in_graph:  # only DALI's own cropping reads the boxes; the host route reads params
+                for k, c in enumerate((weak, strong)[: self.views]):
+                    boxes[n, k] = c.top, c.left, c.height, c.width
+                    flips[n, k] = c.flip
         if self.boxes_in_graph:
             return out + [a for k in range(self.views) for a in (boxes[:, k].copy(), flips[:, k].copy())]
         return out + [rois[:, 0].copy(), rois[:, 1].copy()] if self.roi_decode else out
