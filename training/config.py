@@ -51,7 +51,9 @@ class DataConfig:
 
 @dataclass
 class PipelineConfig:
-    name: str = "torch"
+    name: str = "torch"            # torch | dali | ffcv | gpu (arrays resident on the device)
+    route: str = "auto"            # auto (device when training on CUDA) | host | device (the accelerator
+                                   # route's code, also on a CPU: tests and measurements)
     batch_size: int = 64           # global batch (split over ranks under DDP)
     val_batch_size: int = 256
     num_workers: int = 2
@@ -267,6 +269,7 @@ def validate(cfg) -> None:
     need(cfg.pipeline.val_batch_size >= 1, "pipeline.val_batch_size", "must be >= 1")
     need(cfg.pipeline.num_workers >= 0, "pipeline.num_workers", "must be >= 0")
     need(0 <= cfg.pipeline.randaug_n <= 8, "pipeline.randaug_n", "must be in [0, 8]")
+    choice("pipeline.route", cfg.pipeline.route, ("auto", "host", "device"))
     choice("pipeline.dali_device", cfg.pipeline.dali_device, ("auto", "cpu", "gpu"))
     need(cfg.pipeline.dali_threads >= 0, "pipeline.dali_threads", "must be >= 0")
     need(cfg.pipeline.host_threads >= 0, "pipeline.host_threads", "must be >= 0")
