@@ -27,23 +27,16 @@ the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-from training.cli import run_main  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores, {cpu}"
+from bench_report import run_training_bench
+from bench_training import machine
+from datasets_prep.make_jpeg_folder import make_jpeg_folder
+from datasets_prep.prep_ffcv import main as prep
+from training.cli import run_main
 
 
 def loader_overrides(data, image_size, batch_size, workers, device, extra=()):
@@ -150,7 +143,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1, help="alternate the pipelines this many times; report medians")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json")
     ap.add_argument("--teacher", default="resnet32x4")
     ap.add_argument("--student", default="resnet8x4")
@@ -168,13 +161,10 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.dali_device=cpu")
     args = ap.parse_intermixed_args(argv)
     if args.mode != "loader":
-        from training.bench_report import run_training_bench
         return run_training_bench(args, ap)
     if args.make_data:
-        from datasets_prep.make_jpeg_folder import make_jpeg_folder
         make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)
     if "ffcv" in args.pipelines:  # convert once with FFCV's ImageNet settings; reused when up to date
-        from datasets_prep.prep_ffcv import main as prep
         for split in ("train", "val"):
             meta = prep(["--format", "imagefolder", "--src", args.data, "--split", split,
                          "--out", os.path.join(args.data, "ffcv", f"{split}.beton"), "--max-resolution", "512",
@@ -203,14 +193,6 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
     return records
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

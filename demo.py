@@ -14,10 +14,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from datasets_prep.make_demo import make_demo  # noqa: E402
-from training.cli import run_main  # noqa: E402
+import train
+from datasets_prep.make_demo import make_demo
+from datasets_prep.prep_ffcv import main as prep
+from pipelines import available_pipelines
+from training.cli import run_main
 
 
 def main(argv=None):
@@ -29,14 +30,10 @@ def main(argv=None):
     ap.add_argument("--data", default="data/demo")
     ap.add_argument("--pipeline", default=None, help="data backend (default: dali when importable, else torch)")
     args = ap.parse_args(argv)
-    import train
-
     if args.pipeline is None:
-        from pipelines import available_pipelines
         args.pipeline = "dali" if "dali" in available_pipelines() else "torch"
     make_demo(args.data)
     if args.pipeline == "ffcv":  # convert once; later runs find complete .beton files and skip
-        from datasets_prep.prep_ffcv import main as prep
         for split, name in (("train", "train"), ("test", "val")):
             prep(["--format", "demo", "--src", args.data, "--split", split,
                   "--out", os.path.join(args.data, "ffcv", f"{name}.beton")])
@@ -69,7 +66,7 @@ def main(argv=None):
     print("\n".join(lines))
     with open(os.path.join(args.out, "demo_table.json"), "w") as f:
         json.dump({"teacher": teacher["best_top1"], **results, "seeds": seeds, "epochs": epochs}, f, indent=1)
-    import report
+    import report  # matplotlib
     runs = [os.path.join(args.out, n) for n in ["teacher"] + [f"{m}_seed{s}" for s in range(seeds) for m in results]]
     report.main([*runs, "--out", os.path.join(args.out, "report"), "--title", "demo: digits 32x32, resnet8 student"])
     return results

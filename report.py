@@ -35,7 +35,7 @@ def find_runs(paths):
     runs = []
     for p in paths:
         if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: no such file or directory")
+            raise DataError(f"{p}: no such file or directory")
         if not os.path.isdir(p):
             raise DataError(f"{p}: not a directory")
         found = sorted(root for root, _, files in os.walk(p) if "metrics.jsonl" in files)

@@ -17,9 +17,15 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-from training.cli import run_main  # noqa: E402
+from pipelines import build_loaders
+from pipelines.errors import UserError
+from training.cli import run_main
+from training.config import load_config, to_yaml
+from training.loop import Trainer
+from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
+                              seed_everything, write_run_info)
 
 
 def parse_args(argv=None):
@@ -36,14 +42,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-
-    from training.config import load_config, to_yaml
-    from training.loop import Trainer
-    from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
-                                  seed_everything, write_run_info)
-    from pipelines import build_loaders
-
     overrides = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
     cfg = load_config(args.config, overrides)
     if args.print_config:
@@ -58,10 +56,10 @@ def main(argv=None):
     run_dir = os.path.join(cfg.run.out_dir, name)
     last = os.path.join(run_dir, "last.pt")
     if args.resume and not os.path.isfile(last):
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        raise UserError(f"--resume: no checkpoint at {last}")
     if not args.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         if not args.overwrite:  # every rank sees the same folder, so every rank stops here
-            raise FileExistsError(f"{run_dir} already holds a run; use --resume, --overwrite "
+            raise UserError(f"{run_dir} already holds a run; use --resume, --overwrite "
                                   f"or another run.name")
         if dist.is_main:
             shutil.rmtree(run_dir)

@@ -10,12 +10,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 from PIL import Image
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 
 def render(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -33,9 +32,6 @@ def render(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_demo(out: str, seed: int = 0) -> str:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     if all(os.path.isfile(os.path.join(out, f)) for f in ("train.npz", "test.npz", "meta.json")):
         return out  # already complete (written atomically)
     digits = load_digits()

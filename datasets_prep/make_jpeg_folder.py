@@ -10,12 +10,10 @@ folder, then renamed.
 import argparse
 import os
 import shutil
-import sys
 
 import numpy as np
 from PIL import Image
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sklearn.datasets import load_digits
 
 
 def photo_like(digit: np.ndarray, w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -34,7 +32,6 @@ def make_jpeg_folder(out: str, train: int = 512, val: int = 64, classes: int = 8
                      quality: int = 90, seed: int = 0) -> str:
     if os.path.isfile(os.path.join(out, ".complete")):
         return out
-    from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(seed)
     tmp = out.rstrip("/") + ".tmp"

@@ -27,8 +27,10 @@ import sys
 import tempfile
 import time
 
+from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
+from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source  # noqa: E402
@@ -88,20 +90,15 @@ def open_split(fmt, src, split, num_classes=None, skip_bad=False):
 
 def _prescan(source, workers):
     """--skip-bad-images: decode everything once, in parallel, and keep the readable ones."""
-    from concurrent.futures import ProcessPoolExecutor
-    from PIL import Image
-
     with ProcessPoolExecutor(max(1, workers)) as ex:
         ok = list(ex.map(_readable, source.files, chunksize=64))
     bad = [f for f, good in zip(source.files, ok) if not good]
     for f in bad:
         log.warning("skipping unreadable image %s", f)
-    del Image
     return [i for i, good in enumerate(ok) if good], bad
 
 
 def _readable(path):
-    from PIL import Image
     try:
         with Image.open(path) as im:
             im.convert("RGB").load()

@@ -12,12 +12,11 @@ The test split has no labels and is left out.
 """
 import argparse
 import os
-import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipelines.sources import IMG_EXTENSIONS, DataError  # noqa: E402
+from datasets_prep.folder_layout import materialize
+from pipelines.sources import IMG_EXTENSIONS, DataError
+from training.cli import run_main
 
 DONE = ".tiny_imagenet_complete"
 
@@ -63,20 +62,8 @@ def convert(src, out, copy=False) -> int:
     if os.path.exists(out):
         raise DataError(f"{out} exists but is not a completed conversion; remove it first")
     wnids, todo = plan(os.path.abspath(src))
-    tmp = f"{out}.tmp-{os.getpid()}"
-    try:
-        for split in ("train", "val"):
-            for w in wnids:
-                os.makedirs(os.path.join(tmp, split, w))
-        for path, split, w, name in todo:
-            dst = os.path.join(tmp, split, w, name)
-            shutil.copyfile(path, dst) if copy else os.symlink(path, dst)
-        open(os.path.join(tmp, DONE), "w").close()
-        os.replace(tmp, out)
-    except OSError as e:
-        raise DataError(f"{out}: cannot write ({e.strerror or e}); nothing written") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    materialize(out, [os.path.join(split, w) for split in ("train", "val") for w in wnids],
+                [(path, os.path.join(split, w, name)) for path, split, w, name in todo], copy, DONE)
     n_val = sum(1 for t in todo if t[1] == "val")
     print(f"{out}: {len(wnids)} classes, {len(todo) - n_val} train and {n_val} val images "
           f"({'copied' if copy else 'linked'})")
@@ -93,5 +80,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from training.cli import run_main
     sys.exit(run_main(main))

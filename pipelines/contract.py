@@ -19,6 +19,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from pipelines.precision import amp_dtype
+
 
 class Batch(NamedTuple):
     weak: torch.Tensor
@@ -38,8 +40,16 @@ def input_dtype(cfg, device) -> torch.dtype:
     """The dtype batches arrive in: the autocast dtype when AMP is on (the first conv would cast to it
     anyway, so values are the same and the normalised views take half the memory and bandwidth; the
     host-to-device copy is uint8 either way), float32 otherwise."""
-    from training.runtime import autocast_for
-    return autocast_for(cfg.run.amp, torch.device(device))[1] or torch.float32
+    return amp_dtype(cfg.run.amp, torch.device(device)) or torch.float32
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto `device` without waiting: on CUDA through pinned memory (a copy from pageable
+    memory waits for the stream and the host). Safe for buffers a loader reuses: pinning copies."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x if x.is_pinned() else x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 class Normalizer:

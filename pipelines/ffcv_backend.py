@@ -336,12 +336,12 @@ def _loader(path, cfg, batch, image_pipe, train, world):
     if quasi and world > 1:
         raise DataError(f"pipeline.ffcv_order=quasi_random: FFCV 1.0.2 has no distributed QUASI_RANDOM order "
                         f"({world} processes); use pipeline.ffcv_order=random")
-    if quasi and pc.os_cache:
-        log.warning("pipeline.ffcv_order=quasi_random pays off with pipeline.os_cache=false (datasets larger "
+    if quasi and pc.ffcv_os_cache:
+        log.warning("pipeline.ffcv_order=quasi_random pays off with pipeline.ffcv_os_cache=false (datasets larger "
                     "than memory); over the OS page cache it only costs randomness")
     order = OrderOption.QUASI_RANDOM if quasi else OrderOption.RANDOM
     return Loader(path, batch_size=batch, num_workers=max(1, pc.num_workers),
-                  order=order if train else OrderOption.SEQUENTIAL, os_cache=pc.os_cache,
+                  order=order if train else OrderOption.SEQUENTIAL, os_cache=pc.ffcv_os_cache,
                   distributed=world > 1, seed=cfg.run.seed, drop_last=train and pc.drop_last,
                   pipelines={"image": image_pipe, "label": [LabelIndexDecoder()]})
 

@@ -12,17 +12,14 @@ Prints samples/s per route (median of --repeat rounds).
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nvidia.dali import fn, pipeline_def, types  # noqa: E402
-
-from pipelines.sources import FolderSource, read_bytes  # noqa: E402
+from pipelines.sources import FolderSource, read_bytes
 
 
 class _Bytes:
@@ -86,7 +83,6 @@ def main(argv=None):
     arrays = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(1024)]
     out["arrays_external_source"] = _rate(_feeder_pipe(_Bytes(arrays, a.batch_size, arrays), None, False, **kw),
                                           a.batch_size, a.batches * 4, a.warmup, a.repeat)
-    from PIL import Image
     with tempfile.TemporaryDirectory() as tmp:
         pngs = []
         for k, arr in enumerate(arrays):

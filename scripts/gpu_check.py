@@ -20,10 +20,19 @@ import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy
+import PIL
+import torch
 
-import torch  # noqa: E402  (after the sys.path set-up)
+from bench_training import matmul_peak_tflops  # the rate bench.py divides by for MFU
+from pipelines.augment_spec import STRONG_OPS
+from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.view_params import STRONG, strong_params, view_rng
+from training.losses import crld_loss
+from training.models import create_model
+from training.runtime import git_commit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench.py runs from here
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, for MFU; first matching substring wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.6), ("H100", 989.4), ("H200", 989.4),
@@ -60,10 +69,6 @@ def probe_imports():
 
 
 def environment(device):
-    import numpy
-    import PIL
-
-    from training.runtime import git_commit
     env = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
@@ -86,8 +91,6 @@ def environment(device):
 
 def check_model_amp(device, amp, small):
     """resnet8x4 student + teacher, channels_last, 3 optimiser steps under autocast; CRLD loss and grads finite."""
-    from training.losses import crld_loss
-    from training.models import create_model
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     student = create_model("resnet8x4", 100).to(device, memory_format=torch.channels_last).train()
@@ -125,9 +128,6 @@ def check_model_amp(device, amp, small):
 def check_augment(device, small):
     """The batched strong augmenter on `device` against itself on the CPU: same uint8 batch, same StrongBatch.
     Tolerance: max |device - cpu| <= 1 grey level (float rounding); the differing samples' ops are listed."""
-    from pipelines.augment_spec import STRONG_OPS
-    from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
-    from pipelines.view_params import STRONG, strong_params, view_rng
     n, hw = (16, 24) if small else (512, 64)
     x = torch.randint(0, 256, (n, hw, hw, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     params = [strong_params(view_rng(0, 0, i, STRONG)) for i in range(n)]
@@ -149,7 +149,6 @@ def check_augment(device, small):
 
 def check_matmul(device, small):
     """bf16 (n x n) @ (n x n) rate; 2 n^3 FLOP per product."""
-    from training.benchmark import matmul_peak_tflops  # the rate bench.py divides by for MFU
     n, iters = (256, 3) if small else (8192, 50)
     tflops = matmul_peak_tflops(device, torch.bfloat16, n, iters)
     sec = 2 * n ** 3 * iters / tflops / 1e12

@@ -18,6 +18,8 @@ cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+# A Python without the project installed (a bare GPU machine) imports it from this checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 timeout -k 15 470 "$PYTHON" scripts/gpu_check.py "$OUT" "$@" || status=$?
 [ "$status" = 124 ] && echo "gpu_check: stopped at the 8-minute cap; partial report in $OUT/gpu_check.md" >&2

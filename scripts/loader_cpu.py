@@ -7,19 +7,15 @@ One process per call (the allocator setting is per process): 4 warm-up batches, 
 ImageFolder at --data (224 px, batch 64, two views). Worker processes count once they exit (torch).
 """
 import argparse
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench import loader_overrides  # noqa: E402
-from pipelines import build_loaders  # noqa: E402
-from training.cli import keep_freed_host_memory  # noqa: E402
-from training.config import load_config  # noqa: E402
+from bench import loader_overrides
+from pipelines import build_loaders
+from training.cli import keep_freed_host_memory
+from training.config import load_config
 
 
 def cpu_seconds():

@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
-# Create or reuse .venv and install everything the project needs (idempotent).
+# Create or reuse .venv and install everything the project needs (idempotent), the project itself included
+# (editable: every entry point, script and test imports `pipelines`, `training`, `datasets_prep` as installed).
 #   bash scripts/setup_env.sh          # called by `make demo` / `make test`
-# A stamp file keyed on the requirement files makes a second run a no-op.
+# A stamp file keyed on the requirement files makes a second run cheap: it only checks that .venv's Python
+# imports the project from this checkout, and installs it (a few seconds) when it does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+HERE=$(pwd -P)
 PY=${PYTHON:-python3}
 VENV=.venv
-STAMP="$VENV/.installed-$(cat requirements.txt requirements-ffcv.txt scripts/setup_env.sh | sha1sum | cut -c1-12)"
-[ -f "$STAMP" ] && exit 0
+STAMP="$VENV/.installed-$(cat requirements.txt requirements-ffcv.txt pyproject.toml scripts/setup_env.sh | sha1sum | cut -c1-12)"
+
+# From another folder, so the check sees the installed project and not the current directory.
+project_installed() {
+  (cd / && "$HERE/$VENV/bin/python" -c 'import sys, training; from pathlib import Path
+sys.exit(Path(training.__file__).resolve().parents[1] != Path(sys.argv[1]))' "$HERE") 2>/dev/null
+}
+install_project() {
+  # No build isolation: the venv's setuptools builds it, so this works offline.
+  PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2 || true)
+}
+if [ -f "$STAMP" ]; then
+  project_installed || install_project
+  exit 0
+fi
 
 # System libraries for the FFCV build.
 SYS_PKGS="pkg-config libturbojpeg0-dev libopencv-dev"
@@ -53,6 +70,7 @@ if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
 else
   echo "[setup] skipping FFCV: pkg-config cannot find libturbojpeg/opencv4" >&2
 fi
+install_project || pip_failed
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 echo "[setup] environment ready in $VENV"

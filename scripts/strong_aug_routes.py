@@ -16,19 +16,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug import rand_augment
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nvidia.dali import fn, pipeline_def, types  # noqa: E402
-from nvidia.dali.auto_aug import rand_augment  # noqa: E402
-
-from pipelines.host_views import strong_on_host  # noqa: E402
-from pipelines.view_params import STRONG, strong_params, view_rng  # noqa: E402
+from pipelines.host_views import strong_on_host
+from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.view_params import STRONG, strong_params, view_rng
 
 
 @pipeline_def(enable_conditionals=True)
@@ -70,7 +67,6 @@ def main(argv=None):
         "dali_stock_rand_augment": _rate(pipe.run, n, a.batches, a.repeat),
         "pil_host_pool": _rate(lambda: strong_on_host(x, params, torch.device("cpu")), n, a.batches, a.repeat),
     }
-    from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
     out["tensor_batched"] = _rate(lambda: apply_strong_batch(x, StrongBatch.from_params(params),
                                                              channels_last_input=True), n, a.batches, a.repeat)
     for name, (med, rounds) in out.items():

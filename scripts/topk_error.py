@@ -12,17 +12,15 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from training.cli import run_main  # noqa: E402
+from training.cli import run_main
+from training.teacher_cache import CacheError, compress_topk, epoch_dir, from_storage, read_meta, rebuild_topk
 
 
 def main(argv=None):
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from training.teacher_cache import CacheError, compress_topk, epoch_dir, from_storage, read_meta, rebuild_topk
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True)

@@ -6,9 +6,7 @@ import sys
 
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from training import models  # noqa: E402
+from training import models
 
 
 def resnet8_gn(num_classes):

@@ -9,6 +9,9 @@ import sys
 import pytest
 import torch
 
+import cache_teacher
+from training.models import create_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
 
@@ -21,8 +24,6 @@ def _port():
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
-    sys.path.insert(0, ROOT)
-    from training.models import create_model
     torch.manual_seed(3)
     path = str(tmp_path_factory.mktemp("t") / "teacher.pt")
     torch.save({"model": create_model("resnet14", 10).state_dict()}, path)
@@ -94,9 +95,7 @@ def test_config_differing_between_ranks_is_detected(demo_root, teacher_ckpt, tmp
 
 
 def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import cache_teacher
-    import ddp_worker  # noqa: F401  (registers resnet8_gn for config validation)
+    import ddp_worker  # noqa: F401  (registers resnet8_gn for config validation; tests/ is on pytest's path)
     common = [f"data.root={demo_root}", "data.subset=128", "pipeline.batch_size=32", "pipeline.num_workers=0",
               "run.progress=false", "model.name=resnet8_gn", "teacher.name=resnet14", f"teacher.ckpt={teacher_ckpt}",
               "run.device=cpu", "run.amp=off"]

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from pipelines import build_loaders
+from training.config import load_config
 
 
 def _free_port():
@@ -22,10 +23,6 @@ def _free_port():
 
 
 def _rank_main(rank, world, port, over, out):
-    import sys
-    sys.path.insert(0, ROOT)
-    from pipelines import build_loaders
-    from training.config import load_config
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

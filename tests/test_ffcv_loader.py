@@ -196,7 +196,7 @@ def test_demo_quick_through_ffcv_converts_and_trains(tmp_path):
 
 
 def test_quasi_random_order_covers_the_epoch_and_is_refused_under_ddp(demo_root, demo_betons):
-    cfg = cfg_for(demo_root, demo_betons, "ffcv", "pipeline.ffcv_order=quasi_random", "pipeline.os_cache=false",
+    cfg = cfg_for(demo_root, demo_betons, "ffcv", "pipeline.ffcv_order=quasi_random", "pipeline.ffcv_os_cache=false",
                   "pipeline.drop_last=false")
     batches, _, train = epoch_batches(cfg)
     seen = torch.cat([b.index_host for b in batches])

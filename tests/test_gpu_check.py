@@ -1,4 +1,5 @@
 """scripts/gpu_check.py on the CPU: the --cpu-dry-run code paths, the report files, and exit 3 without CUDA."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,12 +10,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 ENV_KEYS = {"torch", "cuda", "cudnn", "device_name", "capability", "memory_gib", "python", "dali", "ffcv", "apex"}
-sys.path.insert(0, os.path.join(ROOT, "scripts"))  # gpu_check, imported inside the tests that use it
 CORRECTNESS = {"resnet8x4_crld_bf16_channels_last", "resnet8x4_crld_fp16_channels_last", "augmenter_device_vs_cpu"}
 
 
 def _env(**extra):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2", **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **extra}
     env.pop("CRLD_TRACEBACK", None)
     return env
 
@@ -44,13 +44,20 @@ def test_cpu_dry_run_writes_reports(dry_run):
         assert s in md, s
 
 
-def test_augmenter_check_catches_a_mismatch(monkeypatch):
+@pytest.fixture
+def gpu_check():
+    """scripts/gpu_check.py as a module (scripts/ is a folder of programs, not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_augmenter_check_catches_a_mismatch(monkeypatch, gpu_check):
     """The comparison can fail: a "device" result off by 2 grey levels in one pixel is caught, its ops named."""
-    import gpu_check
     import torch
 
-    import pipelines.randaugment_tensor as rt
-    real, calls = rt.apply_strong_batch, []
+    real, calls = gpu_check.apply_strong_batch, []
 
     def skewed(x, params, channels_last_input=False):  # calls alternate: CPU reference, then "device"
         y = real(x, params, channels_last_input).contiguous()
@@ -60,7 +67,7 @@ def test_augmenter_check_catches_a_mismatch(monkeypatch):
             y.view(-1)[0] = v - 2 if v >= 2 else v + 2
         return y
 
-    monkeypatch.setattr(rt, "apply_strong_batch", skewed)
+    monkeypatch.setattr(gpu_check, "apply_strong_batch", skewed)
     ok, details = gpu_check.check_augment(torch.device("cpu"), small=True)
     assert not ok, details
     for layout in ("nhwc", "nchw"):
@@ -98,9 +105,8 @@ json.dump([{"teacher_source": s, "samples_per_s": 1234.5, "student": a[a.index("
 '''
 
 
-def test_step_benchmark_records_results_and_failures(tmp_path, monkeypatch):
+def test_step_benchmark_records_results_and_failures(tmp_path, monkeypatch, gpu_check):
     """With a stand-in bench.py: records parsed into the report, a failing run recorded, not fatal."""
-    import gpu_check
     fake = tmp_path / "repo"
     fake.mkdir()
     (fake / "bench.py").write_text(FAKE_BENCH)

@@ -199,7 +199,6 @@ def test_failed_writers_with_a_long_queue_still_exit(tmp_path):
     """20,000 one-sample chunks left unread when every writer dies: the process must still exit."""
     code = f"""
 import errno, sys
-sys.path.insert(0, {ROOT!r})
 from ffcv.fields import IntField
 from datasets_prep.ffcv_writer import CheckedDatasetWriter, WorkerFailed
 

@@ -12,7 +12,9 @@ from typing import Dict
 import torch
 
 
-class CheckpointError(ValueError):
+from pipelines.errors import UserError
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file."""
 
 

@@ -1,31 +1,23 @@
-"""Entry-point plumbing: user errors become one line on stderr and exit code 2, not a traceback."""
+"""Entry-point plumbing: a `UserError` becomes one line on stderr and exit code 2; anything else is a bug and
+keeps its traceback."""
 import ctypes
 import logging
 import os
 import sys
 
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "RuntimeConfigError", "NonFiniteLoss", "CacheError",
-               "FileNotFoundError", "FileExistsError")
+from pipelines.errors import UserError
 
 
-def one_line(exc: BaseException) -> str:
-    """The message of `exc`; for errors re-raised from DataLoader workers, the original line."""
+def one_line(exc: UserError) -> str:
+    """The message of `exc`. A DataLoader worker re-raises the worker's exception type with the worker's whole
+    traceback as the message; its last line is `module.TypeName: <the original message>`."""
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     if not lines:
         return type(exc).__name__
-    line = lines[-1]
-    for name in USER_ERRORS:  # "pipelines.sources.DataError: <msg>" from a worker traceback
-        marker = f"{name}: "
-        if marker in line and len(lines) > 1:
-            return line.split(marker, 1)[1]
-    return line
-
-
-def is_user_error(exc: BaseException) -> bool:
-    names = {type(exc).__name__} | {c.__name__ for c in type(exc).__mro__}
-    if names & set(USER_ERRORS):
-        return True
-    return any(f"{n}: " in str(exc) for n in USER_ERRORS)
+    marker = f"{type(exc).__name__}: "
+    if len(lines) > 1 and marker in lines[-1]:
+        return lines[-1].split(marker, 1)[1]
+    return lines[-1]
 
 
 def keep_freed_host_memory() -> bool:
@@ -55,8 +47,8 @@ def run_main(main) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the point is to classify
-        if is_user_error(e) and not os.environ.get("CRLD_TRACEBACK"):
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as e:
+        if os.environ.get("CRLD_TRACEBACK"):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2

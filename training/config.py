@@ -9,12 +9,17 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pipelines import available_pipelines
+from pipelines.errors import UserError
+from pipelines.precision import AMP_SETTINGS
+from training.models import available_models
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -32,91 +37,104 @@ def _yaml_load(text):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration problem; the message names the key at fault."""
+
+
+def one_of(default: str, options):
+    """A setting with enumerated values, declared once: validation and the error's nearest valid name both
+    read `options` (a tuple, or a function returning one for registries: models, pipelines)."""
+    return field(default=default, metadata={"one_of": options})
+
+
+def within(default, low=None, high=None, *, open_low=False, open_high=False):
+    """A numeric setting in [low, high] (None: unbounded on that side; open_*: that end excluded)."""
+    return field(default=default, metadata={"within": (low, high, open_low, open_high)})
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar100"      # cifar10 | cifar100 | imagenet | tiny_imagenet | demo | imagefolder
+    dataset: str = one_of("cifar100", ("cifar10", "cifar100", "imagenet", "tiny_imagenet", "demo", "imagefolder"))
     root: str = "data/cifar100"
-    num_classes: int = 100
-    image_size: int = 32           # side of both training views
-    train_crop: str = "pad"        # pad: RandomCrop(size, padding) | rrc: RandomResizedCrop(size)
-    crop_padding: int = 4
+    num_classes: int = within(100, 2)
+    image_size: int = within(32, 8)  # side of both training views
+    train_crop: str = one_of("pad", ("pad", "rrc"))  # RandomCrop(size, padding) | RandomResizedCrop(size)
+    crop_padding: int = within(4, 0)
     val_resize: int = 0            # 0: no resize (CIFAR); else resize shorter side, centre-crop image_size
-    subset: int = 0                # >0: first N training samples only (quick runs, tests)
+    subset: int = within(0, 0)     # >0: an evenly strided N-sample training subset (quick runs, tests)
     skip_bad_images: bool = False  # log and skip unreadable images instead of failing
 
 
 @dataclass
 class PipelineConfig:
-    name: str = "torch"            # torch | dali | ffcv | gpu (arrays resident on the device)
-    route: str = "auto"            # auto (device when training on CUDA) | host | device (the accelerator
-                                   # route's code, also on a CPU: tests and measurements)
-    batch_size: int = 64           # global batch (split over ranks under DDP)
-    val_batch_size: int = 256
-    num_workers: int = 2
-    randaug_n: int = 2             # ops per strong view (the paper: 2)
+    name: str = one_of("torch", available_pipelines)
+    # auto: the accelerator route when training on CUDA; device: that route's code also on a CPU (tests,
+    # measurements); host: per-sample work on host threads
+    route: str = one_of("auto", ("auto", "host", "device"))
+    batch_size: int = within(64, 1)  # global batch (split over ranks under DDP)
+    val_batch_size: int = within(256, 1)
+    num_workers: int = within(2, 0)
+    randaug_n: int = within(2, 0, 8)  # ops per strong view (the paper: 2)
     strong_aug: bool = True        # False: the strong view gets only crop + flip (ablation)
     drop_last: bool = True
-    dali_device: str = "auto"      # dali: auto (GPU decode when CUDA is there) | cpu | gpu
-    dali_threads: int = 0          # dali: DALI's CPU threads (0: one per core)
-    host_threads: int = 0          # dali CPU mode, ffcv: threads cutting views on the host (0: one per core)
-    prefetch: int = 2              # dali: batches in flight
-    ffcv_dir: str = ""             # ffcv: folder with train.beton / val.beton (default: <data.root>/ffcv)
-    ffcv_order: str = "random"     # ffcv: random | quasi_random (less RAM, for datasets beyond memory)
-    os_cache: bool = True          # ffcv: read the .beton through the OS page cache
+    host_threads: int = within(0, 0)  # dali CPU mode, ffcv: threads cutting views on the host (0: one per core)
+    # dali
+    dali_threads: int = within(0, 0)  # DALI's CPU threads (0: one per core)
+    dali_prefetch: int = within(2, 1)  # batches in flight
+    # ffcv
+    ffcv_dir: str = ""             # folder with train.beton / val.beton (default: <data.root>/ffcv)
+    ffcv_order: str = one_of("random", ("random", "quasi_random"))  # quasi_random: less RAM, beyond-memory data
+    ffcv_os_cache: bool = True     # read the .beton through the OS page cache
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet8x4"
+    name: str = one_of("resnet8x4", available_models)
     ckpt: str = ""                 # optional initial weights for the student
 
 
 @dataclass
 class TeacherConfig:
-    name: str = "resnet32x4"
+    name: str = one_of("resnet32x4", available_models)
     ckpt: str = ""                 # required for kd / dkd / crld
-    source: str = "online"         # online | cache (logits precomputed by cache_teacher.py)
+    source: str = one_of("online", ("online", "cache"))  # cache: logits precomputed by cache_teacher.py
     cache: str = ""                # teacher.source=cache: the cache directory
     cache_cycle: bool = False      # a cache of E epochs replays its epochs (views included) for longer runs
 
 
 @dataclass
 class MethodConfig:
-    name: str = "crld"             # ce | kd | dkd | crld
-    temperature: float = 4.0
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0         # kd: weight of the KD term
-    wv_weight: float = 2.0         # crld: within-view weight
-    cv_weight: float = 0.5         # crld: cross-view weight
-    tau_w: float = 0.9
-    tau_s: float = 0.2
-    base: str = "kd"               # crld's pairwise term: kd | dkd
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup: int = 20           # epochs of linear warm-up of the DKD term
+    name: str = one_of("crld", ("ce", "kd", "dkd", "crld"))
+    temperature: float = within(4.0, 0, open_low=True)
+    ce_weight: float = within(1.0, 0)
+    kd_weight: float = within(1.0, 0)  # kd: weight of the KD term
+    wv_weight: float = within(2.0, 0)  # crld: within-view weight
+    cv_weight: float = within(0.5, 0)  # crld: cross-view weight
+    tau_w: float = within(0.9, 0, 1)
+    tau_s: float = within(0.2, 0, 1)
+    base: str = one_of("kd", ("kd", "dkd"))  # crld's pairwise term
+    dkd_alpha: float = within(1.0, 0)
+    dkd_beta: float = within(8.0, 0)
+    dkd_warmup: int = within(20, 0)  # epochs of linear warm-up of the DKD term
     logit_stand: bool = False      # z-score logits before the KD terms (Sun et al., CVPR 2024)
     joint_forward: bool = False    # student: one forward over both views (shared BN statistics)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    impl: str = "auto"             # auto (fused on CUDA, foreach else) | foreach | fused | apex
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    name: str = one_of("sgd", ("sgd",))
+    impl: str = one_of("auto", ("auto", "foreach", "fused", "apex"))  # auto: fused on CUDA, foreach else
+    lr: float = within(0.05, 0, open_low=True)
+    momentum: float = within(0.9, 0, 1, open_high=True)
+    weight_decay: float = within(5e-4, 0)
     nesterov: bool = False
-    epochs: int = 240
-    schedule: str = "step"         # step | cosine
+    epochs: int = within(240, 1)
+    schedule: str = one_of("step", ("step", "cosine"))
     milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
-    gamma: float = 0.1
+    gamma: float = within(0.1, 0, 1, open_low=True)
     warmup_epochs: float = 0.0
-    min_lr: float = 0.0            # cosine floor
-    lr_ref_batch: int = 0          # >0: linear scaling, lr * pipeline.batch_size (global) / lr_ref_batch
+    min_lr: float = within(0.0, 0)  # cosine floor
+    lr_ref_batch: int = within(0, 0)  # >0: linear scaling, lr * pipeline.batch_size (global) / lr_ref_batch
 
 
 @dataclass
@@ -125,14 +143,14 @@ class RunConfig:
     out_dir: str = "runs"
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    amp: str = "auto"              # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = one_of("auto", AMP_SETTINGS)  # auto: bf16 on CUDA, off on CPU
     channels_last: bool = True
     compile: bool = False          # torch.compile the student's training forward and the online teacher
     deterministic: bool = False
-    log_every: int = 50            # steps between host syncs for the progress bar
+    log_every: int = within(50, 1)  # steps between host syncs for the progress bar
     progress: bool = True
-    save_every: int = 1            # epochs between `last.pt` checkpoints
-    dist_timeout_s: int = 600      # DDP: a collective waiting longer (a dead or hung rank) is an error
+    save_every: int = within(1, 1)  # epochs between `last.pt` checkpoints
+    dist_timeout_s: int = within(600, 1)  # DDP: a collective waiting longer (a dead or hung rank) is an error
 
 
 @dataclass
@@ -144,10 +162,6 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-DATASETS = ("cifar10", "cifar100", "imagenet", "tiny_imagenet", "demo", "imagefolder")
-METHODS = ("ce", "kd", "dkd", "crld")
 
 
 def _nearest(word: str, options) -> str:
@@ -245,74 +259,59 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return cfg
 
 
-def validate(cfg) -> None:
-    """Value checks OmegaConf's type system cannot express."""
-    from training.models import available_models  # late: models import torch
+def _declared_problem(value, meta) -> Optional[str]:
+    """What is wrong with `value` against its field's declaration (`one_of` / `within`), or None."""
+    if "one_of" in meta:
+        options = meta["one_of"]() if callable(meta["one_of"]) else meta["one_of"]
+        if value not in options:
+            return f"unknown value '{value}'{_nearest(value, options)}; choose from {', '.join(options)}"
+    if "within" in meta:
+        low, high, open_low, open_high = meta["within"]
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high:
+            if high is None:
+                return f"must be {'>' if open_low else '>='} {low}, got {value}"
+            return f"must be in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}, got {value}"
+    return None
 
+
+def validate(cfg) -> None:
+    """Each field against its declaration, then the rules that tie fields together."""
     def need(ok: bool, key: str, msg: str):
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}")
 
-    def choice(key: str, value: str, options):
-        need(value in options, key, f"unknown value '{value}'{_nearest(value, options)}; "
-             f"choose from {', '.join(options)}")
-
-    choice("data.dataset", cfg.data.dataset, DATASETS)
-    choice("data.train_crop", cfg.data.train_crop, ("pad", "rrc"))
-    need(cfg.data.num_classes >= 2, "data.num_classes", "must be >= 2")
-    need(cfg.data.image_size >= 8, "data.image_size", "must be >= 8")
-    need(cfg.data.crop_padding >= 0, "data.crop_padding", "must be >= 0")
-    need(cfg.data.subset >= 0, "data.subset", "must be >= 0")
-    from pipelines import available_pipelines
-    choice("pipeline.name", cfg.pipeline.name, available_pipelines())
-    need(cfg.pipeline.batch_size >= 1, "pipeline.batch_size", "must be >= 1")
-    need(cfg.pipeline.val_batch_size >= 1, "pipeline.val_batch_size", "must be >= 1")
-    need(cfg.pipeline.num_workers >= 0, "pipeline.num_workers", "must be >= 0")
-    need(0 <= cfg.pipeline.randaug_n <= 8, "pipeline.randaug_n", "must be in [0, 8]")
-    choice("pipeline.route", cfg.pipeline.route, ("auto", "host", "device"))
-    choice("pipeline.dali_device", cfg.pipeline.dali_device, ("auto", "cpu", "gpu"))
-    need(cfg.pipeline.dali_threads >= 0, "pipeline.dali_threads", "must be >= 0")
-    need(cfg.pipeline.host_threads >= 0, "pipeline.host_threads", "must be >= 0")
-    need(cfg.pipeline.prefetch >= 1, "pipeline.prefetch", "must be >= 1")
-    choice("pipeline.ffcv_order", cfg.pipeline.ffcv_order, ("random", "quasi_random"))
-    models = available_models()
-    choice("model.name", cfg.model.name, models)
-    choice("method.name", cfg.method.name, METHODS)
-    if cfg.method.name != "ce":
-        choice("teacher.name", cfg.teacher.name, models)
-    choice("teacher.source", cfg.teacher.source, ("online", "cache"))
+    for section in fields(Config):
+        for f in fields(section.default_factory()):
+            problem = _declared_problem(getattr(cfg[section.name], f.name), f.metadata)
+            need(problem is None, f"{section.name}.{f.name}", problem)
     need(cfg.teacher.source != "cache" or bool(cfg.teacher.cache), "teacher.cache",
          "teacher.source=cache needs teacher.cache=PATH (a directory made by cache_teacher.py)")
-    m = cfg.method
-    need(m.temperature > 0, "method.temperature", f"must be > 0, got {m.temperature}")
-    for k in ("ce_weight", "kd_weight", "wv_weight", "cv_weight", "dkd_alpha", "dkd_beta"):
-        need(getattr(m, k) >= 0, f"method.{k}", f"must be >= 0, got {getattr(m, k)}")
-    need(0.0 <= m.tau_w <= 1.0, "method.tau_w", f"must be in [0, 1], got {m.tau_w}")
-    need(0.0 <= m.tau_s <= 1.0, "method.tau_s", f"must be in [0, 1], got {m.tau_s}")
-    choice("method.base", m.base, ("kd", "dkd"))
-    need(m.dkd_warmup >= 0, "method.dkd_warmup", "must be >= 0")
+    _check_hub_specs(cfg)
     o = cfg.optim
-    choice("optim.name", o.name, ("sgd",))
-    choice("optim.impl", o.impl, ("auto", "foreach", "fused", "apex"))
-    need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs momentum > 0")
-    need(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
-    choice("optim.schedule", o.schedule, ("step", "cosine"))
     need(list(o.milestones) == sorted(o.milestones) and all(x > 0 for x in o.milestones),
          "optim.milestones", f"must be increasing positive epochs, got {list(o.milestones)}")
-    need(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
     need(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, epochs)")
-    need(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
-    need(o.lr_ref_batch >= 0, "optim.lr_ref_batch", "must be >= 0 (0: no scaling)")
     r = cfg.run
-    choice("run.amp", r.amp, ("auto", "off", "bf16", "fp16"))
     need(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "run.device",
          f"unknown device '{r.device}'; use auto, cpu, cuda or cuda:N")
-    need(r.log_every >= 1, "run.log_every", "must be >= 1")
-    need(r.save_every >= 1, "run.save_every", "must be >= 1")
-    need(r.dist_timeout_s >= 1, "run.dist_timeout_s", "must be >= 1")
+
+
+def _check_hub_specs(cfg) -> None:
+    """`torchvision:<member>` checkpoints name a real weights member of the architecture, with the
+    configured class count; checked here, before any data is read or any file is fetched."""
+    from training.hub_weights import HubWeightsError, hub_weights, is_hub_spec
+    wanted = [("model.ckpt", cfg.model.ckpt, cfg.model.name)]
+    if cfg.method.name != "ce":
+        wanted.append(("teacher.ckpt", cfg.teacher.ckpt, cfg.teacher.name))
+    for key, spec, arch in wanted:
+        if is_hub_spec(spec):
+            try:
+                hub_weights(spec, arch, cfg.data.num_classes, key)
+            except HubWeightsError as e:
+                raise ConfigError(str(e)) from None
 
 
 def to_yaml(cfg) -> str:

@@ -11,12 +11,15 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from pipelines.errors import RuntimeConfigError, UserError
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
 from training.losses import crld_masks, method_loss
 from training.models import create_model
@@ -24,10 +27,11 @@ from training.runtime import RuntimeConfigError, autocast_for, rng_state, set_rn
 from training.schedule import base_lr, lr_at
 
 log = logging.getLogger(__name__)
+from training.teacher_cache import TeacherCache, file_sha256, fingerprint, read_meta
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError):
+    """A loss turned NaN or infinite: the configured learning rate or precision does not train."""
 
 
 def frozen_teacher(cfg, device):
@@ -41,7 +45,6 @@ def frozen_teacher(cfg, device):
 def open_cache(cfg, train_source, device):
     """The checked teacher cache for this run (the teacher model is never built). Storage precision
     and k are the cache's own choice; everything that decides the views and the teacher is checked."""
-    from training.teacher_cache import TeacherCache, file_sha256, fingerprint, read_meta
     fp = (read_meta(cfg.teacher.cache) or {}).get("fingerprint") or {}
     precision, topk = fp.get("precision"), fp.get("topk")
     if topk and cfg.method.logit_stand:
@@ -78,7 +81,6 @@ def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> to
 @torch.no_grad()
 def evaluate(model, loader, device, autocast=None, dist=None) -> dict:
     """Top-1 / top-5 / CE loss over a validation loader, reduced across ranks."""
-    from contextlib import nullcontext
     autocast = autocast or nullcontext
     model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
@@ -141,7 +143,6 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
-        from omegaconf import OmegaConf
         return {"model": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "best_top1": self.best_top1, "lr": self.opt.param_groups[0]["lr"],

@@ -1,6 +1,8 @@
 """Process-level set-up: device and precision, seeding, distributed environment, run directory."""
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
 import platform
@@ -13,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-class RuntimeConfigError(ValueError):
-    """The config asks for something this machine cannot do."""
+from pipelines.errors import RuntimeConfigError
+from pipelines.precision import amp_dtype
 
 
 @dataclass
@@ -49,14 +50,10 @@ def resolve_device(name: str, dist: Dist) -> torch.device:
 
 def autocast_for(amp: str, device: torch.device):
     """(context factory, dtype or None, needs GradScaler)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "off":
+    dtype = amp_dtype(amp, device)
+    if dtype is None:
         return nullcontext, None, False
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise RuntimeConfigError("run.amp=fp16 needs CUDA (use bf16 or off on CPU)")
-    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype, amp == "fp16"
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype, dtype == torch.float16
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -117,7 +114,6 @@ def write_run_info(run_dir: str, cfg_yaml: str, device: torch.device) -> None:
 def init_distributed(dist: Dist, device: torch.device, timeout_s: int) -> None:
     """NCCL on GPUs, gloo on CPUs, rendezvous from torchrun's environment (single or multi node). The
     timeout turns a rank that died or hangs into an error on the others instead of a silent hang."""
-    import datetime
     if dist.world <= 1:
         return
     if device.type == "cuda":
@@ -142,7 +138,6 @@ def check_same_config(cfg_yaml: str, dist: Dist) -> None:
     otherwise train silently inconsistent replicas)."""
     if dist.world <= 1:
         return
-    import hashlib
     mine = hashlib.sha256(cfg_yaml.encode()).hexdigest()
     every = [None] * dist.world
     torch.distributed.all_gather_object(every, mine)

@@ -31,14 +31,17 @@ import numpy as np
 import torch
 
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
+from pipelines.errors import UserError
+from pipelines.precision import amp_dtype
 from pipelines.sampler import epoch_order
+from pipelines.view_params import VIEWS_VERSION
 
 FORMAT = 1
 PRECISIONS = ("fp16", "bf16", "fp32")
 _NP_DTYPE = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}  # bf16 kept as raw bits
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A teacher cache that is missing, stale, incomplete or does not match the run's config."""
 
 
@@ -68,7 +71,6 @@ def dataset_digest(source) -> str:
 
 
 def augmentation_digest() -> str:
-    from pipelines.view_params import VIEWS_VERSION
     spec = repr((SPEC_VERSION, VIEWS_VERSION, STRONG_OPS, N_OPS, CUTOUT_MAX_FRAC, CUTOUT_FILL))
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
@@ -93,9 +95,8 @@ def view_source(cfg) -> str:
 def fingerprint(cfg, source, *, precision: str, topk: int, teacher_sha: Optional[str], device) -> dict:
     """Everything that decides the cached numbers. `teacher_sha256` is None when the caller has no
     checkpoint to hash (a student run given only the cache): then that field is not compared."""
-    from training.runtime import autocast_for
     d, p = cfg.data, cfg.pipeline
-    amp = autocast_for(cfg.run.amp, device)[1]
+    amp = amp_dtype(cfg.run.amp, device)
     return {"format": FORMAT, "teacher": cfg.teacher.name, "teacher_sha256": teacher_sha,
             # the teacher's compute precision: bf16 logits stored as fp32 are still bf16 logits
             "teacher_amp": str(amp).replace("torch.", "") if amp else "off",

@@ -7,6 +7,7 @@ import difflib
 
 import torch.nn as nn
 
+from pipelines.errors import UserError
 from training.models import (cifar_mobilenetv2, cifar_resnet, cifar_resnet50, cifar_shufflenet,
                              cifar_vgg, cifar_wrn, imagenet)
 
@@ -26,7 +27,7 @@ def create_model(name: str, num_classes: int) -> nn.Module:
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"unknown model '{name}'{hint}; available: {', '.join(_REGISTRY)}")
+        raise UserError(f"unknown model '{name}'{hint}; available: {', '.join(_REGISTRY)}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UserError(f"num_classes must be >= 1, got {num_classes}")
     return _REGISTRY[name](num_classes)

@@ -7,8 +7,13 @@ import tempfile
 
 import torch
 
-from training.benchmark import (REFERENCE, bench_step_one, data_overrides, e2e_one, matmul_peak_tflops,
-                                run_overrides)
+import cache_teacher
+from bench_training import (REFERENCE, bench_step_one, data_overrides, e2e_one, machine, matmul_peak_tflops,
+                            run_overrides)
+from datasets_prep.make_demo import make_demo
+from pipelines import available_pipelines
+from training.models import available_models
+from training.runtime import dist_from_env, init_distributed
 
 
 KEYS = ("pipeline", "teacher_source", "amp", "channels_last", "compile")
@@ -41,8 +46,6 @@ def _configs(args):
 
 def _build_cache(args, folder, amp):
     """e2e: the real cache for the measured steps (built once per precision setting, timed)."""
-    import cache_teacher
-    from pipelines import available_pipelines
     out = os.path.join(folder, f"cache_{amp}")
     if os.path.exists(out):
         return out, None
@@ -53,7 +56,6 @@ def _build_cache(args, folder, amp):
 
 
 def _dist(device_arg: str):
-    from training.runtime import dist_from_env, init_distributed
     d = dist_from_env()
     dev = torch.device(f"cuda:{d.local_rank}" if device_arg.startswith("cuda") else device_arg)
     if not torch.distributed.is_initialized():
@@ -62,7 +64,6 @@ def _dist(device_arg: str):
 
 
 def run_training_bench(args, ap):
-    from bench import machine
     d = _dist(args.device)
     if args.device.startswith("cuda"):
         args.device = f"cuda:{d.local_rank}"
@@ -71,7 +72,6 @@ def run_training_bench(args, ap):
         if args.data == ap.get_default("data"):
             args.data = "data/demo"
         if args.dataset == "demo" and not os.path.exists(os.path.join(args.data, "meta.json")):
-            from datasets_prep.make_demo import make_demo
             if d.is_main:
                 make_demo(args.data)
             if d.world > 1:
@@ -82,7 +82,6 @@ def run_training_bench(args, ap):
             known = {"demo": 10, "cifar10": 10, "cifar100": 100}
             args.num_classes = known.get(args.dataset) or sum(
                 e.is_dir() for e in os.scandir(os.path.join(args.data, "train")))
-    from training.models import available_models
     for attr in ("teacher", "student"):  # `resnet34` means the ImageNet model (the CIFAR zoo has no such name)
         name = getattr(args, attr)
         if name not in available_models() and f"imagenet_{name}" in available_models():

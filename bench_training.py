@@ -1,4 +1,4 @@
-"""Step and end-to-end benchmarks behind `bench.py step` / `bench.py e2e`.
+"""Step and end-to-end measurements behind `bench.py step` / `bench.py e2e` (bench_report.py runs and reports them).
 
 Step mode times the training step alone on synthetic device-resident batches (forward, backward,
 optimizer; the teacher online or read from a real on-disk cache); end-to-end mode runs the real
@@ -9,19 +9,34 @@ student forwards; end-to-end also the `torch` PIL backend), so every figure is a
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from pipelines import build_loaders
 from pipelines.contract import Batch, input_dtype
 from training.config import load_config
 from training.loop import Trainer
 from training.models import create_model
+from training.teacher_cache import EpochWriter, epoch_bytes, file_sha256, fingerprint, write_meta
 
 REFERENCE = {"teacher_source": "online", "amp": "off", "channels_last": False, "compile": False, "pipeline": "torch"}
+
+
+def machine() -> str:
+    """The CPU a record was measured on (core count and model name)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores, {cpu}"
 
 
 class _Timer:
@@ -95,7 +110,6 @@ def random_teacher_ckpt(name, num_classes, folder):
 
 def synthetic_cache(cfg, folder, n, device, topk=0, precision="fp16"):
     """A one-epoch store of random logits with a valid fingerprint: the cache path reads real files."""
-    from training.teacher_cache import EpochWriter, epoch_bytes, file_sha256, fingerprint, write_meta
     src = _Labels(n, cfg.data.num_classes)
     c = cfg.data.num_classes
     w = EpochWriter(folder, 0, n, c, precision, topk, cfg.method.temperature, cfg.run.seed)
@@ -136,7 +150,6 @@ def step_config(args, source, amp, channels_last, folder, extra=(), cache_dir=No
 def flops_per_step(trainer, batch, cached):
     """FLOPs of one training step (teacher forward included when online), counted by PyTorch on the eager
     modules (a compiled graph runs kernels the counter cannot see)."""
-    from torch.utils.flop_counter import FlopCounterMode
     fwd = trainer.student_fwd, trainer.teacher_fwd
     trainer.student_fwd, trainer.teacher_fwd = trainer.model, trainer.teacher
     try:
@@ -240,7 +253,6 @@ def matmul_peak_tflops(device, dtype=torch.bfloat16, n=8192, reps=10):
 
 def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=None, compiled=False):
     """Real loader + trainer for `--steps` steps after `--warmup` (epochs wrap as needed)."""
-    from pipelines import build_loaders
     device = torch.device(args.device)
     extra = [*data_overrides(args, pipeline), "optim.epochs=1000"]
     if source == "cache":
