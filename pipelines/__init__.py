@@ -1,11 +1,11 @@
 """Data backends. Each registers a module with `build_train(source, cfg, device, rank, world, views)` and
 `build_val(...)` returning loaders that follow `pipelines.contract`. Optional backends (dali,
-ffcv) register only when their library imports.
+ffcv) register only when their library imports; `gpu` needs only torch.
 """
 import importlib
 import importlib.util
 
-_BACKENDS = {"torch": "pipelines.torch_backend"}
+_BACKENDS = {"torch": "pipelines.torch_backend", "gpu": "pipelines.gpu_backend"}
 # name -> (module, library it needs)
 _OPTIONAL = {"dali": ("pipelines.dali_backend", "nvidia.dali"), "ffcv": ("pipelines.ffcv_backend", "ffcv")}
 
