@@ -9,7 +9,15 @@ from training.config import ConfigError, load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_configs_are_found_in_every_folder():
+    folders = {os.path.relpath(os.path.dirname(p), os.path.join(ROOT, "configs")).split(os.sep)[0] for p in CONFIGS}
+    assert folders == {"cifar100", "imagenet", "tiny_imagenet", "demo"} and len(CONFIGS) >= 20, folders
+
+
+@pytest.mark.parametrize("path", CONFIGS)
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.run.name
@@ -33,10 +41,12 @@ def test_paper_imagenet_setting():
 
 
 def test_mobilenet_students_use_lr_001():
+    lrs = {}  # student -> learning rates of its configs
     for f in glob.glob(os.path.join(ROOT, "configs/cifar100/crld/*.yaml")):
         cfg = load_config(f)
-        if cfg.model.name in ("MobileNetV2", "ShuffleV1", "ShuffleV2"):
-            assert cfg.optim.lr == 0.01, f
+        lrs.setdefault(cfg.model.name, set()).add(cfg.optim.lr)
+    assert lrs.get("MobileNetV2") == {0.01} and lrs.get("ShuffleV2") == {0.01}, lrs
+    assert lrs.get("ShuffleV1", {0.01}) == {0.01}, lrs
 
 
 def test_overrides_apply_and_types_parse():
@@ -57,6 +67,19 @@ def test_overrides_apply_and_types_parse():
     ("pipeline.name=dail", r"'pipeline.name'"),
     ("run.device=tpu", r"'run.device'"),
     ("optim.lr", r"section.key=value"),
+    # enumerated values: the declared list, and the nearest of them
+    ("run.amp=bf61", r"'run.amp': unknown value 'bf61' \(did you mean 'bf16'\?\); choose from auto, off, bf16, fp16"),
+    ("optim.schedule=cosin", r"'optim.schedule'.*did you mean 'cosine'.*choose from step, cosine"),
+    ("data.train_crop=rcc", r"'data.train_crop'.*did you mean 'rrc'"),
+    ("method.base=dk", r"'method.base'.*choose from kd, dkd"),
+    # bounds, open and closed
+    ("pipeline.dali_prefetch=0", r"'pipeline.dali_prefetch': must be >= 1, got 0"),
+    ("optim.momentum=1", r"'optim.momentum': must be in \[0, 1\), got 1"),
+    ("optim.gamma=0", r"'optim.gamma': must be in \(0, 1\], got 0"),
+    ("pipeline.randaug_n=9", r"'pipeline.randaug_n': must be in \[0, 8\], got 9"),
+    # per-backend settings carry their backend's prefix
+    ("pipeline.prefetch=2", r"unknown config key 'pipeline.prefetch'.*did you mean 'pipeline.dali_prefetch'"),
+    ("pipeline.os_cache=false", r"unknown config key 'pipeline.os_cache'.*did you mean 'pipeline.ffcv_os_cache'"),
 ])
 def test_bad_overrides_name_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):

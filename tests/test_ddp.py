@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import cache_teacher
-from training.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 
 
 def _port():
@@ -23,11 +22,8 @@ def _port():
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    torch.manual_seed(3)
-    path = str(tmp_path_factory.mktemp("t") / "teacher.pt")
-    torch.save({"model": create_model("resnet14", 10).state_dict()}, path)
-    return path
+def teacher_ckpt(random_teacher):
+    return random_teacher("resnet14", seed=3)
 
 
 def run(nproc, demo_root, teacher_ckpt, out, *extra, env=None, timeout=400):
@@ -74,7 +70,7 @@ def test_two_ranks_match_one_process(demo_root, teacher_ckpt, tmp_path):
 
 
 def test_resume_under_ddp(demo_root, teacher_ckpt, tmp_path):
-    first = run(2, demo_root, teacher_ckpt, tmp_path, "optim.epochs=2", env={"CRLD_TEST_EXIT_AFTER_EPOCH": "1"})
+    first = run(2, demo_root, teacher_ckpt, tmp_path, "optim.epochs=2", env={"CRLD_TEST_KILL_AFTER_EPOCH": "1"})
     assert first.returncode != 0 and len(_metrics(tmp_path)) == 1
     again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -95,7 +91,7 @@ def test_config_differing_between_ranks_is_detected(demo_root, teacher_ckpt, tmp
 
 
 def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, tmp_path):
-    import ddp_worker  # noqa: F401  (registers resnet8_gn for config validation; tests/ is on pytest's path)
+    import train_worker  # noqa: F401  (registers resnet8_gn for config validation; tests/ is on pytest's path)
     common = [f"data.root={demo_root}", "data.subset=128", "pipeline.batch_size=32", "pipeline.num_workers=0",
               "run.progress=false", "model.name=resnet8_gn", "teacher.name=resnet14", f"teacher.ckpt={teacher_ckpt}",
               "run.device=cpu", "run.amp=off"]

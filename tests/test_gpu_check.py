@@ -1,5 +1,4 @@
 """scripts/gpu_check.py on the CPU: the --cpu-dry-run code paths, the report files, and exit 3 without CUDA."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -45,12 +44,8 @@ def test_cpu_dry_run_writes_reports(dry_run):
 
 
 @pytest.fixture
-def gpu_check():
-    """scripts/gpu_check.py as a module (scripts/ is a folder of programs, not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_check(script_module):
+    return script_module("gpu_check")
 
 
 def test_augmenter_check_catches_a_mismatch(monkeypatch, gpu_check):

@@ -14,24 +14,8 @@ from pipelines.torch_backend import TwoViewDataset
 from training.config import load_config
 
 
-def demo_cfg(root, *over):
-    return load_config(None, ["data.dataset=demo", f"data.root={root}", "data.num_classes=10", "data.subset=96",
-                              "pipeline.batch_size=16", "pipeline.num_workers=0", *over])
-
-
-def first_batches(cfg, n=2, epoch=0):
-    train, _, _ = build_loaders(cfg, torch.device("cpu"))
-    train.set_epoch(epoch)
-    out = []
-    for b in train:
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
-
-
-def test_batch_contract(demo_root):
-    cfg = demo_cfg(demo_root)
+def test_batch_contract(demo_cfg):
+    cfg = demo_cfg()
     train, val, src = build_loaders(cfg, torch.device("cpu"))
     assert len(train) == 96 // 16
     b = next(iter(train))
@@ -57,19 +41,19 @@ def test_batch_contract(demo_root):
                                raw, rtol=1e-5, atol=1e-5)
 
 
-def test_single_view_methods_skip_the_strong_view(demo_root):
-    b = first_batches(demo_cfg(demo_root, "method.name=ce"), 1)[0]
+def test_single_view_methods_skip_the_strong_view(demo_cfg, first_batches):
+    b = first_batches(demo_cfg("method.name=ce"), 1)[0][0]
     assert b.strong is None and b.weak.shape == (16, 3, 32, 32)
 
 
-def test_same_seed_same_batches_any_worker_count(demo_root):
-    a = first_batches(demo_cfg(demo_root), epoch=1)
-    b = first_batches(demo_cfg(demo_root, "pipeline.num_workers=2"), epoch=1)
+def test_same_seed_same_batches_any_worker_count(demo_cfg, first_batches):
+    a = first_batches(demo_cfg(), 2, epoch=1)[0]
+    b = first_batches(demo_cfg("pipeline.num_workers=2"), 2, epoch=1)[0]
     for x, y in zip(a, b):
         assert all(torch.equal(u, v) for u, v in zip(x, y))
-    c = first_batches(demo_cfg(demo_root), epoch=2)
+    c = first_batches(demo_cfg(), 2, epoch=2)[0]
     assert not torch.equal(a[0].index, c[0].index)
-    d = first_batches(demo_cfg(demo_root, "run.seed=1"), epoch=1)
+    d = first_batches(demo_cfg("run.seed=1"), 2, epoch=1)[0]
     assert not torch.equal(a[0].weak, d[0].weak)
 
 
@@ -83,25 +67,14 @@ def test_sharding_is_disjoint_and_equal_length(n):
         assert not set(idx[0]) & set(idx[1])
 
 
-def make_folder(root, classes=("cat", "dog"), per_class=3, size=(40, 48)):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            os.makedirs(os.path.join(root, split, c), exist_ok=True)
-            for k in range(per_class):
-                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(arr).save(os.path.join(root, split, c, f"{k}.jpg"), quality=90)
-    return root
-
-
 def folder_cfg(root, *over):
     return load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=2",
                               "data.image_size=32", "data.train_crop=rrc", "data.val_resize=36",
                               "pipeline.batch_size=2", "pipeline.num_workers=0", *over])
 
 
-def test_imagefolder_rrc_and_val_centre_crop(tmp_path):
-    cfg = folder_cfg(make_folder(str(tmp_path / "f")))
+def test_imagefolder_rrc_and_val_centre_crop(tmp_path, jpeg_folder):
+    cfg = folder_cfg(jpeg_folder(str(tmp_path / "f")))
     train, val, src = build_loaders(cfg, torch.device("cpu"))
     assert src.classes == ["cat", "dog"] and len(src) == 6
     b = next(iter(train))
@@ -109,8 +82,8 @@ def test_imagefolder_rrc_and_val_centre_crop(tmp_path):
     assert next(iter(val)).image.shape == (6, 3, 32, 32)
 
 
-def test_corrupt_image_is_named_or_skipped(tmp_path):
-    root = make_folder(str(tmp_path / "f"))
+def test_corrupt_image_is_named_or_skipped(tmp_path, jpeg_folder):
+    root = jpeg_folder(str(tmp_path / "f"))
     bad = os.path.join(root, "train", "cat", "1.jpg")
     with open(bad, "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 definitely not a jpeg")
@@ -123,11 +96,11 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("pipe", ["torch", "dali"])
-def test_a_skipped_image_is_replaced_with_its_substitutes_label(tmp_path, pipe):
+def test_a_skipped_image_is_replaced_with_its_substitutes_label(tmp_path, pipe, jpeg_folder):
     """The last cat is corrupt: its slot gets the next readable sample, the first dog, labelled dog."""
     if pipe == "dali":
         pytest.importorskip("nvidia.dali")
-    root = make_folder(str(tmp_path / "f"))
+    root = jpeg_folder(str(tmp_path / "f"))
     with open(os.path.join(root, "train", "cat", "2.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     train, _, src = build_loaders(folder_cfg(root, "pipeline.batch_size=6", "data.skip_bad_images=true",
@@ -137,8 +110,8 @@ def test_a_skipped_image_is_replaced_with_its_substitutes_label(tmp_path, pipe):
     assert src.labels[2] == 0 and labels[2] == 1 and labels[0] == 0 and labels[3] == 1
 
 
-def test_non_image_file_and_layout_errors(tmp_path):
-    root = make_folder(str(tmp_path / "f"))
+def test_non_image_file_and_layout_errors(tmp_path, jpeg_folder):
+    root = jpeg_folder(str(tmp_path / "f"))
     open(os.path.join(root, "train", "cat", "notes.txt"), "w").write("x")
     with pytest.raises(DataError, match="notes.txt: not an image file"):
         build_loaders(folder_cfg(root), torch.device("cpu"))
@@ -207,8 +180,8 @@ def assert_batches_arrive_in_the_amp_dtype(cfg_of):
 
 
 @pytest.mark.parametrize("pipe", ["torch", "dali"])
-def test_batches_arrive_in_the_training_dtype(demo_root, pipe):
+def test_batches_arrive_in_the_training_dtype(demo_cfg, pipe):
     if pipe == "dali":
         pytest.importorskip("nvidia.dali")
     assert_batches_arrive_in_the_amp_dtype(
-        lambda amp: demo_cfg(demo_root, f"run.amp={amp}", f"pipeline.name={pipe}", "data.subset=64"))
+        lambda amp: demo_cfg(f"run.amp={amp}", "data.subset=64", pipeline=pipe))

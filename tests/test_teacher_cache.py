@@ -14,7 +14,6 @@ from pipelines import available_pipelines, build_loaders
 from training.config import load_config
 from training.losses import crld_loss
 from training.loop import Trainer
-from training.models import create_model
 from training.runtime import seed_everything
 from training.teacher_cache import CacheError, compress_topk, rebuild_topk
 
@@ -22,11 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    torch.manual_seed(1)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, path)
-    return path
+def teacher_ckpt(random_teacher):
+    return random_teacher(seed=1)
 
 
 def overrides(demo_root, teacher_ckpt, *extra):
@@ -119,12 +115,9 @@ def test_fingerprint_mismatch_names_the_field(demo_root, teacher_ckpt, fp32_cach
         step_losses(demo_root, teacher_ckpt, tmp_path, "teacher.source=cache", f"teacher.cache={fp32_cache}", extra)
 
 
-def test_other_teacher_checkpoint_is_refused(demo_root, fp32_cache, tmp_path):
-    other = tmp_path / "other.pt"
-    torch.manual_seed(5)
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, other)
+def test_other_teacher_checkpoint_is_refused(demo_root, fp32_cache, tmp_path, random_teacher):
     with pytest.raises(CacheError, match="teacher_sha256"):
-        step_losses(demo_root, str(other), tmp_path, "teacher.source=cache", f"teacher.cache={fp32_cache}")
+        step_losses(demo_root, random_teacher(seed=5), tmp_path, "teacher.source=cache", f"teacher.cache={fp32_cache}")
 
 
 def test_missing_truncated_and_unfinished_caches(demo_root, teacher_ckpt, fp32_cache, tmp_path):
@@ -298,11 +291,8 @@ def test_topk_cache_trains_and_is_smaller(demo_root, teacher_ckpt, tmp_path):
                     "method.temperature=2")
 
 
-def test_topk_error_script_on_a_full_cache(fp32_cache, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("topk_error", os.path.join(ROOT, "scripts", "topk_error.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_topk_error_script_on_a_full_cache(fp32_cache, tmp_path, script_module):
+    mod = script_module("topk_error")
     rows = mod.main(["--cache", str(fp32_cache), "--k", "1,5,9", "--temperature", "1",
                      "--json", str(tmp_path / "e.json")])
     kl = [r["kl_mean"] for r in rows]

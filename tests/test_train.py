@@ -1,6 +1,7 @@
 """End to end on CPU: every method, checkpoints, kill-and-resume, and bad input at the CLI."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,14 +14,6 @@ from training.loop import NonFiniteLoss
 from training.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth")
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, path)  # the zoo's format
-    return path
 
 
 def args(demo_root, out, name, *extra):
@@ -55,8 +48,8 @@ def test_two_epoch_run_of_each_method(demo_root, teacher_ckpt, tmp_path, method)
     assert any(not torch.equal(init[k], v) for k, v in ck["model"].items() if v.is_floating_point())
 
 
-def _cli(argv, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
+def _cli(argv, env=None, program="train.py"):
+    return subprocess.run([sys.executable, os.path.join(ROOT, program), *argv], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
@@ -64,8 +57,10 @@ def test_kill_and_resume_matches_uninterrupted_run(demo_root, teacher_ckpt, tmp_
     common = [f"teacher.ckpt={teacher_ckpt}", "optim.epochs=3", "run.deterministic=true"]
     full = _cli(args(demo_root, tmp_path, "full", *common))
     assert full.returncode == 0, full.stderr
-    killed = _cli(args(demo_root, tmp_path, "killed", *common), env={"CRLD_TEST_EXIT_AFTER_EPOCH": "1"})
-    assert killed.returncode == 137
+    # killed with SIGKILL right after epoch 1's checkpoint
+    killed = _cli(args(demo_root, tmp_path, "killed", *common), env={"CRLD_TEST_KILL_AFTER_EPOCH": "1"},
+                  program="tests/train_worker.py")
+    assert killed.returncode == -signal.SIGKILL
     assert len(open(tmp_path / "killed" / "metrics.jsonl").readlines()) == 1
     resumed = _cli(args(demo_root, tmp_path, "killed", *common) + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
@@ -107,10 +102,8 @@ def test_cuda_requested_without_cuda(demo_root, teacher_ckpt, tmp_path):
     assert r.returncode == 2 and "CUDA is not available" in r.stderr
 
 
-def test_wrong_class_count_teacher(demo_root, tmp_path):
-    path = str(tmp_path / "t100.pth")
-    torch.save({"model": create_model("resnet8", 100).state_dict()}, path)
-    r = _cli(args(demo_root, tmp_path, "bad", f"teacher.ckpt={path}"))
+def test_wrong_class_count_teacher(demo_root, tmp_path, random_teacher):
+    r = _cli(args(demo_root, tmp_path, "bad", f"teacher.ckpt={random_teacher('resnet8', 100)}"))
     assert r.returncode == 2 and "fc.weight: checkpoint (100, 64) vs model (10, 64)" in r.stderr
 
 
@@ -133,9 +126,8 @@ def test_demo_quick_mode(tmp_path):
     assert set(table) >= {"teacher", "ce", "kd", "crld"}
 
 
-def test_corrupt_image_from_a_worker_is_one_line(tmp_path):
-    from test_pipeline import make_folder
-    root = make_folder(str(tmp_path / "f"))
+def test_corrupt_image_from_a_worker_is_one_line(tmp_path, jpeg_folder):
+    root = jpeg_folder(str(tmp_path / "f"))
     with open(os.path.join(root, "train", "dog", "2.jpg"), "wb") as f:
         f.write(b"garbage")
     r = _cli(["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=2", "method.name=ce",

@@ -307,7 +307,6 @@ class Trainer:
                 log.info("teacher %s: top-1 %.2f", self.cfg.teacher.name, self.teacher_metrics["val_top1"])
         elif self.cache is not None and "teacher_val_top1" in self.cache.meta:
             self.teacher_metrics = {"val_top1": self.cache.meta["teacher_val_top1"]}
-        exit_after = int(os.environ.get("CRLD_TEST_EXIT_AFTER_EPOCH", "0"))
         while self.epoch < epochs:
             stats = self.train_epoch()
             stats.update(self.validate())
@@ -327,10 +326,6 @@ class Trainer:
                 self.save("best.pt")
             if self.epoch % self.cfg.run.save_every == 0 or self.epoch == epochs:
                 self.save("last.pt")
-            if exit_after and self.epoch == exit_after:  # test hook: a hard kill after a checkpoint
-                if self.world > 1:
-                    torch.distributed.barrier()
-                os._exit(137)
         wall = time.perf_counter() - t_start
         last = self.history[-1]
         best_epoch = max(self.history, key=lambda h: h["val_top1"])

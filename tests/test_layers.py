@@ -1,0 +1,115 @@
+"""The import structure: layers that never point up, no import cycles, no `sys.path` edits.
+
+Layers, lowest first: `pipelines/` (data backends; also the user-error base and the AMP dtype every layer
+needs), `training/` (config, models, losses, loop, cache), `datasets_prep/` (conversion programs), then the
+entry points at the root (train.py, bench.py and the modules beside them). A module imports only from its own
+layer or lower ones; every import statement counts, at module level and inside functions.
+"""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("pipelines", "training", "datasets_prep")  # in layer order
+ENTRY_LAYER = len(PACKAGES)
+
+
+def _module_name(path):
+    rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+    return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+
+
+def project_modules():
+    """{dotted name: file} for the installed packages and the root modules."""
+    out = {}
+    for pkg in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, pkg)):
+            out.update({_module_name(os.path.join(folder, f)): os.path.join(folder, f)
+                        for f in files if f.endswith(".py")})
+    out.update({f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")})
+    return out
+
+
+MODULES = project_modules()
+
+
+def layer(name):
+    top = name.split(".")[0]
+    return PACKAGES.index(top) if top in PACKAGES else ENTRY_LAYER
+
+
+def imports(path, top_level_only=False):
+    """(line, imported project module) for every import statement of the file."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    out = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}:{node.lineno}: a relative import (the project imports absolutely)"
+            base = node.module
+            # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        out += [(node.lineno, n) for n in names if n.split(".")[0] in {m.split(".")[0] for m in MODULES}]
+    return out
+
+
+def test_the_layout_is_what_this_test_assumes():
+    assert {"pipelines", "pipelines.errors", "pipelines.precision", "training.config", "training.cli",
+            "datasets_prep.prep_ffcv", "train", "bench", "bench_training", "bench_report"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_never_point_up(module):
+    path = MODULES[module]
+    up = [f"{os.path.relpath(path, ROOT)}:{line} imports {target}" for line, target in imports(path)
+          if layer(target) > layer(module)]
+    assert not up, "\n".join(up)
+
+
+def test_the_check_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def late():\n    from training.loop import Trainer\n")
+    assert imports(str(f)) == [(2, "training.loop")] and layer("training.loop") > layer("pipelines.x")
+
+
+def test_no_import_cycles_at_module_level():
+    graph = {m: {t for _, t in imports(p, top_level_only=True) if t in MODULES and t != m}
+             for m, p in MODULES.items()}
+    state, cycles = {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+            elif t not in state:
+                visit(t, stack + [t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(cycles)
+
+
+def _py_files():
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "build")]
+        yield from (os.path.join(folder, f) for f in files if f.endswith(".py"))
+
+
+def test_no_file_edits_sys_path():
+    edits = []
+    for path in _py_files():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+            targets = node.targets if isinstance(node, ast.Assign) else [target] if target is not None else []
+            if any(isinstance(t, ast.Attribute) and t.attr == "path" and isinstance(t.value, ast.Name)
+                   and t.value.id == "sys" for t in targets):
+                edits.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not edits, edits

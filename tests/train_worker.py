@@ -1,0 +1,54 @@
+"""train.py as the tests launch it, alone or under torchrun: with a batch-independent student (resnet8_gn:
+BatchNorm -> GroupNorm), so a 2-rank DDP run and a 1-process run over the same global batch agree to float
+noise (BN would see per-rank batches), and with the deaths a real run meets, driven by the environment:
+  CRLD_TEST_KILL_AFTER_EPOCH=N      the process writing last.pt is killed (SIGKILL, as `kill -9`) right after
+                                    epoch N's checkpoint: the kill-and-resume tests
+  CRLD_TEST_RANK1_DIES_AT_STEP=S    rank 1 exits at step S (an OOM kill, a node failure)
+  CRLD_TEST_RANK1_OVERRIDE=KEY=V    rank 1 resolves another config (a node whose files differ)
+"""
+import os
+import signal
+import sys
+
+import torch.nn as nn
+
+import train
+from training import models
+from training.cli import run_main
+from training.loop import Trainer
+
+
+def resnet8_gn(num_classes):
+    m = models.create_model("resnet8", num_classes)
+    for name, mod in list(m.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(mod, child_name, nn.GroupNorm(4, child.num_features))
+    return m
+
+
+models._REGISTRY["resnet8_gn"] = resnet8_gn
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    kill_after = int(os.environ.get("CRLD_TEST_KILL_AFTER_EPOCH", "0"))
+    if kill_after:
+        save = Trainer.save
+
+        def save_then_die(self, name):
+            save(self, name)
+            if name == "last.pt" and self.epoch == kill_after and self.is_main:
+                os.kill(os.getpid(), signal.SIGKILL)
+        Trainer.save = save_then_die
+    die_at = int(os.environ.get("CRLD_TEST_RANK1_DIES_AT_STEP", "0"))
+    if die_at and os.environ.get("RANK") == "1":  # a rank lost mid-epoch (OOM kill, node failure)
+        step = Trainer.train_step
+
+        def dying_step(self, *a, **k):
+            if self.step == die_at:
+                os._exit(1)
+            return step(self, *a, **k)
+        Trainer.train_step = dying_step
+    if os.environ.get("RANK") == "1" and os.environ.get("CRLD_TEST_RANK1_OVERRIDE"):
+        argv.append(os.environ["CRLD_TEST_RANK1_OVERRIDE"])  # a node whose config differs
+    sys.exit(run_main(lambda: train.main(argv)))
