@@ -36,9 +36,9 @@ def _rank_main(rank, world, port, over, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("pipe", ["torch", "dali", "ffcv"])
+@pytest.mark.parametrize("pipe", ["torch", "dali", "ffcv", "gpu"])
 def test_two_ranks_cover_the_epoch(pipe, demo_root, tmp_path):
-    if pipe != "torch":
+    if pipe in ("dali", "ffcv"):
         pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[pipe])
     odd = tmp_path / "demo_odd"  # 359 validation samples: 2 ranks need a padding sample there
     odd.mkdir()
