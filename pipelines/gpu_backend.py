@@ -3,9 +3,9 @@
 For datasets of one image size that fit in device memory (CIFAR, Tiny-ImageNet, the demo). The training
 split is uploaded once, already zero-padded by `data.crop_padding`; each epoch the rank's order and both
 views' crop boxes (`pipelines.view_params`, one vectorised draw for the whole rank-epoch) go to the
-device in one copy. A batch is then a fixed number of tensor calls whatever its size: one gather per
-view, the strong view through the batched tensor augmenter (`pipelines.randaugment_tensor`), the
-normaliser. No worker processes, no per-sample Python in the training process.
+device in one copy. A batch is then a bounded number of tensor calls whatever its size: one gather per
+view, the strong view through the batched tensor augmenter (`pipelines.randaugment_tensor`: a call per
+distinct op drawn), the normaliser. No worker processes, no per-sample Python in the training process.
 
 This backend is the accelerator route whatever `pipeline.route` says: on a CPU it runs the same code
 (views equal to the `torch` reference's), but there the host backends are the faster choice.
