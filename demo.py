@@ -1,7 +1,7 @@
 """The embedded demo: real data, no downloads, no weights, CPU-friendly.
 
-    python demo.py            # full demo (~5-6 min on 2 CPU cores)
-    python demo.py --quick    # smoke version used by the tests (~1 min)
+    python demo.py            # full demo (its time on the 2-core machine: README, Status)
+    python demo.py --quick    # smoke version used by the tests
 
 Materialises scikit-learn's digits as 32x32 RGB images, trains a resnet20 teacher with CE, then
 trains the same resnet8 student with CE, KD and CRLD from that teacher for each seed and prints

@@ -70,7 +70,7 @@ class Normalizer:
     def _row(self, width: int):
         # The (3,) scale and shift repeated along one image row: x * inv_std + bias over a (rows, W*3)
         # view then runs a vectorised inner loop of W*3 elements; broadcasting (3,) over the channel
-        # axis gives an inner loop of 3, ~5x slower on a CPU (docs/benchmarks.md).
+        # axis gives an inner loop of 3, several times slower on a CPU (docs/benchmarks.md).
         if width not in self._rows:
             self._rows[width] = (self.bias.repeat(width), self.inv_std.repeat(width))
         return self._rows[width]

@@ -2,8 +2,7 @@
 
 Used by backends that decode with a fast library and cut views on the CPU. torch's uint8
 channels-last antialiased bilinear resize follows PIL's filter (the reference backend) and is
-~2.5x faster than PIL's and ~4x faster than DALI's CPU resize on this machine (see
-docs/benchmarks.md).
+faster than both PIL's and DALI's CPU resize (docs/benchmarks.md).
 """
 from typing import Optional
 

@@ -185,7 +185,7 @@ class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as
 class DecodeOnceDecoder(SimpleRGBImageDecoder):
     """Decode once (JPEG via libjpeg-turbo, or raw), nothing else: output the full image, flattened
     into a (max_pixels * 3,) uint8 slot. The host cuts both views with torch's antialiased resize,
-    ~2x cheaper than the OpenCV INTER_AREA resize FFCV's compiled ops use (docs/benchmarks.md)."""
+    cheaper than the OpenCV INTER_AREA resize FFCV's compiled ops use (docs/benchmarks.md)."""
 
     def __init__(self, table: ViewTable):
         super().__init__()

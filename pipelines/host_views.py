@@ -21,8 +21,8 @@ _POOLS = {}
 
 
 def pool(threads: int = 0) -> ThreadPoolExecutor:
-    """One thread per usable core by default (on 2 cores: ffcv ~835 samples/s with 2 threads, 580-770
-    with 4, the extra threads mostly contend for the GIL; docs/benchmarks.md); each keeps a single
+    """One thread per usable core by default (more threads mostly contend for the GIL:
+    docs/benchmarks.md); each keeps a single
     intra-op torch thread (a per-thread OpenMP setting) so nested parallel regions do not
     oversubscribe the cores."""
     threads = threads or min(16, len(os.sched_getaffinity(0)))
@@ -97,7 +97,7 @@ def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled:
 
 def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):
     """Per sample on the host pool: `pair(j)` gives sample j's uint8 HWC (weak, strong or None), each
-    normalised into its row of one NHWC buffer per view (contiguous per-sample slices normalise ~4x faster
+    normalised into its row of one NHWC buffer per view (contiguous per-sample slices normalise faster
     than the strided batch). Returned as NCHW views: channels-last memory, as the contract asks."""
     weak = torch.empty((n, *hw, 3), dtype=normalize.dtype)
     strong = torch.empty_like(weak) if views == 2 else None

@@ -159,7 +159,7 @@ def test_unwritable_output_and_full_disk_are_clear_errors_with_no_files(demo_roo
 
 
 def test_a_writer_process_failing_mid_write_is_an_error_not_a_hang(demo_root, tmp_path, monkeypatch):
-    """A worker hitting ENOSPC used to leave FFCV's parent waiting forever (and the temp file behind)."""
+    """A worker hitting ENOSPC: a one-line error and no temp file (FFCV's own writer would wait forever)."""
     import errno
 
     from datasets_prep import prep_ffcv

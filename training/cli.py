@@ -24,9 +24,9 @@ def keep_freed_host_memory() -> bool:
     """glibc: serve every large allocation from the heap and keep freed memory for reuse.
 
     By default glibc maps each allocation over 32 MiB (a batch of float views, a CPU activation) with its
-    own mmap and unmaps it on free, so the next batch page-faults and zeroes it again: on the 2-core machine
-    that cost the loaders 20-30% of their throughput (docs/benchmarks.md). The cost
-    is that the process keeps its peak heap, as a caching allocator does. CRLD_KEEP_FREED_MEMORY=0 opts out;
+    own mmap and unmaps it on free, so the next batch page-faults and zeroes it again, a loss of throughput
+    for every loader (docs/benchmarks.md). The cost is that the process keeps its peak heap, as a caching
+    allocator does. CRLD_KEEP_FREED_MEMORY=0 opts out;
     forked DataLoader workers inherit the setting. False where libc has no mallopt (not glibc)."""
     if os.environ.get("CRLD_KEEP_FREED_MEMORY", "1") == "0":
         return False
