@@ -51,6 +51,7 @@ def main(argv=None):
     from training.checkpoint import CheckpointError
     from training.config import ConfigError, load_config
     from training.runtime import dist_from_env, resolve_device
+    from training.hub_weights import weights_path
     from training.teacher_cache import file_sha256, fingerprint
 
     over = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
@@ -73,8 +74,8 @@ def main(argv=None):
     src = open_source(cfg.data, train=True)
     if cfg.data.subset:
         src = subset(src, cfg.data.subset)
-    fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=file_sha256(cfg.teacher.ckpt),
-                     device=device)
+    sha = file_sha256(weights_path(cfg.teacher.ckpt, cfg.teacher.name))
+    fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=sha, device=device)
     os.makedirs(args.out, exist_ok=True)
     with build_lock(args.out):
         return build(args, cfg, src, fp, device)

@@ -5,7 +5,9 @@
     python eval.py --model resnet32x4 --ckpt checkpoints/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth \
         --dataset cifar100 --data data/cifar100
 
-Any checkpoint `load_model_weights` accepts works (this project's, `{"model": sd}`, bare state dicts).
+Any checkpoint `load_model_weights` accepts works (this project's, `{"model": sd}`, bare state dicts), and
+torchvision's pretrained weights for the torchvision architectures (training/hub_weights.py):
+    python eval.py --model imagenet_resnet34 --dataset imagenet --data data/imagenet --ckpt torchvision:IMAGENET1K_V1
 """
 import argparse
 import json
@@ -22,7 +24,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="YAML config for data / pipeline settings")
     ap.add_argument("--model", help="model name (default: the config's model.name)")
-    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--ckpt", required=True, help="checkpoint file, or torchvision:<weights member> (e.g. DEFAULT)")
     ap.add_argument("--data", help="dataset root (data.root)")
     ap.add_argument("--dataset", help="data.dataset (cifar100, imagenet, demo, ...)")
     ap.add_argument("--num-classes", type=int)
@@ -40,7 +42,7 @@ def main(argv=None):
     from training.models import create_model
     from training.runtime import autocast_for, dist_from_env, resolve_device
 
-    over = list(args.overrides)
+    over = []
     for flag, key in ((args.model, "model.name"), (args.data, "data.root"), (args.dataset, "data.dataset"),
                       (args.num_classes, "data.num_classes"), (args.pipeline, "pipeline.name")):
         if flag is not None:
@@ -51,12 +53,12 @@ def main(argv=None):
         over += ["data.num_classes=1000", "data.image_size=224", "data.val_resize=256"]
     if args.dataset == "tiny_imagenet" and args.num_classes is None:
         over += ["data.num_classes=200", "data.image_size=64"]
-    cfg = load_config(args.config, over + ["method.name=ce"])
+    cfg = load_config(args.config, over + list(args.overrides) + ["method.name=ce"])  # the user's word last
     device = resolve_device(cfg.run.device, dist_from_env())
+    model = create_model(cfg.model.name, cfg.data.num_classes)
+    load_model_weights(model, args.ckpt, cfg.model.name, "--ckpt")  # before the data: a bad --ckpt fails fast
     src = open_source(cfg.data, train=False)
     val = get_backend(cfg.pipeline.name).build_val(src, cfg, device)
-    model = create_model(cfg.model.name, cfg.data.num_classes)
-    load_model_weights(model, args.ckpt)
     model.to(device, memory_format=torch.channels_last)
     metrics = evaluate(model, val, device, autocast_for(cfg.run.amp, device)[0])
     print(f"{cfg.model.name} on {cfg.data.dataset} ({len(src)} images): top-1 {metrics['val_top1']:.2f}  "

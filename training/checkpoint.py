@@ -1,7 +1,8 @@
 """Checkpoints: atomic writes, safe loading (`weights_only=True`), and lenient weight import.
 
 `load_model_weights` accepts this project's checkpoints, `{"model": sd}` / `{"state_dict": sd}`
-files (the CRD / mdistiller teacher zoo), bare state dicts and `module.`-prefixed keys.
+files (the CRD / mdistiller teacher zoo), bare state dicts, `module.`-prefixed keys and torchvision's
+pretrained weights (`torchvision:IMAGENET1K_V1`).
 """
 from __future__ import annotations
 
@@ -61,9 +62,11 @@ def extract_state_dict(obj, path: str = "<checkpoint>") -> Dict[str, torch.Tenso
     return sd
 
 
-def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    """Strictly load weights into `model`, with a message listing what does not fit."""
-    sd = extract_state_dict(safe_load(path), path)
+def load_model_weights(model: torch.nn.Module, path: str, arch: str = "", key: str = "teacher.ckpt") -> None:
+    """Strictly load weights into `model`, with a message listing what does not fit. `path` may also be
+    `torchvision:<member>`: torchvision's weights for `arch` (`training/hub_weights.py`)."""
+    from training.hub_weights import hub_state_dict, is_hub_spec
+    sd = hub_state_dict(path, arch, key) if is_hub_spec(path) else extract_state_dict(safe_load(path), path)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipelines.errors import RuntimeConfigError, UserError
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
+from training.hub_weights import weights_path
 from training.losses import crld_masks, method_loss
 from training.models import create_model
 from training.runtime import RuntimeConfigError, autocast_for, rng_state, set_rng_state
@@ -37,7 +38,7 @@ class NonFiniteLoss(UserError):
 def frozen_teacher(cfg, device):
     """The teacher in eval mode, without gradients, in the run's memory format; never wrapped in DDP."""
     teacher = create_model(cfg.teacher.name, cfg.data.num_classes)
-    load_model_weights(teacher, cfg.teacher.ckpt)
+    load_model_weights(teacher, cfg.teacher.ckpt, cfg.teacher.name)
     mf = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     return teacher.to(device, memory_format=mf).eval().requires_grad_(False)
 
@@ -50,7 +51,7 @@ def open_cache(cfg, train_source, device):
     if topk and cfg.method.logit_stand:
         raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve method.logit_stand=true "
                                  f"(standardisation needs every logit); build a full cache")
-    sha = file_sha256(cfg.teacher.ckpt) if cfg.teacher.ckpt else None
+    sha = file_sha256(weights_path(cfg.teacher.ckpt, cfg.teacher.name)) if cfg.teacher.ckpt else None
     wanted = fingerprint(cfg, train_source, precision=precision, topk=topk, teacher_sha=sha, device=device)
     return TeacherCache(cfg.teacher.cache, wanted, cfg.optim.epochs, cfg.teacher.cache_cycle, device)
 
@@ -111,7 +112,7 @@ class Trainer:
         mf = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.student = create_model(cfg.model.name, nc).to(device, memory_format=mf)
         if cfg.model.ckpt:
-            load_model_weights(self.student, cfg.model.ckpt)
+            load_model_weights(self.student, cfg.model.ckpt, cfg.model.name, "model.ckpt")
         self.teacher = self.cache = None
         if self.method.name != "ce" and cfg.teacher.source == "cache":
             self.cache = open_cache(cfg, train_source, device)

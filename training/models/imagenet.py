@@ -29,10 +29,14 @@ class MobileNetV1(nn.Module):
         return self.fc(self.model(x).flatten(1))
 
 
-MODELS = {
-    "imagenet_resnet18": lambda num_classes: torchvision.models.resnet18(num_classes=num_classes),
-    "imagenet_resnet34": lambda num_classes: torchvision.models.resnet34(num_classes=num_classes),
-    "imagenet_resnet50": lambda num_classes: torchvision.models.resnet50(num_classes=num_classes),
-    "imagenet_mobilenet_v2": lambda num_classes: torchvision.models.mobilenet_v2(num_classes=num_classes),
-    "imagenet_mobilenet_v1": lambda num_classes: MobileNetV1(num_classes=num_classes),
-}
+# our name -> torchvision's (its builder, and the weights enum `torchvision:<member>` checkpoints come from)
+TORCHVISION_NAMES = {"imagenet_resnet18": "resnet18", "imagenet_resnet34": "resnet34",
+                     "imagenet_resnet50": "resnet50", "imagenet_mobilenet_v2": "mobilenet_v2"}
+
+
+def _torchvision(name):
+    return lambda num_classes: torchvision.models.get_model(name, num_classes=num_classes)
+
+
+MODELS = {ours: _torchvision(theirs) for ours, theirs in TORCHVISION_NAMES.items()}
+MODELS["imagenet_mobilenet_v1"] = lambda num_classes: MobileNetV1(num_classes=num_classes)
