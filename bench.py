@@ -92,10 +92,10 @@ def bench_ffcv_two_decode(over, args):
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline import PipelineSpec
 
-    from pipelines.contract import Normalizer
+    from pipelines.contract import Normalizer, on_device
     from pipelines.ffcv_backend import beton_paths, check_sidecar
     from pipelines.host_views import finish_pairs
-    from pipelines.view_params import STRONG, strong_params, view_rng
+    from pipelines.view_params import strong_draws
     from training.config import load_config
     cfg = load_config(None, over + ["pipeline.name=ffcv"])
     path = beton_paths(cfg)[0]
@@ -117,8 +117,8 @@ def bench_ffcv_two_decode(over, args):
                 sync()
                 t0 = time.perf_counter()
             x = torch.from_numpy(np.stack([w, s], 1))
-            params = [strong_params(view_rng(0, epoch, b * args.batch_size + k, STRONG)) for k in range(len(w))]
-            finish_pairs(x, params, norm, 2)
+            strong = strong_draws(0, epoch, np.arange(len(w)) + b * args.batch_size)
+            finish_pairs(x, strong, norm, 2, on_device(cfg, device))
             if t0 is not None:
                 n += len(w)
                 if n >= args.batches * args.batch_size:

@@ -36,6 +36,16 @@ class ValBatch(NamedTuple):
     index: torch.Tensor
 
 
+def on_device(cfg, device) -> bool:
+    """The route, decided here once and passed down: True for the accelerator route (views cut and
+    augmented as batched tensor work on the training device, no per-sample Python in the training
+    process), False for the host route (per-sample work on host threads, the fast route on a CPU).
+    `pipeline.route=auto` takes the accelerator route when training on CUDA; `device` forces it on a
+    CPU too, so the tests and benchmarks run the accelerator route's code without a GPU."""
+    route = cfg.pipeline.route
+    return route == "device" or (route == "auto" and torch.device(device).type == "cuda")
+
+
 def input_dtype(cfg, device) -> torch.dtype:
     """The dtype batches arrive in: the autocast dtype when AMP is on (the first conv would cast to it
     anyway, so values are the same and the normalised views take half the memory and bandwidth; the
@@ -85,6 +95,6 @@ class Normalizer:
     def __call__(self, x_nhwc_uint8: torch.Tensor) -> torch.Tensor:
         # One fused uint8 -> float pass on the contiguous NHWC tensor, then a permuted view: that view
         # *is* NCHW in channels-last memory, so no layout copy is needed.
-        x = x_nhwc_uint8.to(self.device, non_blocking=True)
+        x = to_device(x_nhwc_uint8, self.device)
         out = torch.empty(x.shape, dtype=self.dtype, device=self.device)
         return self.into(x, out).permute(0, 3, 1, 2)

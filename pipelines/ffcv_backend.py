@@ -33,10 +33,11 @@ from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
-from pipelines.contract import Batch, Normalizer, ValBatch
+from pipelines.beton_source import BetonSource
+from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
 from pipelines.host_views import finish_pairs, views_from_decoded
 from pipelines.sources import DataError
-from pipelines.view_params import sample_views
+from pipelines.view_params import ViewBatch, draw_views, strong_draws
 
 log = logging.getLogger(__name__)
 
@@ -56,39 +57,34 @@ _KEEP_ALIVE = []
 
 
 class ViewTable:
-    """View parameters per sample. With compiled crops (`crops_in_pipeline`) an epoch's boxes are written
-    ahead into one of two buffers (n, 2 views, [top, left, height, width, flip]) that the compiled
-    decoder reads, picked by `parity`; while an epoch runs, a thread fills the other buffer for the next
-    one, so an epoch starts without drawing n samples' views first (CIFAR: 50,000 x ~11 us). Otherwise
-    the views are drawn per batch on the host, which cuts them itself."""
+    """View boxes per sample. With compiled crops (`crops_in_pipeline`) an epoch's boxes are written ahead
+    into one of two buffers (n, 2 views, [top, left, height, width, flip]) that the compiled decoder reads,
+    picked by `parity`; while an epoch runs, a thread fills the other buffer for the next one, so an epoch
+    boundary waits for nothing. Otherwise the boxes are drawn per batch for the host, which cuts the views.
+    Either way a batch's or an epoch's boxes are one vectorised draw (`view_params.draw_views`)."""
 
     def __init__(self, metadata, data_cfg, pipe_cfg, seed, crops_in_pipeline: bool):
-        self.hw = list(zip(metadata["height"].tolist(), metadata["width"].tolist()))  # plain ints, per sample
+        self.hw = np.stack([metadata["height"], metadata["width"]], 1).astype(np.int64)
         n = len(self.hw)
         self.tables = np.zeros((2, n, 2, 5), dtype=np.int32)
         self.parity = np.zeros(1, dtype=np.int64)  # the buffer the compiled decoder reads
         self.decodes = np.zeros(n, dtype=np.int64)  # decodes per sample (tests count them)
-        self.crops_in_pipeline, self.stored = crops_in_pipeline, [[None] * n, [None] * n]
-        self.seed = seed
-        # plain values: reading OmegaConf attributes per sample cost more than drawing the views
+        self.crops_in_pipeline, self.seed = crops_in_pipeline, seed
         self.view_kw = dict(crop=data_cfg.train_crop, size=data_cfg.image_size, pad=data_cfg.crop_padding,
-                            n_ops=pipe_cfg.randaug_n, strong_aug=pipe_cfg.strong_aug)
+                            strong_aug=False)  # the strong parameters: `strong_draws` from the indices
         self.filled = [None, None]  # epoch held by each buffer
         self._ahead = None  # (epoch, thread) filling the next epoch's buffer
 
-    def _draw(self, epoch, i):
-        return sample_views(self.seed, epoch, i, self.hw[i][0], self.hw[i][1], **self.view_kw)
+    def boxes(self, epoch, indices) -> np.ndarray:
+        """(N, 2, 5) boxes of both views of `indices` (int64 array) in `epoch`."""
+        return draw_views(self.seed, epoch, indices, self.hw[indices], **self.view_kw).boxes
 
     def _fill(self, epoch, indices):
         b = epoch % 2
         self.filled[b] = None
-        stored, indices = self.stored[b], np.asarray(indices, dtype=np.int64)
-        rows = []
-        for i in indices.tolist():
-            weak, strong, _ = stored[i] = self._draw(epoch, i)
-            rows.append((*weak, *strong))  # Crop fields: top, left, height, width, flip
-        if rows:  # one numpy assignment: row by row from tuples cost ~5x the drawing itself
-            self.tables[b][indices] = np.asarray(rows, dtype=np.int32).reshape(-1, 2, 5)
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices):
+            self.tables[b][indices] = self.boxes(epoch, indices)
         self.filled[b] = epoch
 
     def start(self, epoch, indices, next_indices=None):
@@ -107,12 +103,6 @@ class ViewTable:
                                  name="ffcv-views-ahead")
             t.start()
             self._ahead = (epoch + 1, t)
-
-    def params(self, epoch, indices):
-        """(weak Crop, strong Crop, StrongParams) of each sample of a batch."""
-        if self.crops_in_pipeline:
-            return [self.stored[epoch % 2][i] for i in indices]
-        return [self._draw(epoch, i) for i in indices]
 
 
 class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's first op as its decoder by type
@@ -248,7 +238,8 @@ def beton_paths(cfg):
 
 def check_sidecar(path: str, cfg, source=None, split: str = "train") -> dict:
     """The .beton is complete and was converted from this dataset's `split` with these classes, in
-    this order, and (given the raw `source`) from these files: its labels are indices into that list."""
+    this order, and (given the raw `source`) from these files: its labels are indices into that list.
+    A `BetonSource` is this sidecar itself: nothing to cross-check."""
     side = path + ".json"
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing .beton (create it with datasets_prep/prep_ffcv.py)")
@@ -271,7 +262,7 @@ def check_sidecar(path: str, cfg, source=None, split: str = "train") -> dict:
     got_split = (meta.get("settings") or {}).get("split")
     if (got_split == "train") != (split == "train"):
         raise DataError(f"{path}: converted from the '{got_split}' split but used as the {split} split")
-    if source is not None:
+    if source is not None and not isinstance(source, BetonSource):
         have, classes = meta.get("classes") or [], list(source.classes)
         if have != classes:
             k = next((k for k, (a, b) in enumerate(zip(have, classes)) if a != b), min(len(have), len(classes)))
@@ -285,10 +276,10 @@ def check_sidecar(path: str, cfg, source=None, split: str = "train") -> dict:
 
 
 class _FfcvLoader:
-    def __init__(self, loader, table, normalize, kind, cfg, views, keep=None):
+    def __init__(self, loader, table, normalize, kind, cfg, views, keep=None, device_route=False):
         self.loader, self.table, self.normalize, self.kind, self.cfg, self.views = \
             loader, table, normalize, kind, cfg, views
-        self.epoch, self.keep = 0, keep
+        self.epoch, self.keep, self.device_route = 0, keep, device_route
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -306,8 +297,8 @@ class _FfcvLoader:
         left = self.keep  # this rank's real validation samples (positions rank, rank + world, ...)
         for data, label_index in self.loader:
             li = torch.from_numpy(np.array(label_index, dtype=np.int64))  # copy: FFCV reuses its slots
-            y, idx_cpu = li[:, 0].to(dev, non_blocking=True), li[:, 1]
-            i = idx_cpu.to(dev, non_blocking=True)
+            y, idx_cpu = to_device(li[:, 0], dev), li[:, 1]
+            i = to_device(idx_cpu, dev)
             x = torch.from_numpy(np.asarray(data))
             if self.kind == "val":
                 if left is not None:  # drop the DistributedSampler's padding: no sample counted twice
@@ -317,16 +308,16 @@ class _FfcvLoader:
                         continue
                 yield ValBatch(self.normalize(x), y, i)
                 continue
-            params = self.table.params(self.epoch, idx_cpu.tolist())
-            if self.table.crops_in_pipeline:
-                strong_params = [p[2] for p in params] if self.views == 2 else None
-                weak, strong = finish_pairs(x, strong_params, self.normalize, self.views,
-                                            self.cfg.pipeline.strong_aug)
-            else:
-                hw = [self.table.hw[k] for k in idx_cpu.tolist()]
-                images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(hw)]
-                weak, strong = views_from_decoded(images, params, self.cfg.data.image_size, self.views,
-                                                  self.normalize, self.cfg.pipeline.host_threads)
+            pc = self.cfg.pipeline
+            strong = (strong_draws(self.cfg.run.seed, self.epoch, idx_cpu.numpy(), pc.randaug_n)
+                      if self.views == 2 and pc.strong_aug else None)
+            if self.table.crops_in_pipeline:  # both views cut in FFCV's compiled decoder
+                weak, strong = finish_pairs(x, strong, self.normalize, self.views, self.device_route)
+            else:  # host route: the decoded images, cut per sample on the host pool
+                idx = idx_cpu.numpy()
+                images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(self.table.hw[idx].tolist())]
+                weak, strong = views_from_decoded(images, ViewBatch(self.table.boxes(self.epoch, idx), strong),
+                                                  self.cfg.data.image_size, self.views, self.normalize, pc.host_threads)
             yield Batch(weak, strong, y, i, idx_cpu)
 
 
@@ -353,12 +344,17 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     meta = check_sidecar(path, cfg, source, "train")
     from ffcv.reader import Reader
     reader = Reader(path)
-    # Padded crops (CIFAR) are cheap slices: compiled. Resized crops: decode in FFCV, resize on the host.
-    compiled = cfg.data.train_crop == "pad"
+    # Both views are cut in FFCV's compiled decoder on the accelerator route, and for padded crops (cheap
+    # slices) on either. Resized crops on the host route: decoded in FFCV, resized on the host with torch's
+    # antialiased filter, closer to the reference's PIL resize and cheaper than FFCV's OpenCV INTER_AREA
+    # resize on a CPU (docs/benchmarks.md).
+    device_route = on_device(cfg, device)
+    compiled = device_route or cfg.data.train_crop == "pad"
     table = ViewTable(reader.metadata["f0"], cfg.data, cfg.pipeline, cfg.run.seed, compiled)
     decoder = TwoViewDecoder(cfg.data.image_size, table) if compiled else DecodeOnceDecoder(table)
     loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [decoder], True, world)
-    return _FfcvLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), "train", cfg, views)
+    return _FfcvLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), "train", cfg, views,
+                       device_route=device_route)
 
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1):

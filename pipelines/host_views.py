@@ -1,21 +1,28 @@
-"""Strong-view augmentation for backends that hand uint8 views over from the CPU (ffcv, dali).
+"""Views finished for backends that decode with a fast library (ffcv, dali): the strong view's
+augmentation, normalisation, and on the host route the crops too.
 
-On a GPU the batch goes to the device and through the batched tensor augmenter. On a CPU the ops
-run per sample in PIL on a small thread pool: pixel-identical to the tensor ops (tests) and ~5x
-faster than them on a CPU (docs/benchmarks.md); PIL's kernels release the GIL.
+The route (`pipelines.contract.on_device`) is decided once by the backend and passed in. Accelerator
+route: uint8 views go to the device in one copy, the strong view through the batched tensor augmenter
+and both through normalisation there; the Python work per batch does not grow with the batch. Host
+route (the fast one on a CPU): per sample on a small thread pool, the strong ops in PIL (pixel-identical
+to the tensor ops, tests; several times faster than them on a CPU, docs/benchmarks.md); PIL's kernels
+release the GIL.
 """
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.contract import to_device
 from pipelines.crops import crop_resize
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.view_params import STRONG, WEAK, StrongDraws, ViewBatch
 
 _POOLS = {}
 
@@ -32,13 +39,6 @@ def pool(threads: int = 0) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
-def batched_on_device(device: torch.device) -> bool:
-    """The accelerator route: uint8 views to the device, batched tensor augmenter and normalisation
-    there. Otherwise (a CPU) per-sample PIL ops on the host pool. Tests force it to run the GPU
-    route's code on a CPU."""
-    return device.type != "cpu"
-
-
 def strong_pil(view: torch.Tensor, params) -> torch.Tensor:
     """One uint8 HWC view through the PIL definition (frombuffer shares the tensor's memory)."""
     size_hw = (view.shape[1], view.shape[0])
@@ -46,51 +46,39 @@ def strong_pil(view: torch.Tensor, params) -> torch.Tensor:
     return torch.from_numpy(np.array(apply_strong(pil, params)))
 
 
-def strong_on_host(x: torch.Tensor, params, device: torch.device, enabled: bool = True) -> torch.Tensor:
-    """uint8 (N, H, W, 3) strong-view crops -> augmented uint8 (N, H, W, 3) on `device`."""
-    if not enabled or all(p is None for p in params):
-        return x.to(device, non_blocking=True)
-    if batched_on_device(device):
-        return apply_strong_batch(x.to(device, non_blocking=True), StrongBatch.from_params(params, device),
-                                  channels_last_input=True)
+def strong_views(x: torch.Tensor, strong: Optional[StrongDraws], device: torch.device, on_device: bool) -> torch.Tensor:
+    """uint8 (N, H, W, 3) strong-view crops (host or device) -> augmented uint8 (N, H, W, 3) on `device`;
+    `strong` None: crop and flip only."""
+    if strong is None:
+        return to_device(x, device)
+    if on_device:
+        return apply_strong_batch(to_device(x, device), StrongBatch.from_draws(strong), channels_last_input=True)
     out = torch.empty_like(x)
 
     def work(j):
-        out[j] = strong_pil(x[j], params[j]) if params[j] is not None else x[j]
+        out[j] = strong_pil(x[j], strong.params(j))
 
-    list(pool().map(work, range(len(params))))
+    list(pool().map(work, range(len(x))))
     return out
 
 
-def _cut_pairs(images, params, size, views, threads):
-    out = torch.empty((len(params), views, size, size, 3), dtype=torch.uint8)
+def finish_pairs(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int, on_device: bool):
+    """uint8 (N, 2, H, W, 3) weak/strong crops on the host -> normalised (weak, strong) NCHW channels-last.
 
-    def work(j):
-        for k in range(views):
-            crop_resize(images[j], params[j][k], size, out=out[j, k])
-
-    list(pool(threads).map(work, range(len(params))))
-    return out
-
-
-def finish_pairs(x: torch.Tensor, params, normalize, views: int, strong_enabled: bool = True):
-    """uint8 (N, 2, H, W, 3) weak/strong crops -> normalised float (weak, strong) NCHW channels-last.
-
-    On a GPU: one copy to the device, batched tensor augmenter, batched normalisation. On a CPU: per
-    sample on the host pool (contiguous per-sample slices normalise ~4x faster than the strided
-    batch, and the PIL ops run beside them)."""
-    dev = normalize.device
-    if batched_on_device(dev):
-        x = x.to(dev, non_blocking=True)
+    Accelerator route: one copy to the device, batched tensor augmenter, batched normalisation. Host
+    route: per sample on the host pool (contiguous per-sample slices normalise faster than the
+    strided batch, and the PIL ops run beside them)."""
+    if on_device:
+        x = to_device(x, normalize.device)
         weak = normalize(x[:, 0])
         if views == 1:
             return weak, None
-        return weak, normalize(strong_on_host(x[:, 1], params, dev, strong_enabled))
+        return weak, normalize(strong_views(x[:, 1], strong, normalize.device, True))
 
     def pair(j):
         if views == 1:
             return x[j, 0], None
-        return x[j, 0], x[j, 1] if not strong_enabled or params[j] is None else strong_pil(x[j, 1], params[j])
+        return x[j, 0], x[j, 1] if strong is None else strong_pil(x[j, 1], strong.params(j))
 
     return _normalised_on_host(x.shape[0], x.shape[2:4], views, normalize, pair)
 
@@ -112,21 +100,15 @@ def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):
     return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
 
 
-def views_from_decoded(images, params, size: int, views: int, normalize, threads: int = 0):
-    """Decoded uint8 HWC images (one per sample, any size) -> normalised float (weak, strong) NCHW
-    channels-last on normalize's device. `params[j]` is sample j's (weak Crop, strong Crop, StrongParams).
-
-    CPU: per sample on the host pool, both views cut, the strong one through PIL, normalised. GPU: uint8
-    views cut on the host, then `finish_pairs` (one copy, batched augmenter and normalisation there)."""
-    if batched_on_device(normalize.device):
-        pairs = _cut_pairs(images, params, size, views, threads)
-        return finish_pairs(pairs, [p[2] for p in params], normalize, views)
-    def pair(j):  # cutting and normalising per sample keeps that work in the pool, off the main thread
-        wc, sc, sp = params[j]
-        weak = crop_resize(images[j], wc, size)
+def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, threads: int = 0):
+    """Host route: decoded uint8 HWC images (one per sample, any size) -> normalised float (weak, strong)
+    NCHW channels-last. Per sample on the host pool: both views cut from `vb`'s boxes, the strong one
+    through PIL, normalised (cutting and normalising there keeps that work off the main thread)."""
+    def pair(j):
+        weak = crop_resize(images[j], vb.crop(j, WEAK), size)
         if views == 1:
             return weak, None
-        v = crop_resize(images[j], sc, size)
-        return weak, v if sp is None else strong_pil(v, sp)
+        v = crop_resize(images[j], vb.crop(j, STRONG), size)
+        return weak, v if vb.strong is None else strong_pil(v, vb.strong.params(j))
 
-    return _normalised_on_host(len(params), (size, size), views, normalize, pair, threads)
+    return _normalised_on_host(len(images), (size, size), views, normalize, pair, threads)

@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from pipelines.augment_spec import CUTOUT_FILL, STRONG_OPS
-from pipelines.view_params import StrongParams
+from pipelines.view_params import StrongDraws, StrongParams
 
 OP_INDEX = {s.name: i for i, s in enumerate(STRONG_OPS)}
 
@@ -27,16 +27,21 @@ class StrongBatch(NamedTuple):
     cutout: torch.Tensor
 
     @staticmethod
-    def from_params(params: Sequence[StrongParams], device=None) -> "StrongBatch":
+    def from_draws(strong: StrongDraws) -> "StrongBatch":
+        """A batch's draws (`pipelines.view_params.strong_draws`), kept on the host: apply_strong_batch
+        plans each round there and sends one index and one magnitude tensor per round."""
+        return StrongBatch(torch.from_numpy(strong.ops), torch.from_numpy(strong.mags),
+                           torch.from_numpy(strong.cutout))
+
+    @staticmethod
+    def from_params(params: Sequence[StrongParams]) -> "StrongBatch":
+        """Per-sample parameters (the PIL definition's form), padded with Identity to one op count."""
         k = max(len(p.ops) for p in params)
         identity = (OP_INDEX["Identity"], 0.0)
-        rows = [list(p.ops) + [identity] * (k - len(p.ops)) for p in params]  # one tensor() call per field
+        rows = [list(p.ops) + [identity] * (k - len(p.ops)) for p in params]
         ops = torch.tensor([[o for o, _ in r] for r in rows], dtype=torch.long).view(len(params), k)
         mags = torch.tensor([[m for _, m in r] for r in rows], dtype=torch.float64).view(len(params), k)
         cut = torch.tensor([[p.cutout_frac, p.cutout_cx, p.cutout_cy] for p in params], dtype=torch.float64)
-        # Everything stays on the host: apply_strong_batch sorts by op there and sends one index and
-        # one magnitude tensor per round. `device` is accepted for callers that name one.
-        del device
         return StrongBatch(ops, mags, cut)
 
 
@@ -230,34 +235,33 @@ TENSOR_OPS = {
 assert set(TENSOR_OPS) == set(OP_INDEX)
 
 
-def cutout_by_slices(device: torch.device) -> bool:
-    """A slice assignment per sample beats a full-batch mask on a CPU; on a GPU the mask is one kernel
-    and needs no per-sample host work. Tests force the mask on a CPU."""
-    return device.type == "cpu"
-
-
 def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     """PIL's CutoutAbs box: x0 = int(max(0, cx*w - v/2)), x1 = min(w, x0 + v), drawn inclusive of
     both corners (ImageDraw truncates float corners); v = frac * width; no box when frac == 0.
-    `cut` (N, 3) lives on the host; `img` is modified in place."""
+    `cut` (N, 3) = (side fraction, centre x, centre y) on img's device: one mask over the batch."""
     n, ch, h, w = img.shape
-    frac, cx, cy = cut.cpu().double().unbind(1)
+    frac, cx, cy = cut.double().unbind(1)
     v = frac * w
     x0 = (cx * w - v / 2).clamp(min=0).floor()
     y0 = (cy * h - v / 2).clamp(min=0).floor()
     x1 = torch.minimum(x0 + v, torch.full_like(v, w)).floor()
     y1 = torch.minimum(y0 + v, torch.full_like(v, h)).floor()
-    fill = torch.tensor(CUTOUT_FILL, dtype=img.dtype).view(ch, 1, 1).to(img.device, non_blocking=True)
-    if cutout_by_slices(img.device):
-        for i in (frac > 0).nonzero().flatten().tolist():
-            img[i, :, int(y0[i]):int(y1[i]) + 1, int(x0[i]):int(x1[i]) + 1] = fill
-        return img
-    box = torch.stack([x0, y0, x1, y1, (frac > 0).double()], 1).to(img.device, non_blocking=True)
     xs = torch.arange(w, device=img.device).view(1, 1, w)
     ys = torch.arange(h, device=img.device).view(1, h, 1)
-    b = [box[:, k].view(n, 1, 1) for k in range(5)]
-    inside = (xs >= b[0]) & (xs <= b[2]) & (ys >= b[1]) & (ys <= b[3]) & (b[4] > 0)
-    return torch.where(inside.unsqueeze(1), fill.unsqueeze(0), img)
+    inside = ((xs >= x0.view(n, 1, 1)) & (xs <= x1.view(n, 1, 1)) & (ys >= y0.view(n, 1, 1))
+              & (ys <= y1.view(n, 1, 1)) & (frac > 0).view(n, 1, 1))
+    return torch.where(inside.unsqueeze(1), _fill(img.device, img.dtype, ch), img)
+
+
+_FILLS = {}
+
+
+def _fill(device, dtype, ch):
+    # built once per device: torch.tensor(...).to(cuda) per batch would be a copy from pageable memory
+    key = (device, dtype)
+    if key not in _FILLS:
+        _FILLS[key] = torch.tensor(CUTOUT_FILL, dtype=dtype).view(1, ch, 1, 1).to(device)
+    return _FILLS[key]
 
 
 def _round_plan(col: torch.Tensor):
@@ -280,30 +284,52 @@ def _rows_of(pos: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _to_device(parts, dev):
+    """Host tensors -> one float64 buffer -> `dev` in a single copy (pinned, asynchronous on CUDA: a
+    copy from pageable memory waits for the stream), then split there. Indices below 2**53 are exact."""
+    flat = torch.cat([p.reshape(-1).double() for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
+    if dev.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(dev, non_blocking=True)
+    return flat.split([p.numel() for p in parts])
+
+
 def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
     """Strong view of a batch. `x`: uint8, or float holding integers in [0, 255]; NCHW (or NHWC if
     `channels_last_input`). Returns a new tensor of the same dtype and layout.
 
     Between ops the batch is kept as uint8 (each PIL op yields uint8 too). Each round the batch is
     reordered once so that every op's samples are one contiguous slice: an op then reads and writes
-    a view, with no per-op index lists, gathers or scatters. On a GPU the cost of this function is
-    the host's op-by-op dispatch, so fewer calls is the point (docs/benchmarks.md)."""
+    a view, with no per-op index lists, gathers or scatters. The plan (orders, magnitudes, Cutout
+    boxes) is made on the host, where the parameters are, and sent to the device in one copy. On a
+    GPU the cost of this function is the host's op-by-op dispatch, so fewer calls is the point: their
+    number depends on the ops drawn, not on the batch size (docs/benchmarks.md)."""
     dtype = x.dtype
     img = x.permute(0, 3, 1, 2) if channels_last_input else x
     img = img.clone() if dtype == torch.uint8 else img.round().clamp(0, 255).to(torch.uint8)
     dev, n = img.device, img.shape[0]
-    # Op choices and magnitudes stay on the host (they come from view_params there): planning needs
-    # no device->host sync, and each round sends one index and one magnitude tensor.
     ops, mags = params.ops.cpu(), params.mags.cpu()
     pos = torch.arange(n)  # pos[r]: the sample now in row r of img
+    rounds, parts = [], []
     for k in range(ops.shape[1]):
         order, segs = _round_plan(ops[:, k])
         if not segs or segs[0][0] == "Identity":  # an empty batch, or Identity (sorted last) only
             continue
-        if not torch.equal(order, pos):
-            img = img[_rows_of(pos)[order].to(dev, non_blocking=True)]  # indexing keeps the memory format
+        gather = not torch.equal(order, pos)
+        if gather:
+            parts.append(_rows_of(pos)[order])
             pos = order
-        mk = mags[order, k].to(dev, non_blocking=True)
+        parts.append(mags[order, k])
+        rounds.append((gather, segs))
+    back = not torch.equal(pos, torch.arange(n))
+    if back:
+        parts.append(_rows_of(pos))
+    parts.append(params.cutout.cpu())
+    sent = list(_to_device(parts, dev))
+    for gather, segs in rounds:
+        if gather:
+            img = img[sent.pop(0).long()]  # indexing keeps the memory format
+        mk = sent.pop(0)
         geo_a, geo_b, geo_coeffs = None, None, []
         for name, a, b in segs:
             if name == "Identity":
@@ -318,8 +344,8 @@ def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input
         if geo_coeffs:  # nearest sampling of uint8 values: no rounding needed
             seg = img[geo_a:geo_b]
             seg.copy_(_affine(seg, torch.cat(geo_coeffs) if len(geo_coeffs) > 1 else geo_coeffs[0]))
-    if not torch.equal(pos, torch.arange(n)):  # back to the caller's order
-        img = img[_rows_of(pos).to(dev, non_blocking=True)]
-    img = cutout(img, params.cutout)
+    if back:  # to the caller's order
+        img = img[sent.pop(0).long()]
+    img = cutout(img, sent.pop(0).view(n, 3))
     out = img if dtype == torch.uint8 else img.to(dtype)
     return out.permute(0, 2, 3, 1) if channels_last_input else out

@@ -66,7 +66,47 @@ def jpeg_hw(raw: np.ndarray) -> Optional[Tuple[int, int]]:
     return None
 
 
-class DataError(ValueError):
+def _header_hw(path: str) -> Tuple[int, int]:
+    """(height, width) from the file's header. A JPEG without its end-of-image marker near the end
+    (truncated, most often) must also decode in PIL: DALI's CPU decoder can fault on a truncated file
+    instead of reporting it, so it never gets one."""
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(1 << 17)
+        tail = os.pread(f.fileno(), 4096, max(0, os.fstat(f.fileno()).st_size - 4096))
+    hw = jpeg_hw(np.frombuffer(head, dtype=np.uint8))
+    if hw and hw[0] > 0 and hw[1] > 0 and b"\xff\xd9" in tail:
+        return hw
+    try:  # other formats (PNG, ...), JPEGs whose frame header lies further in or whose end is missing
+        with Image.open(path) as im:
+            if hw:
+                im.load()
+            return im.size[1], im.size[0]
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def image_sizes(source, threads: int = 0) -> np.ndarray:
+    """(N, 2) int64 height and width of every image of a source, made once when a loader is built (the
+    view parameters need them for whole batches at once). Folder sources read each file's header on a
+    thread pool (the reads release the GIL). A file whose header cannot be read is 0 x 0 in skip mode
+    (the loader substitutes it) and a DataError otherwise."""
+    if hasattr(source, "images"):
+        return np.broadcast_to(np.asarray(source.images.shape[1:3], dtype=np.int64), (len(source), 2))
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path):
+        try:
+            return _header_hw(path)
+        except DataError:
+            if getattr(source, "skip_bad", False):
+                return 0, 0
+            raise
+
+    with ThreadPoolExecutor(threads or min(32, 4 * (os.cpu_count() or 1))) as ex:
+        return np.asarray(list(ex.map(one, source.files)), dtype=np.int64).reshape(-1, 2)
+
+
+class DataError(UserError):
     """A problem with the user's data; the message names the file or folder."""
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines.contract import Batch, Normalizer, ValBatch
 from pipelines.randaugment_pil import apply_strong
 from pipelines.sampler import EpochSampler
-from pipelines.view_params import Crop, sample_views
+from pipelines.view_params import STRONG, WEAK, Crop, draw_views
 
 
 def apply_crop(img: Image.Image, c: Crop, size: int) -> Image.Image:
@@ -27,29 +27,37 @@ def apply_crop(img: Image.Image, c: Crop, size: int) -> Image.Image:
 
 
 class TwoViewDataset(Dataset):
-    """Item key is (epoch, index) so persistent workers need no epoch broadcast."""
+    """Item key is (epoch, index) so persistent workers need no epoch broadcast. A worker fetches a whole
+    batch at once (`__getitems__`): the batch's view parameters are one vectorised draw."""
 
     def __init__(self, source, data_cfg, pipe_cfg, seed: int, views: int = 2):
         self.source, self.seed, self.views = source, seed, views
-        self.size, self.crop, self.pad = data_cfg.image_size, data_cfg.train_crop, data_cfg.crop_padding
-        self.n_ops, self.strong_aug = pipe_cfg.randaug_n, pipe_cfg.strong_aug
+        self.size = data_cfg.image_size
+        self.view_kw = dict(crop=data_cfg.train_crop, size=data_cfg.image_size, pad=data_cfg.crop_padding,
+                            n_ops=pipe_cfg.randaug_n, strong_aug=pipe_cfg.strong_aug and views == 2)
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, key):
-        epoch, index = key
-        img, label = self.source.load_sample(index)
-        weak_c, strong_c, sp = sample_views(self.seed, epoch, index, img.size[1], img.size[0],
-                                            crop=self.crop, size=self.size, pad=self.pad,
-                                            n_ops=self.n_ops, strong_aug=self.strong_aug)
-        weak = apply_crop(img, weak_c, self.size)
-        if self.views == 1:
-            return np.asarray(weak), label, index
-        strong = apply_crop(img, strong_c, self.size)
-        if sp is not None:
-            strong = apply_strong(strong, sp)
-        return np.asarray(weak), np.asarray(strong), label, index
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        samples = [self.source.load_sample(index) for _, index in keys]
+        index = np.array([i for _, i in keys], dtype=np.int64)
+        hw = np.array([(img.size[1], img.size[0]) for img, _ in samples], dtype=np.int64)
+        vb = draw_views(self.seed, keys[0][0], index, hw, **self.view_kw)  # a batch is one epoch's
+        out = []
+        for j, (img, label) in enumerate(samples):
+            weak = np.asarray(apply_crop(img, vb.crop(j, WEAK), self.size))
+            if self.views == 1:
+                out.append((weak, label, int(index[j])))
+                continue
+            strong = apply_crop(img, vb.crop(j, STRONG), self.size)
+            if vb.strong is not None:
+                strong = apply_strong(strong, vb.strong.params(j))
+            out.append((weak, np.asarray(strong), label, int(index[j])))
+        return out
 
 
 class ValDataset(Dataset):

@@ -27,7 +27,7 @@ import torch
 from bench_training import matmul_peak_tflops  # the rate bench.py divides by for MFU
 from pipelines.augment_spec import STRONG_OPS
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
-from pipelines.view_params import STRONG, strong_params, view_rng
+from pipelines.view_params import strong_draws
 from training.losses import crld_loss
 from training.models import create_model
 from training.runtime import git_commit
@@ -130,11 +130,11 @@ def check_augment(device, small):
     Tolerance: max |device - cpu| <= 1 grey level (float rounding); the differing samples' ops are listed."""
     n, hw = (16, 24) if small else (512, 64)
     x = torch.randint(0, 256, (n, hw, hw, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    params = [strong_params(view_rng(0, 0, i, STRONG)) for i in range(n)]
+    params = StrongBatch.from_draws(strong_draws(0, 0, numpy.arange(n)))
     res = {}
     for layout, inp, nhwc in (("nhwc", x, True), ("nchw", x.permute(0, 3, 1, 2).contiguous(), False)):
-        ref = apply_strong_batch(inp, StrongBatch.from_params(params), channels_last_input=nhwc)
-        got = apply_strong_batch(inp.to(device), StrongBatch.from_params(params, device), channels_last_input=nhwc)
+        ref = apply_strong_batch(inp, params, channels_last_input=nhwc)
+        got = apply_strong_batch(inp.to(device), params, channels_last_input=nhwc)
         diff = (ref.int() - got.cpu().int()).abs()
         bad = (diff.flatten(1).amax(1) > 0).nonzero().flatten().tolist()
         res[layout] = {"max_abs_diff": int(diff.max()), "frac_pixels_differing": float((diff > 0).float().mean()),

@@ -23,9 +23,9 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
 
-from pipelines.host_views import strong_on_host
+from pipelines.host_views import strong_views
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
-from pipelines.view_params import STRONG, strong_params, view_rng
+from pipelines.view_params import strong_draws
 
 
 @pipeline_def(enable_conditionals=True)
@@ -59,15 +59,15 @@ def main(argv=None):
     small = torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8)).float()
     x = torch.nn.functional.interpolate(small, size=(a.size, a.size), mode="bilinear").round().to(torch.uint8)
     x = x.permute(0, 2, 3, 1).contiguous()
-    params = [strong_params(view_rng(0, 0, i, STRONG)) for i in range(n)]
+    draws = strong_draws(0, 0, np.arange(n))
     arrays = [x[i].numpy() for i in range(n)]
     pipe = _stock(lambda: arrays, batch_size=n, num_threads=cores, device_id=None, prefetch_queue_depth=1, seed=0)
     pipe.build()
     out = {
         "dali_stock_rand_augment": _rate(pipe.run, n, a.batches, a.repeat),
-        "pil_host_pool": _rate(lambda: strong_on_host(x, params, torch.device("cpu")), n, a.batches, a.repeat),
+        "pil_host_pool": _rate(lambda: strong_views(x, draws, torch.device("cpu"), False), n, a.batches, a.repeat),
     }
-    out["tensor_batched"] = _rate(lambda: apply_strong_batch(x, StrongBatch.from_params(params),
+    out["tensor_batched"] = _rate(lambda: apply_strong_batch(x, StrongBatch.from_draws(draws),
                                                              channels_last_input=True), n, a.batches, a.repeat)
     for name, (med, rounds) in out.items():
         print(f"{name:26s} {med:8.0f} samples/s   rounds {', '.join(f'{r:.0f}' for r in rounds)}")

@@ -5,8 +5,8 @@ from PIL import Image
 
 from pipelines import augment_spec
 from pipelines.randaugment_pil import PIL_OPS, apply_strong, cutout_box
-from pipelines.view_params import (STRONG, WEAK, StrongParams, pad_crop, random_resized_crop, sample_views,
-                                   strong_params, view_rng)
+from pipelines.view_params import (STRONG, WEAK, StrongParams, crops, draw_views, philox, sample_views,
+                                   strong_draws, uniforms)
 
 PAPER_OPS = [("AutoContrast", 0, 1), ("Brightness", 0.05, 0.95), ("Color", 0.05, 0.95),
              ("Contrast", 0.05, 0.95), ("Equalize", 0, 1), ("Identity", 0, 1), ("Posterize", 4, 8),
@@ -21,53 +21,94 @@ def test_op_list_and_ranges_equal_the_paper():
     assert augment_spec.CUTOUT_FILL == (125, 123, 114)
 
 
+def strong_params(seed, epoch, index):
+    return strong_draws(seed, epoch, [index]).params(0)
+
+
 def test_params_are_a_pure_function_of_seed_epoch_index_view():
-    a = [strong_params(view_rng(3, 5, 17, STRONG)) for _ in range(2)]
+    a = [strong_params(3, 5, 17) for _ in range(2)]
     assert a[0] == a[1]
-    others = {strong_params(view_rng(*k)) for k in [(4, 5, 17, 1), (3, 6, 17, 1), (3, 5, 18, 1), (3, 5, 17, 0)]}
-    assert a[0] not in others and len(others) == 4
+    others = {strong_params(*k) for k in [(4, 5, 17), (3, 6, 17), (3, 5, 18)]}
+    assert a[0] not in others and len(others) == 3
+    weak, strong = (crops(3, 5, [17], (300, 400), v, crop="rrc", size=224, pad=0) for v in (WEAK, STRONG))
+    assert not np.array_equal(weak, strong)
 
 
-def test_view_rng_is_the_fresh_philox_stream_in_every_thread():
-    from concurrent.futures import ThreadPoolExecutor
+def test_a_batch_draw_equals_each_sample_drawn_alone():
+    """Views do not depend on which batch (or rank, or epoch table) a sample is drawn in."""
+    rng = np.random.default_rng(0)
+    index = rng.permutation(10_000)[:64]
+    hw = rng.integers(20, 600, (64, 2))
+    for crop in ("pad", "rrc"):
+        vb = draw_views(7, 3, index, hw, crop=crop, size=16, pad=4)
+        for j in (0, 5, 63):
+            assert vb.sample(j) == sample_views(7, 3, int(index[j]), *hw[j].tolist(), crop=crop, size=16, pad=4)
+        rev = draw_views(7, 3, index[::-1], hw[::-1], crop=crop, size=16, pad=4)
+        assert np.array_equal(rev.boxes[::-1], vb.boxes) and np.array_equal(rev.strong.mags[::-1], vb.strong.mags)
 
-    def fresh(seed, epoch, index, view):
-        return np.random.Generator(np.random.Philox(key=seed, counter=[view, index, epoch, 0]))
 
-    def draws(g):  # 32-bit (buffered), 64-bit and float draws, interleaved
-        return (tuple(g.integers(0, 1000, 3)), g.random(), int(g.integers(0, 2**40)), tuple(g.random(3)))
-
-    keys = [(s, e, i, v) for s in (0, 7, 2**63 + 5) for e in (0, 3) for i in (0, 1, 999) for v in (0, 1)]
-    want = [draws(fresh(*k)) for k in keys]
-    view_rng(1, 2, 3, 0).integers(0, 10)  # leaves a 32-bit value buffered: must not leak into the next stream
-    assert [draws(view_rng(*k)) for k in keys] == want
-    with ThreadPoolExecutor(4) as ex:
-        assert list(ex.map(lambda k: draws(view_rng(*k)), keys * 4)) == want * 4
+def test_philox_matches_the_random123_known_answers():
+    """philox4x32_10 known-answer vectors of Random123 (kat_vectors): the generator is the published one."""
+    cases = [(0, [0, 0, 0, 0], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]),
+             (2**64 - 1, [0xffffffff] * 4, [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]),
+             (0x299f31d0a4093822, [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+              [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1])]
+    for key, ctr, want in cases:
+        assert philox(key, np.array(ctr, dtype=np.uint64)).tolist() == want
+    u = uniforms(0, 0, np.arange(20_000), 0, 4)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03
 
 
 def test_magnitudes_ops_and_cutout_are_drawn_from_the_spec_ranges():
-    counts = np.zeros(len(PAPER_OPS))
-    for i in range(3000):
-        p = strong_params(view_rng(0, 0, i, STRONG))
-        assert len(p.ops) == 2
-        for k, v in p.ops:
-            lo, hi = PAPER_OPS[k][1:]
-            assert lo <= v <= hi
-            counts[k] += 1
-        assert 0 <= p.cutout_frac < 0.5 and 0 <= p.cutout_cx < 1 and 0 <= p.cutout_cy < 1
+    d = strong_draws(0, 0, np.arange(3000))
+    assert d.ops.shape == d.mags.shape == (3000, 2)
+    lo, hi = np.array([o[1] for o in PAPER_OPS])[d.ops], np.array([o[2] for o in PAPER_OPS])[d.ops]
+    assert ((lo <= d.mags) & (d.mags <= hi)).all()
+    frac, cx, cy = d.cutout.T
+    assert (0 <= frac).all() and (frac < 0.5).all() and (0 <= cx).all() and (cx < 1).all() and (cy < 1).all()
     # drawn with replacement, uniformly: every op appears ~ 6000/14 times
+    counts = np.bincount(d.ops.ravel(), minlength=len(PAPER_OPS))
     assert counts.min() > 330 and counts.max() < 530
 
 
 def test_pad_crop_offsets_cover_the_padding():
-    tops = {pad_crop(view_rng(0, 0, i, WEAK), 32, 32, 32, 4).top for i in range(500)}
-    assert tops == set(range(-4, 5))
+    boxes = crops(0, 0, np.arange(500), (32, 32), WEAK, crop="pad", size=32, pad=4)
+    assert set(boxes[:, 0].tolist()) == set(range(-4, 5)) and set(boxes[:, 4].tolist()) == {0, 1}
+    assert (boxes[:, 2:4] == 32).all()
 
 
-def test_random_resized_crop_boxes_fit_the_image():
-    for i in range(300):
-        c = random_resized_crop(view_rng(1, 0, i, WEAK), 300, 400)
-        assert 0 <= c.top and c.top + c.height <= 300 and 0 <= c.left and c.left + c.width <= 400
+def rrc_reference(u, img_h, img_w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params written as torchvision does, fed the same uniforms."""
+    import math
+    area = img_h * img_w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for t in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[2 * t])
+        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[2 * t + 1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= img_w and 0 < h <= img_h:
+            return min(int(u[-3] * (img_h - h + 1)), img_h - h), min(int(u[-2] * (img_w - w + 1)), img_w - w), h, w
+    in_ratio = img_w / img_h
+    if in_ratio < ratio[0]:
+        w, h = img_w, int(round(img_w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = img_h, int(round(img_h * ratio[1]))
+    else:
+        w, h = img_w, img_h
+    return (img_h - h) // 2, (img_w - w) // 2, h, w
+
+
+def test_random_resized_crop_follows_torchvision_and_fits_the_image():
+    rng = np.random.default_rng(1)
+    hw = np.concatenate([rng.integers(8, 700, (400, 2)), [[10, 600], [600, 10], [3, 3], [1, 2]]])  # + fallbacks
+    index = np.arange(len(hw))
+    boxes = crops(1, 0, index, hw, WEAK, crop="rrc", size=224, pad=0)
+    from pipelines.view_params import RRC_UNIFORMS
+    u = uniforms(1, 0, index, WEAK, RRC_UNIFORMS)
+    for j, (h, w) in enumerate(hw.tolist()):
+        assert tuple(boxes[j, :4]) == rrc_reference(u[j].tolist(), h, w)
+        t, l, bh, bw = boxes[j, :4]
+        assert 0 <= t and t + bh <= h and 0 <= l and l + bw <= w and bh > 0 and bw > 0
 
 
 @pytest.mark.parametrize("name", [o[0] for o in PAPER_OPS])

@@ -7,7 +7,7 @@ from PIL import Image
 from pipelines.augment_spec import STRONG_OPS
 from pipelines.randaugment_pil import PIL_OPS, apply_strong
 from pipelines.randaugment_tensor import TENSOR_OPS, StrongBatch, apply_strong_batch
-from pipelines.view_params import STRONG, StrongParams, strong_params, view_rng
+from pipelines.view_params import StrongParams, strong_draws
 
 # Measured on CPU with the pinned Pillow: every op is pixel-exact. The tolerance leaves room for
 # float rounding on other devices: at most 0.2% of pixels may differ, by at most 1 level for the
@@ -48,8 +48,11 @@ def test_op_agrees_with_pil(spec):
 def test_whole_strong_view_matches_pil_batched_uint8_nhwc():
     rng = np.random.default_rng(1)
     batch = np.stack([rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(32)])
-    params = [strong_params(view_rng(0, 0, i, STRONG)) for i in range(32)]
-    got = apply_strong_batch(torch.from_numpy(batch), StrongBatch.from_params(params), channels_last_input=True)
+    draws = strong_draws(0, 0, np.arange(32))
+    params = [draws.params(i) for i in range(32)]
+    got = apply_strong_batch(torch.from_numpy(batch), StrongBatch.from_draws(draws), channels_last_input=True)
+    assert torch.equal(got, apply_strong_batch(torch.from_numpy(batch), StrongBatch.from_params(params),
+                                               channels_last_input=True))
     assert got.dtype == torch.uint8 and got.shape == batch.shape and got.is_contiguous()  # layout kept
     for i in range(32):
         ref = np.asarray(apply_strong(Image.fromarray(batch[i]), params[i]))
@@ -73,7 +76,7 @@ def test_chosen_ops_are_uniform_with_replacement_chi_square():
     counts = np.zeros(len(STRONG_OPS))
     same = 0
     for i in range(n):
-        p = strong_params(view_rng(5, 1, i, STRONG))
+        p = strong_draws(5, 1, [i]).params(0)
         for k, _ in p.ops:
             counts[k] += 1
         same += p.ops[0][0] == p.ops[1][0]

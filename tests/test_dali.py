@@ -14,7 +14,6 @@ from pipelines import build_loaders  # noqa: E402
 from pipelines.augment_spec import CUTOUT_FILL  # noqa: E402
 from pipelines.sources import DataError  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.runtime import RuntimeConfigError  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -149,53 +148,30 @@ def test_an_iteration_left_early_does_not_leak_into_the_next(demo_root):
     assert again == got
 
 
-def test_gpu_decoding_without_cuda_is_a_clear_error(jpegs):
-    if torch.cuda.is_available():
-        pytest.skip("checks the no-CUDA error")
-    with pytest.raises(RuntimeConfigError, match="dali_device=gpu needs"):
-        build_loaders(jpeg_cfg(jpegs, "dali", "pipeline.dali_device=gpu"), CPU)
-
-
 def test_single_view_methods_get_no_strong_view(jpegs):
     bs, _ = batches(jpeg_cfg(jpegs, "dali", "method.name=kd"), n=1)
     assert bs[0].strong is None and bs[0].weak.shape == (8, 3, 48, 48)
 
 
-def test_one_epoch_crld_run_through_dali(demo_root, tmp_path):
-    import train
-    torch.manual_seed(0)
-    from training.models import create_model
-    ckpt = str(tmp_path / "t.pth")
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, ckpt)
-    s = train.main(["--config", "configs/demo/crld.yaml", "--pipeline", "dali", f"data.root={demo_root}",
-                    f"run.out_dir={tmp_path}", "run.name=dali", "data.subset=128", "pipeline.batch_size=32",
-                    "optim.epochs=1", "optim.warmup_epochs=0", "run.progress=false", "model.name=resnet8",
-                    "teacher.name=resnet8", f"teacher.ckpt={ckpt}"])
-    assert s["epochs"] == 1 and np.isfinite(s["best_top1"])
-    assert "name: dali" in open(tmp_path / "dali" / "config.yaml").read()
+def test_one_epoch_crld_run_through_dali(one_epoch_crld):
+    one_epoch_crld("dali")
 
 
-def test_views_cut_inside_the_dali_graph_match_the_reference(demo_root, jpegs, monkeypatch):
-    """The GPU route (boxes fed to DALI, views cut by fn.slice / fn.resize, strong ops after the copy)
-    run on the CPU: what a `mixed` pipeline computes, minus nvJPEG."""
-    from pipelines import dali_backend
-    monkeypatch.setattr(dali_backend, "_views_in_graph", lambda dec: True)
-    (ref, _), (got, _) = (batches(demo_cfg(demo_root, p), epoch=1, n=2) for p in ("torch", "dali"))
-    for a, b in zip(ref, got):  # padded crops are exact slices
+def test_the_accelerator_route_matches_the_reference(demo_root, jpegs):
+    """`pipeline.route=device` on the CPU: files read by DALI, boxes fed to DALI, views cut by fn.slice /
+    fn.resize, the strong view through the batched tensor augmenter: what a GPU runs, minus nvJPEG."""
+    (ref, _), (got, _) = (batches(demo_cfg(demo_root, p, "pipeline.route=device"), epoch=1, n=2)
+                          for p in ("torch", "dali"))
+    for a, b in zip(ref, got):  # padded crops are exact slices; on a CPU the tensor ops equal PIL exactly
         assert torch.equal(a.index, b.index) and torch.equal(a.weak, b.weak) and torch.equal(a.strong, b.strong)
-    from pipelines import host_views, randaugment_tensor  # the strong ops as on a GPU: the tensor augmenter
-    monkeypatch.setattr(host_views, "batched_on_device", lambda device: True)
-    monkeypatch.setattr(randaugment_tensor, "cutout_by_slices", lambda device: False)
-    got, _ = batches(demo_cfg(demo_root, "dali"), epoch=1, n=2)
-    for a, b in zip(ref, got):  # on a CPU the tensor ops equal PIL exactly (test_augment_tensor)
-        assert torch.equal(a.index, b.index) and torch.equal(a.weak, b.weak) and torch.equal(a.strong, b.strong)
-    monkeypatch.undo()
-    monkeypatch.setattr(dali_backend, "_views_in_graph", lambda dec: True)
-    (ref, _), (got, _) = (batches(jpeg_cfg(jpegs, p), n=2) for p in ("torch", "dali"))
+        assert b.weak.is_contiguous(memory_format=torch.channels_last)
+    (ref, ref_val), (got, got_val) = (batches(jpeg_cfg(jpegs, p, "pipeline.route=device"), n=2)
+                                      for p in ("torch", "dali"))
     std = 0.225 * 255
     for a, b in zip(ref, got):  # DALI's resize filter: within the tolerance of the host route's test
         assert torch.equal(a.index, b.index) and b.weak.is_contiguous(memory_format=torch.channels_last)
         assert (a.weak - b.weak).abs().mean() * std < 1.0 and (a.strong - b.strong).abs().mean() * std < 2.0
+    assert (ref_val.image - got_val.image).abs().mean() * std < 1.0
 
 
 def test_exif_orientation_is_ignored_like_the_reference(tmp_path):

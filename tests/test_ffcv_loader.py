@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 pytest.importorskip("ffcv")
 
@@ -194,10 +195,11 @@ def test_batches_arrive_in_the_training_dtype(demo_root, demo_betons):
 
 
 @pytest.mark.parametrize("crop", ["pad", "rrc"])
-def test_the_gpu_route_run_on_the_cpu_equals_the_cpu_route(demo_root, demo_betons, tmp_path, monkeypatch, crop):
-    """FFCV has not run on a GPU yet: its accelerator route (uint8 views to the device, the batched tensor
-    augmenter, normalisation there) is run here on the CPU and must give the CPU route's batches."""
-    from pipelines import host_views
+def test_the_accelerator_route_run_on_the_cpu_matches_the_host_route(demo_root, demo_betons, tmp_path, crop):
+    """`pipeline.route=device` on the CPU: both views cut in FFCV's compiled decoder, uint8 views to the
+    device, the batched tensor augmenter and normalisation there. Padded crops equal the host route's
+    batches exactly; resized crops use FFCV's OpenCV resize there (torch's antialiased one on the host
+    route): within 2 grey levels on average (3 for the strong view), on noise images, the worst case."""
     if crop == "pad":
         cfg = cfg_for(demo_root, demo_betons, "ffcv")
     else:
@@ -208,11 +210,13 @@ def test_the_gpu_route_run_on_the_cpu_equals_the_cpu_route(demo_root, demo_beton
         cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=4",
                                  "data.image_size=48", "data.train_crop=rrc", "data.val_resize=56",
                                  "pipeline.batch_size=8", "pipeline.num_workers=1", "pipeline.name=ffcv"])
-    on_cpu, _, _ = epoch_batches(cfg, epoch=1, n=2)
-    from pipelines import randaugment_tensor
-    monkeypatch.setattr(host_views, "batched_on_device", lambda device: True)
-    monkeypatch.setattr(randaugment_tensor, "cutout_by_slices", lambda device: False)  # Cutout's GPU branch
-    on_dev, _, _ = epoch_batches(cfg, epoch=1, n=2)
-    for a, b in zip(on_cpu, on_dev):  # on a CPU the tensor ops equal PIL exactly (test_augment_tensor)
-        assert torch.equal(a.index, b.index) and torch.equal(a.target, b.target) and torch.equal(a.weak, b.weak)
-        assert torch.equal(a.strong, b.strong)
+    on_host, _, _ = epoch_batches(cfg, epoch=1, n=2)
+    on_dev, _, _ = epoch_batches(OmegaConf.merge(cfg, {"pipeline": {"route": "device"}}), epoch=1, n=2)
+    std = 0.225 * 255  # normalised units -> grey levels
+    for a, b in zip(on_host, on_dev):
+        assert torch.equal(a.index, b.index) and torch.equal(a.target, b.target)
+        assert b.weak.is_contiguous(memory_format=torch.channels_last)
+        if crop == "pad":  # on a CPU the tensor ops equal PIL exactly (test_augment_tensor)
+            assert torch.equal(a.weak, b.weak) and torch.equal(a.strong, b.strong)
+        else:  # the stated tolerance of FFCV's compiled resize (OpenCV INTER_AREA) against torch's (PIL's filter)
+            assert (a.weak - b.weak).abs().mean() * std < 2.0 and (a.strong - b.strong).abs().mean() * std < 3.0

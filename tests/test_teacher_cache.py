@@ -176,6 +176,14 @@ def test_teacher_precision_and_view_source_are_fingerprinted(demo_root, teacher_
     (tmp_path / "ffcv" / "train.beton.json").write_text(json.dumps(side))
     assert a.startswith("ffcv:") and view_source(cfg) != a != view_source(load_config(None, ["pipeline.name=dali"]))
     assert view_source(load_config(None, ["pipeline.name=dali"])) == view_source(load_config(None, []))
+    # the routes cut the same pixels except FFCV's resized crops, which its compiled resize cuts on the
+    # accelerator route: a cache built by one is refused by the other exactly there
+    for crop, differ in (("pad", False), ("rrc", True)):
+        host, dev = (load_config(None, ["pipeline.name=ffcv", f"pipeline.ffcv_dir={tmp_path / 'ffcv'}",
+                                        f"data.train_crop={crop}", f"pipeline.route={r}"]) for r in ("host", "device"))
+        assert (view_source(host) != view_source(dev)) == differ
+    for name in ("torch", "dali", "gpu"):
+        assert view_source(load_config(None, [f"pipeline.name={name}", "pipeline.route=device"])) == "source images"
 
 
 def test_killed_first_epoch_is_rebuilt_and_concurrent_builds_are_refused(demo_root, teacher_ckpt, tmp_path):

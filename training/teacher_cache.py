@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipelines.contract import on_device
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
 from pipelines.errors import UserError
 from pipelines.precision import amp_dtype
@@ -57,7 +58,10 @@ def file_sha256(path: str) -> str:
 def dataset_digest(source) -> str:
     """Labels plus pixels (array datasets) or relative file names and byte sizes (folders): a cache built on
     other data of the same size cannot be paired with this one, nor one built on a re-encoded or resized copy
-    of the same tree (other image sizes mean other crop boxes). Hashing every image would read the dataset."""
+    of the same tree (other image sizes mean other crop boxes). Hashing every image would read the dataset.
+    A .beton split (`pipelines.beton_source.BetonSource`) carries this digest of its source, taken at conversion."""
+    if getattr(source, "digest", None):
+        return source.digest
     h = hashlib.sha256(np.ascontiguousarray(source.labels).tobytes())
     if hasattr(source, "images"):
         h.update(np.ascontiguousarray(source.images).tobytes())
@@ -75,10 +79,11 @@ def augmentation_digest() -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def view_source(cfg) -> str:
-    """What the crop boxes are drawn from. `torch` and `dali` decode the source images themselves (same
-    sizes, pixels within the documented tolerance); `ffcv` reads a .beton whose images may have been
-    resized (--max-resolution) or re-encoded, so its views are its own."""
+def view_source(cfg, device="cpu") -> str:
+    """What the views are cut from, and how, where that changes their pixels. `torch` and `dali` (either
+    route) and `gpu` cut the same decoded images (pixels within the documented tolerance); `ffcv` reads a
+    .beton whose images may have been resized (--max-resolution) or re-encoded, so its views are its own,
+    and on the accelerator route its resized crops come from FFCV's compiled resize, not torch's."""
     if cfg.pipeline.name != "ffcv":
         return "source images"
     from pipelines.ffcv_backend import beton_paths
@@ -89,7 +94,8 @@ def view_source(cfg) -> str:
     except (OSError, ValueError) as e:
         raise CacheError(f"{side}: cannot read the .beton sidecar ({e})") from None
     keep = {k: meta.get(k) for k in ("settings", "num_samples", "beton_bytes")}
-    return "ffcv:" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    resize = ":compiled-resize" if cfg.data.train_crop == "rrc" and on_device(cfg, device) else ""
+    return "ffcv:" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16] + resize
 
 
 def fingerprint(cfg, source, *, precision: str, topk: int, teacher_sha: Optional[str], device) -> dict:
@@ -102,7 +108,7 @@ def fingerprint(cfg, source, *, precision: str, topk: int, teacher_sha: Optional
             "teacher_amp": str(amp).replace("torch.", "") if amp else "off",
             "dataset": d.dataset, "num_samples": len(source), "data_sha256": dataset_digest(source),
             "num_classes": d.num_classes, "seed": cfg.run.seed, "augmentation": augmentation_digest(),
-            "view_source": view_source(cfg), "image_size": d.image_size, "train_crop": d.train_crop,
+            "view_source": view_source(cfg, device), "image_size": d.image_size, "train_crop": d.train_crop,
             "crop_padding": d.crop_padding if d.train_crop == "pad" else 0,
             "randaug_n": p.randaug_n, "strong_aug": p.strong_aug, "precision": precision, "topk": topk,
             # top-k fill values depend on the temperature (and on standardisation, refused below)
