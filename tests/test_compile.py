@@ -1,7 +1,7 @@
 """run.compile: the compiled training step is the eager step (same losses, same weights), on the CPU."""
 import torch
 
-from training.benchmark import SyntheticLoader, random_teacher_ckpt, step_config
+from bench_training import SyntheticLoader, random_teacher_ckpt, step_config
 from training.loop import Trainer
 
 

@@ -136,7 +136,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
-            raise ValueError("the training set is smaller than one batch (lower pipeline.batch_size)")
+            raise UserError("the training set is smaller than one batch (lower pipeline.batch_size)")
         self.base_lr = base_lr(cfg.optim, cfg.pipeline.batch_size)
         self.world = dist.world if dist is not None else 1
         self.epoch, self.step, self.best_top1 = 0, 0, -1.0
