@@ -12,7 +12,8 @@ from time import sleep
 
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
-from tqdm import tqdm
+
+from training.progress import progress
 
 
 class WorkerFailed(OSError):
@@ -36,7 +37,7 @@ class CheckedDatasetWriter(DatasetWriter):
         for p in procs:
             p.start()
         try:
-            with tqdm(total=num_samples, desc="writing", unit="img") as bar:
+            with progress(total=num_samples, desc="writing", unit="img") as bar:
                 while bar.n < num_samples:
                     _check(procs)
                     bar.update(done.value - bar.n)

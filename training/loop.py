@@ -24,6 +24,7 @@ from training.checkpoint import CheckpointError, atomic_save, load_model_weights
 from training.hub_weights import weights_path
 from training.losses import crld_masks, method_loss
 from training.models import create_model
+from training.progress import progress
 from training.runtime import RuntimeConfigError, autocast_for, rng_state, set_rng_state
 from training.schedule import base_lr, lr_at
 
@@ -237,8 +238,8 @@ class Trainer:
         names, sums, acc, n_seen = None, None, None, 0
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         bad_comps = None
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
-                   disable=not (self.is_main and self.cfg.run.progress), leave=False, dynamic_ncols=True)
+        bar = progress(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
+                       disable=not (self.is_main and self.cfg.run.progress), leave=False, dynamic_ncols=True)
         t0, wait = time.perf_counter(), 0.0
         t_fetch = time.perf_counter()
         for i, (batch, cached) in enumerate(self.epoch_batches(self.epoch)):
