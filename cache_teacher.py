@@ -46,8 +46,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from pipelines import subset
-    from pipelines.sources import open_source
+    from pipelines.beton_source import open_split
     from training.checkpoint import CheckpointError
     from training.config import ConfigError, load_config
     from training.runtime import dist_from_env, resolve_device
@@ -71,9 +70,7 @@ def main(argv=None):
         raise ConfigError("cache_teacher.py runs as one process (ranks would race on the same --out); "
                           "launch it with python, not torchrun")
     device = resolve_device(cfg.run.device, dist_from_env())
-    src = open_source(cfg.data, train=True)
-    if cfg.data.subset:
-        src = subset(src, cfg.data.subset)
+    src = open_split(cfg, train=True)
     sha = file_sha256(weights_path(cfg.teacher.ckpt, cfg.teacher.name))
     fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=sha, device=device)
     os.makedirs(args.out, exist_ok=True)
@@ -117,7 +114,7 @@ def build(args, cfg, src, fp, device):
     import torch
 
     from pipelines import get_backend
-    from pipelines.sources import open_source
+    from pipelines.beton_source import open_split
     from training.loop import evaluate, frozen_teacher
     from training.runtime import autocast_for
     from training.teacher_cache import (CacheError, EpochWriter, compare_fingerprints, epoch_bytes, read_meta,
@@ -148,7 +145,7 @@ def build(args, cfg, src, fp, device):
     autocast, _, _ = autocast_for(cfg.run.amp, device)
     backend = get_backend(cfg.pipeline.name)
     if not args.no_eval and "teacher_val_top1" not in meta:
-        val_src = open_source(cfg.data, train=False, train_classes=src.classes)
+        val_src = open_split(cfg, train=False, train_classes=src.classes)
         meta["teacher_val_top1"] = evaluate(teacher, backend.build_val(val_src, cfg, device), device,
                                             autocast)["val_top1"]
         log.info("teacher %s: val top-1 %.2f", cfg.teacher.name, meta["teacher_val_top1"])

@@ -35,7 +35,7 @@ def main(argv=None):
     import torch
 
     from pipelines import get_backend
-    from pipelines.sources import open_source
+    from pipelines.beton_source import open_split
     from training.checkpoint import load_model_weights
     from training.config import load_config
     from training.loop import evaluate
@@ -57,7 +57,7 @@ def main(argv=None):
     device = resolve_device(cfg.run.device, dist_from_env())
     model = create_model(cfg.model.name, cfg.data.num_classes)
     load_model_weights(model, args.ckpt, cfg.model.name, "--ckpt")  # before the data: a bad --ckpt fails fast
-    src = open_source(cfg.data, train=False)
+    src = open_split(cfg, train=False)
     val = get_backend(cfg.pipeline.name).build_val(src, cfg, device)
     model.to(device, memory_format=torch.channels_last)
     metrics = evaluate(model, val, device, autocast_for(cfg.run.amp, device)[0])

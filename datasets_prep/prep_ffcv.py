@@ -10,12 +10,14 @@ Defaults per format: imagefolder (ImageNet, Tiny-ImageNet): --max-resolution 512
 raw for Tiny-ImageNet); cifar and demo: raw 32x32 pixels, no resizing.
 
 The .beton is written under a temporary name and renamed when complete; the sidecar (FILE.beton.json:
-source, class names in order, counts per class, settings, skipped files, byte size) is written last, also
-atomically, so a file without its sidecar is incomplete. Re-running with the same arguments over a complete
-output does nothing unless --overwrite. A corrupt image stops the conversion with a last line naming it and
-no output (or, with --skip-bad-images, is left out, logged and counted in the sidecar). A conversion that
-cannot fit (its size is estimated from a sample of image headers) is refused up front; a write that fails
-anyway (a full disk, a writer process that died) is a one-line error, and the temp file is removed.
+source, class names in order, counts per class, settings, skipped files, byte size, the source's digest)
+is written last, also atomically, so a file without its sidecar is incomplete. The sidecar identifies the
+data: training with `--pipeline ffcv` needs only the .beton files and their sidecars. Re-running with the
+same arguments over a complete output does nothing unless --overwrite. A corrupt image stops the conversion
+with a last line naming it and no output (or, with --skip-bad-images, is left out, logged and counted in the
+sidecar). A conversion that cannot fit (its size is estimated from a sample of image headers) is refused up
+front; a write that fails anyway (a full disk, a writer process that died) is a one-line error, and the temp
+file is removed.
 """
 import argparse
 import glob
@@ -34,6 +36,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source  # noqa: E402
+from training.teacher_cache import dataset_digest  # noqa: E402
 
 log = logging.getLogger("prep_ffcv")
 SIDECAR_VERSION = 1
@@ -182,6 +185,7 @@ def convert(args) -> dict:
             "classes": list(source.classes),
             "counts_per_class": np.bincount(labels, minlength=len(source.classes)).tolist(),
             "skipped": skipped, "skipped_count": len(skipped), "beton_bytes": os.path.getsize(out),
+            "source_sha256": dataset_digest(source),  # the data's identity when only the .beton is kept
             "mean_std": [list(source.mean_std[0]), list(source.mean_std[1])],
             "images_per_s": len(keep) / max(seconds, 1e-9), "ffcv": "1.0.2"}
     _atomic_json(meta, out + ".json")

@@ -28,11 +28,9 @@ def get_backend(name: str):
 
 def build_loaders(cfg, device, rank: int = 0, world: int = 1):
     """(train_loader, val_loader, train_source) for the configured dataset and backend."""
-    from pipelines.sources import open_source
-    train_src = open_source(cfg.data, train=True)
-    if cfg.data.subset:
-        train_src = subset(train_src, cfg.data.subset)
-    val_src = open_source(cfg.data, train=False, train_classes=train_src.classes)
+    from pipelines.beton_source import open_split
+    train_src = open_split(cfg, train=True)
+    val_src = open_split(cfg, train=False, train_classes=train_src.classes)
     backend = get_backend(cfg.pipeline.name)
     views = 2 if cfg.method.name == "crld" else 1  # single-view methods skip the strong view
     return (backend.build_train(train_src, cfg, device, rank, world, views),
