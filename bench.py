@@ -11,11 +11,14 @@
         --batch-size 64 --batches 20 [--json OUT]
     python bench.py loader --pipelines torch,dali --make-data 512   # writes ImageNet-like JPEGs first
     python bench.py loader --pipelines ffcv,ffcv_two_decode ...     # decode once vs FFCV's two decoders
+    python bench.py loader --pipelines dali,ffcv ... pipeline.route=device   # the accelerator route
 
 Loader mode: two-view samples/s of each data backend on the same data and machine.
 Each backend runs the training loader (both views, strong augmentation included, output on the
-training device, normalised) for `--warmup` batches, then is timed over `--batches` batches. One
-JSON record per pipeline: pipeline, samples_per_s, batches, batch_size, image_size, device, ...
+training device, normalised) for `--warmup` batches, then is timed over `--batches` batches; a second,
+short pass counts the Python function calls the training process (all its threads) makes per batch
+(`pipeline.route=device` forces the accelerator route on a CPU). One JSON record per pipeline:
+pipeline, samples_per_s, python_calls_per_batch, route, batches, batch_size, image_size, device, ...
 
 Step mode: synthetic device-resident batches through the training step (teacher forward or a real
 on-disk cache read, two student forwards, CRLD loss, backward, optimizer), per-phase times (CUDA
@@ -25,6 +28,7 @@ the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache
 (fp32, contiguous, online teacher; e2e: `torch` backend) and report ratios to it.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,15 +53,32 @@ def loader_overrides(data, image_size, batch_size, workers, device, extra=()):
             "method.name=crld", *extra]
 
 
-def bench_loader(name, cfg_over, args):
+def _train_loader(cfg, device):
+    from pipelines import build_loaders
+    train, _, src = build_loaders(cfg, device)
+    train.set_epoch(0)
+    return train, src
+
+
+def loader_iter(overrides, device, batch_size):
+    """An iterator over epoch 0 of the training loader of `overrides` at `batch_size` (module level, so
+    that `pipelines.call_count.calls_per_batch` can run it in a fresh process)."""
     import torch
 
-    from pipelines import build_loaders
+    from training.config import load_config
+    cfg = load_config(None, [*overrides, f"pipeline.batch_size={batch_size}"])
+    return iter(_train_loader(cfg, torch.device(device))[0])
+
+
+def bench_loader(name, cfg_over, args, count_calls=True):
+    import torch
+
+    from pipelines.call_count import calls_per_batch
+    from pipelines.contract import on_device
     from training.config import load_config
     cfg = load_config(None, cfg_over + [f"pipeline.name={name}"])
     device = torch.device(args.device)
-    train, _, src = build_loaders(cfg, device)
-    train.set_epoch(0)
+    train, src = _train_loader(cfg, device)
     it = iter(train)
     n = 0
     for _ in range(args.warmup):
@@ -76,10 +97,14 @@ def bench_loader(name, cfg_over, args):
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"pipeline": name, "samples_per_s": n / dt, "batches": args.batches, "batch_size": args.batch_size,
-            "image_size": args.image_size, "device": str(device), "dataset_images": len(src),
-            "workers": cfg.pipeline.num_workers, "dali_device": cfg.pipeline.dali_device,
-            "machine": machine(), "seconds": dt}
+    # The Python calls the training process makes per batch (all its threads), counted in a second, short
+    # pass: the counting hook slows every call it sees.
+    calls = (calls_per_batch(functools.partial(loader_iter, tuple(cfg_over) + (f"pipeline.name={name}",), device),
+                             [args.batch_size], warmup=2, batches=3)[0] if count_calls else None)
+    return {"pipeline": name, "samples_per_s": n / dt, "python_calls_per_batch": calls, "batches": args.batches,
+            "batch_size": args.batch_size, "image_size": args.image_size, "device": str(device),
+            "route": "device" if on_device(cfg, device) else "host", "dataset_images": len(src),
+            "workers": cfg.pipeline.num_workers, "machine": machine(), "seconds": dt}
 
 
 def bench_ffcv_two_decode(over, args):
@@ -158,7 +183,9 @@ def main(argv=None):
     ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
     ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
-    ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.dali_device=cpu")
+    ap.add_argument("--no-count-calls", dest="count_calls", action="store_false",
+                    help="loader: skip counting the Python calls per batch (a second, short pass per pipeline)")
+    ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.route=device")
     args = ap.parse_intermixed_args(argv)
     if args.mode != "loader":
         return run_training_bench(args, ap)
@@ -175,17 +202,23 @@ def main(argv=None):
                             args.overrides)
     names = [n.strip() for n in args.pipelines.split(",")]
     runs = {n: [] for n in names}
-    for _ in range(args.repeat):  # alternating rounds, so a noisy neighbour hits every pipeline alike
+    for r in range(args.repeat):  # alternating rounds, so a noisy neighbour hits every pipeline alike
         for name in names:
-            run = bench_ffcv_two_decode if name == "ffcv_two_decode" else (lambda o, a, n=name: bench_loader(n, o, a))
+            count = args.count_calls and r == 0  # once: the count does not vary between rounds
+            run = bench_ffcv_two_decode if name == "ffcv_two_decode" else (
+                lambda o, a, n=name: bench_loader(n, o, a, count))
             runs[name].append(run(over, args))
     records = []
     for name in names:
         rec = sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2]
         rec["runs_samples_per_s"] = [round(r["samples_per_s"], 1) for r in runs[name]]
+        rec["python_calls_per_batch"] = runs[name][0].get("python_calls_per_batch")
         records.append(rec)
+        calls = rec["python_calls_per_batch"]
         print(f"{rec['pipeline']:>6}: {rec['samples_per_s']:8.1f} two-view samples/s (median of {args.repeat}; "
-              f"{args.batches} x {args.batch_size} at {args.image_size}px on {rec['device']}, {rec['machine']})")
+              f"{args.batches} x {args.batch_size} at {args.image_size}px on {rec['device']}, {rec['machine']}; "
+              f"route {rec.get('route', 'host')}"
+              + (f", {calls:.0f} Python calls per batch in the training process)" if calls else ")"))
     base = records[0]["samples_per_s"]
     for r in records[1:]:
         print(f"{r['pipeline']:>6}: {r['samples_per_s'] / base:.2f}x {records[0]['pipeline']}")

@@ -3,8 +3,8 @@
 The data path's host cost on a GPU machine is Python work in the training process (it competes with
 the step's kernel launches for the interpreter lock), and it is predicted by how that work grows with
 the batch size: `bench.py loader` reports calls per batch, and the tests assert that the device
-route's count does not grow with the batch. Install the counter before building the loader: the
-hook covers the installing thread and every thread started afterwards (Python 3.12+: all threads).
+route's count does not grow with the batch. The hook covers the installing thread and every thread
+started afterwards (Python 3.12+: all threads), so `calls_per_batch` counts in a fresh interpreter.
 """
 from __future__ import annotations
 
@@ -51,3 +51,27 @@ class CallCounter:
 
     def window(self):
         return CallCounter._Window(self)
+
+
+def calls_per_batch(make_iter, batch_sizes, warmup: int = 2, batches: int = 2) -> list:
+    """Python calls per `next()` of `make_iter(batch_size)`'s iterator for each batch size, over `batches`
+    batches after `warmup` ones, in a fresh interpreter (spawned): the hook is installed before anything
+    starts a thread there, so every thread the loaders use is seen. `make_iter` must be importable."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as p:
+        return p.apply(_count_in_this_process, (make_iter, list(batch_sizes), warmup, batches))
+
+
+def _count_in_this_process(make_iter, batch_sizes, warmup, batches):
+    out = []
+    with CallCounter() as counter:
+        for bs in batch_sizes:
+            counter.calls = 0
+            it = make_iter(bs)
+            for _ in range(warmup):
+                next(it)
+            with counter.window():
+                for _ in range(batches):
+                    next(it)
+            out.append(counter.calls / batches)
+    return out
