@@ -2,8 +2,14 @@
 `build_val(...)` returning loaders that follow `pipelines.contract`. Optional backends (dali,
 ffcv) register only when their library imports; `gpu` needs only torch.
 """
+import copy
 import importlib
 import importlib.util
+
+import numpy as np
+
+from pipelines.errors import UserError
+from pipelines.prefetch import prefetched
 
 _BACKENDS = {"torch": "pipelines.torch_backend", "gpu": "pipelines.gpu_backend"}
 # name -> (module, library it needs)
@@ -23,7 +29,7 @@ def get_backend(name: str):
         return importlib.import_module(_BACKENDS[name])
     if name in _OPTIONAL:
         return importlib.import_module(_OPTIONAL[name][0])
-    raise ValueError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
+    raise UserError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
 
 
 def build_loaders(cfg, device, rank: int = 0, world: int = 1):
@@ -33,16 +39,14 @@ def build_loaders(cfg, device, rank: int = 0, world: int = 1):
     val_src = open_split(cfg, train=False, train_classes=train_src.classes)
     backend = get_backend(cfg.pipeline.name)
     views = 2 if cfg.method.name == "crld" else 1  # single-view methods skip the strong view
-    return (backend.build_train(train_src, cfg, device, rank, world, views),
-            backend.build_val(val_src, cfg, device, rank, world), train_src)
+    # on CUDA each batch is prepared one step ahead on a side stream (pipelines.prefetch)
+    return (prefetched(backend.build_train(train_src, cfg, device, rank, world, views), device),
+            prefetched(backend.build_val(val_src, cfg, device, rank, world), device), train_src)
 
 
 def subset(src, n: int):
     """An evenly strided n-sample subset (class-balanced for sorted folders); it becomes the
     source's canonical order, so `index` counts positions within the subset."""
-    import copy
-
-    import numpy as np
     out = copy.copy(src)
     keep = np.linspace(0, len(src) - 1, num=min(n, len(src))).round().astype(np.int64)
     out.labels = src.labels[keep]

@@ -1,0 +1,82 @@
+"""Batches prepared one step ahead: the order of stream operations, checked with recording streams (the
+CUDA streams themselves need a GPU; scripts/gpu_check.sh runs the real ones)."""
+import contextlib
+
+import torch
+
+from pipelines.contract import Batch
+from pipelines.prefetch import Prefetched, prefetched
+
+
+class RecordingStreams:
+    def __init__(self, log):
+        self.log, self.inside = log, False
+
+    @contextlib.contextmanager
+    def on_side(self):
+        self.inside = True
+        yield
+        self.inside = False
+
+    def mark_ready(self):
+        self.log.append("ready")
+        return len([e for e in self.log if e == "ready"]) - 1
+
+    def hand_over(self, event, tensors):
+        self.log.append(("hand_over", event, len(tensors)))
+
+
+class Loader:
+    def __init__(self, n, log, streams=None):
+        self.n, self.log, self.streams, self.epoch, self.closed = n, log, streams, None, 0
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        try:
+            for k in range(self.n):
+                assert self.streams is None or self.streams.inside, "loader work must run on the side stream"
+                self.log.append(("made", k))
+                x = torch.full((2, 3), float(k))
+                yield Batch(x, None, torch.tensor([k, k]), torch.tensor([0, 1]), torch.tensor([0, 1]))
+        finally:
+            self.closed += 1
+
+
+def run(n, stop=None):
+    log = []
+    streams = RecordingStreams(log)
+    loader = Loader(n, log, streams)
+    wrapped = Prefetched(loader, streams)
+    got = []
+    for b in wrapped:
+        log.append(("step", int(b.weak[0, 0])))
+        got.append(int(b.target[0]))
+        if stop is not None and len(got) == stop:
+            break
+    return log, got, loader
+
+
+def test_the_next_batch_is_enqueued_before_the_step_and_handed_over_by_event():
+    log, got, _ = run(3)
+    assert got == [0, 1, 2]
+    assert log == [("made", 0), "ready", ("made", 1), "ready", ("hand_over", 0, 0), ("step", 0),
+                   ("made", 2), "ready", ("hand_over", 1, 0), ("step", 1),
+                   ("hand_over", 2, 0), ("step", 2)]
+
+
+def test_an_early_stop_closes_the_loaders_iteration():
+    _, got, loader = run(5, stop=2)
+    assert got == [0, 1] and loader.closed == 1  # (the dali loader drains its prefetched batches on close)
+
+
+def test_length_epoch_and_attributes_are_the_wrapped_loaders():
+    loader = Loader(4, [])
+    wrapped = Prefetched(loader, RecordingStreams([]))
+    wrapped.set_epoch(7)
+    assert len(wrapped) == 4 and loader.epoch == 7 and wrapped.n == 4
+    assert prefetched(loader, "cpu") is loader  # no streams on a CPU
