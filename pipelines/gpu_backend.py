@@ -17,6 +17,7 @@ digest of the file list with sizes and modification times.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import fcntl
 import hashlib
 import json
@@ -221,6 +222,7 @@ class GpuTrainLoader:
         self._rows = (s * row_stride).view(1, -1, 1)                # (1, S, 1) row offsets
         self._cols = s.view(1, 1, -1)                               # (1, 1, S) columns, left to right
         self._cols_flipped = (self.size - 1 - s).view(1, 1, -1)     # and mirrored
+        self._planner, self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpu-epoch-plan"), None
 
     def set_epoch(self, epoch: int):
         self.sampler.set_epoch(epoch)
@@ -229,21 +231,30 @@ class GpuTrainLoader:
         n = len(self.sampler)
         return n // self.batch if self.drop_last else -(-n // self.batch)
 
-    def _epoch(self):
-        """The rank-epoch's order (host), and on the device: per sample and view the flat position of
-        the crop's top-left pixel and the flip, the labels, the indices; strong draws on the host."""
-        order = torch.as_tensor(self.sampler.indices(), dtype=torch.int64)
-        vb = draw_views(self.seed, self.sampler.epoch, order.numpy(), self.hw, crop="pad", size=self.size,
+    def _plan(self, epoch: int):
+        """Host work of a rank-epoch: its order and, per sample and view, the flat position of the crop's
+        top-left pixel and the flip, as one (pinned on CUDA) tensor; the strong draws stay on the host."""
+        sampler = copy.copy(self.sampler)
+        sampler.set_epoch(epoch)
+        order = torch.as_tensor(sampler.indices(), dtype=torch.int64)
+        vb = draw_views(self.seed, epoch, order.numpy(), self.hw, crop="pad", size=self.size,
                         pad=self.pad, n_ops=self.n_ops, strong_aug=self.strong_aug and self.views == 2)
         boxes = torch.from_numpy(vb.boxes).long()                   # (n, 2, 5): top, left, h, w, flip
         hp, wp = self.data.shape[1:3]
         start = (order[:, None] * hp + boxes[..., 0] + self.pad) * wp + boxes[..., 1] + self.pad
         host = torch.cat([order[:, None], start, boxes[..., 4]], 1)  # (n, 5): one copy per epoch
-        if self.device.type == "cuda":
-            host = host.pin_memory()
+        return order, (host.pin_memory() if self.device.type == "cuda" else host), vb.strong
+
+    def _epoch(self):
+        """The epoch's plan (made ahead while the previous epoch ran, else now) on the device, and the next
+        epoch's plan started on a helper thread, so that an epoch boundary waits for no drawing."""
+        epoch = self.sampler.epoch
+        ahead, self._ahead = self._ahead, None
+        order, host, strong = ahead[1].result() if ahead and ahead[0] == epoch else self._plan(epoch)
+        self._ahead = (epoch + 1, self._planner.submit(self._plan, epoch + 1))
         dev = host.to(self.device, non_blocking=True)
         index = dev[:, 0]
-        return order, index, self.labels[index], dev[:, 1:3], dev[:, 3:5].bool(), vb.strong
+        return order, index, self.labels[index], dev[:, 1:3], dev[:, 3:5].bool(), strong
 
     def _cut(self, start: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         cols = torch.where(flip.view(-1, 1, 1), self._cols_flipped, self._cols)
