@@ -56,10 +56,30 @@ class CallCounter:
 def calls_per_batch(make_iter, batch_sizes, warmup: int = 2, batches: int = 2) -> list:
     """Python calls per `next()` of `make_iter(batch_size)`'s iterator for each batch size, over `batches`
     batches after `warmup` ones, in a fresh interpreter (spawned): the hook is installed before anything
-    starts a thread there, so every thread the loaders use is seen. `make_iter` must be importable."""
+    starts a thread there, so every thread the loaders use is seen. `make_iter` must be importable. The
+    child is an ordinary process, so its loaders may start worker processes of their own."""
     import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(1) as p:
-        return p.apply(_count_in_this_process, (make_iter, list(batch_sizes), warmup, batches))
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_report, args=(send, make_iter, list(batch_sizes), warmup, batches))
+    child.start()
+    send.close()
+    try:
+        ok, value = recv.recv()
+    except EOFError:
+        ok, value = False, f"the counting process died (exit code {child.join() or child.exitcode})"
+    child.join()
+    if not ok:
+        raise RuntimeError(f"counting Python calls failed: {value}")
+    return value
+
+
+def _report(send, make_iter, batch_sizes, warmup, batches):
+    try:
+        send.send((True, _count_in_this_process(make_iter, batch_sizes, warmup, batches)))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+        import traceback
+        send.send((False, "".join(traceback.format_exception(e))[-2000:]))
 
 
 def _count_in_this_process(make_iter, batch_sizes, warmup, batches):

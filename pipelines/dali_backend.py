@@ -63,6 +63,9 @@ class _Feeder:
         self.substitute = np.full(len(source), -1, dtype=np.int64)  # skip mode: the sample read instead
         self.roi = train and self.encoded and not device_route
         self.keys, self.pos, self.epoch = None, 0, 0
+        # training: an epoch's end leads straight into the next epoch's batches, so DALI has them in flight
+        # when the loop reaches the boundary; the loader stops it (follow=False) to leave an epoch early
+        self.follow = train
         self.recent = collections.deque(maxlen=8)  # source indices of recent batches, to name a bad file
         if not train:
             self.fields = ("data", "label", "index") + (("resize", "anchor") if self.encoded else ())
@@ -96,7 +99,10 @@ class _Feeder:
             self.keys = np.asarray(self.sampler.indices(), dtype=np.int64)
         left = len(self.keys) - self.pos
         if left <= 0 or (self.drop_last and left < self.batch):
-            raise StopIteration
+            if not self.follow or self.pos == 0:  # (an epoch too short for one batch never follows)
+                raise StopIteration
+            self.start(self.epoch + 1)
+            return self()
         idx = self.keys[self.pos:self.pos + self.batch]
         self.pos += len(idx)
         src = self._resolve(idx)
@@ -239,7 +245,8 @@ class _DaliLoader:
         self.feeder, self.pipe, self.steps, self.normalize, self.kind = feeder, pipe, steps, normalize, kind
         self.cfg, self.views = cfg, views
         self.outputs = _outputs(kind == "train", feeder.device_route, views)
-        self.epoch, self._live = 0, None
+        # the epoch whose first batch is next out of DALI (the feeder followed into it), None when stopped
+        self.epoch, self._live, self._flowing = 0, None, None
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -255,10 +262,12 @@ class _DaliLoader:
         except RuntimeError as e:
             raise _translate(e, self.feeder) from None
 
-    def _abandon(self):
-        """An iteration left early (a `break`): end the feeder's epoch and drain the batches DALI has
-        already prefetched, else the next iteration would start with them (another epoch's views)."""
-        self.feeder.keys, self.feeder.pos, self._live = np.zeros(0, dtype=np.int64), 0, None
+    def _drain(self):
+        """Stop DALI where it is (an iteration left early, or the next epoch asked for is not the one in
+        flight): end the feeder's epoch and drain the batches DALI has already prefetched, else the next
+        iteration would start with them (another epoch's views)."""
+        follow, self.feeder.follow = self.feeder.follow, False
+        self.feeder.keys, self.feeder.pos, self._flowing = np.zeros(0, dtype=np.int64), 0, None
         try:
             while True:
                 self.pipe.run()
@@ -266,31 +275,49 @@ class _DaliLoader:
             self.pipe.reset()
         except Exception as e:  # noqa: BLE001 - may run during garbage collection: never raise there
             log.warning("DALI pipeline could not be drained after an early stop: %s", str(e).splitlines()[0])
+        finally:
+            self.feeder.follow = follow
 
     def __iter__(self):
         if self._live is not None:  # an earlier iterator still open (held, not closed): end it first
-            self._abandon()
+            self._drain()
         me = self._live = object()
         try:
             yield from self._batches()
             self._live = None
         except GeneratorExit:
             if self._live is me:  # a stale iterator closed later must not end the current one
-                self._abandon()
+                self._live = None
+                self._drain()
             raise
         except BaseException:
-            self._live = None  # the error ended this epoch; nothing left to drain
+            self._live = self._flowing = None  # the error ended this epoch; nothing left to drain
             raise
 
-    def _batches(self):
+    def _train_batches(self):
+        """`steps` batches of this epoch. When the previous iteration ran to its end, DALI is already on
+        this epoch's batches (the feeder followed into them); otherwise it starts here."""
+        if self._flowing != self.epoch:
+            if self._flowing is not None:
+                self._drain()
+            self.feeder.start(self.epoch)
+        self._flowing = None
+        for _ in range(self.steps):
+            yield self._run()
+        self._flowing = self.epoch + 1
+
+    def _val_batches(self):
         self.feeder.start(self.epoch)
-        dev, pc = self.normalize.device, self.cfg.pipeline
         while True:
             try:
-                outs = self._run()
+                yield self._run()
             except StopIteration:
                 self.pipe.reset()
                 return
+
+    def _batches(self):
+        dev, pc = self.normalize.device, self.cfg.pipeline
+        for outs in (self._train_batches() if self.kind == "train" else self._val_batches()):
             label = torch.from_numpy(np.array(outs["label"].as_array()).reshape(-1))  # copies: DALI reuses buffers
             index_cpu = torch.from_numpy(np.array(outs["index"].as_array()).reshape(-1))
             y, i = to_device(label, dev), to_device(index_cpu, dev)

@@ -195,3 +195,20 @@ def test_exif_orientation_is_ignored_like_the_reference(tmp_path):
         assert torch.equal(a.index, b.index) and (a.weak - b.weak).abs().mean() * std < 2.0
     assert ref_val.image.shape == got_val.image.shape
     assert (ref_val.image - got_val.image).abs().mean() * std < 2.0
+
+
+def test_epochs_run_back_to_back_with_the_next_one_already_in_flight(demo_cfg, first_batches):
+    """At an epoch's end DALI is already on the next epoch's batches; they are the ones a fresh loader makes
+    for that epoch, and asking for another epoch instead (a resume, a replayed cache epoch) starts over."""
+    cfg = demo_cfg(pipeline="dali")
+    train, _, _ = build_loaders(cfg, CPU)
+    got = {}
+    for epoch in (0, 1, 2, 5, 4):
+        train.set_epoch(epoch)
+        got[epoch] = [b for b in train]
+        assert train._flowing == epoch + 1
+    for epoch, bs in got.items():
+        fresh, _ = first_batches(cfg, epoch=epoch)
+        assert len(bs) == len(fresh) == 6
+        for a, b in zip(bs, fresh):
+            assert torch.equal(a.index, b.index) and torch.equal(a.weak, b.weak) and torch.equal(a.strong, b.strong)
