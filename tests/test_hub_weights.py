@@ -78,7 +78,7 @@ def test_specs_are_checked_with_the_config(tmp_path):
 
 
 def test_eval_takes_torchvision_weights(hub, tmp_path, capsys):
-    _, _ = plant(hub, fc_bias_class=7)
+    plant(hub, fc_bias_class=7)
     rng = np.random.default_rng(0)
     for c in range(1000):  # a 1000-class validation split; the first 20 classes hold one 32x32 image each
         os.makedirs(tmp_path / "in" / "val" / f"n{c:08d}")
