@@ -103,7 +103,8 @@ def bench_loader(name, cfg_over, args, count_calls=True):
                              [args.batch_size], warmup=2, batches=3)[0] if count_calls else None)
     return {"pipeline": name, "samples_per_s": n / dt, "python_calls_per_batch": calls, "batches": args.batches,
             "batch_size": args.batch_size, "image_size": args.image_size, "device": str(device),
-            "route": "device" if on_device(cfg, device) else "host", "dataset_images": len(src),
+            "route": {"torch": "workers", "gpu": "device"}.get(name, "device" if on_device(cfg, device) else "host"),
+            "dataset_images": len(src),
             "workers": cfg.pipeline.num_workers, "machine": machine(), "seconds": dt}
 
 

@@ -130,7 +130,8 @@ def check_augment(device, small):
     Tolerance: max |device - cpu| <= 1 grey level (float rounding); the differing samples' ops are listed."""
     n, hw = (16, 24) if small else (512, 64)
     x = torch.randint(0, 256, (n, hw, hw, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    params = StrongBatch.from_draws(strong_draws(0, 0, numpy.arange(n)))
+    draws = strong_draws(0, 0, numpy.arange(n))
+    params = StrongBatch.from_draws(draws)
     res = {}
     for layout, inp, nhwc in (("nhwc", x, True), ("nchw", x.permute(0, 3, 1, 2).contiguous(), False)):
         ref = apply_strong_batch(inp, params, channels_last_input=nhwc)
@@ -139,12 +140,38 @@ def check_augment(device, small):
         bad = (diff.flatten(1).amax(1) > 0).nonzero().flatten().tolist()
         res[layout] = {"max_abs_diff": int(diff.max()), "frac_pixels_differing": float((diff > 0).float().mean()),
                        "samples_differing": len(bad),
-                       "ops_in_differing_samples": sorted({STRONG_OPS[o].name for i in bad for o, _ in params[i].ops})}
+                       "ops_in_differing_samples": sorted({STRONG_OPS[o].name for i in bad for o in draws.ops[i].tolist()})}
     ok = all(r["max_abs_diff"] <= 1 for r in res.values())
-    covered = len({o for p in params for o, _ in p.ops})
+    covered = len(set(draws.ops.ravel().tolist()))
     return ok, {"summary": ", ".join(f"{k}: max diff {r['max_abs_diff']}, {r['samples_differing']}/{n} samples differ"
                                      for k, r in res.items()) + f" ({covered}/{len(STRONG_OPS)} ops exercised)",
                 "batch": [n, 3, hw, hw], "tolerance": "max abs diff <= 1 grey level", **res}
+
+
+def check_gpu_pipeline(device, small, folder):
+    """`--pipeline gpu` on `device` (through the side-stream prefetcher on CUDA) against the same route run on
+    the CPU: CIFAR-100-shaped random arrays, two batches of epoch 1; weak views bit-exact, strong views within
+    the augmenter's 1 grey level (scaled by the normaliser)."""
+    from datasets_prep.make_cifar_like import make_cifar_like
+    from pipelines import build_loaders
+    from training.config import load_config
+    root = make_cifar_like(os.path.join(folder, "cifar_like"), train=512 if small else 4096, test=64)
+    batches = {}
+    for dev in ("cpu", str(device)):
+        cfg = load_config(None, ["data.dataset=cifar100", f"data.root={root}", "pipeline.name=gpu", "run.amp=off",
+                                 "pipeline.batch_size=128", "pipeline.route=device", f"run.device={dev}"])
+        train, _, _ = build_loaders(cfg, torch.device(dev))
+        train.set_epoch(1)
+        it = iter(train)
+        batches[dev] = [next(it) for _ in range(2)]
+        if torch.device(dev).type == "cuda":
+            torch.cuda.synchronize()
+    ref, got = batches["cpu"], batches[str(device)]
+    weak_exact = all(torch.equal(a.weak, b.weak.cpu()) and torch.equal(a.index, b.index.cpu()) for a, b in zip(ref, got))
+    strong_diff = max(float((a.strong - b.strong.cpu()).abs().max()) for a, b in zip(ref, got))
+    ok = weak_exact and strong_diff <= 1.0 / (255 * 0.25)
+    return ok, {"summary": f"weak views {'bit-exact' if weak_exact else 'DIFFER'}, strong max diff {strong_diff:.4f}",
+                "weak_exact": weak_exact, "strong_max_abs_diff_normalised": strong_diff}
 
 
 def check_matmul(device, small):
@@ -251,6 +278,7 @@ def main(argv=None):
     for amp in ("bf16", "fp16"):
         run(f"resnet8x4_crld_{amp}_channels_last", "correctness", check_model_amp, device, amp, small)
     run("augmenter_device_vs_cpu", "correctness", check_augment, device, small)
+    run("gpu_pipeline_device_vs_cpu", "correctness", check_gpu_pipeline, device, small, args.out_dir)
     run("matmul_bf16_tflops", "performance", check_matmul, device, small)
     run("bench_step_cli", "benchmark", check_step_cli)
     if checks[-1]["ok"]:

@@ -22,7 +22,7 @@ def _env(**extra):
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     r = subprocess.run([sys.executable, SCRIPT, str(out), "--cpu-dry-run"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=_env(CUDA_VISIBLE_DEVICES=""), check=False)
+                       timeout=300, env=_env(CUDA_VISIBLE_DEVICES=""), check=False)
     return out, r
 
 
