@@ -12,8 +12,8 @@ from typing import Dict
 
 import torch
 
-
 from pipelines.errors import UserError
+
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file."""
