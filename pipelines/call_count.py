@@ -8,6 +8,7 @@ started afterwards (Python 3.12+: all threads), so `calls_per_batch` counts in a
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -80,6 +81,10 @@ def _report(send, make_iter, batch_sizes, warmup, batches):
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         import traceback
         send.send((False, "".join(traceback.format_exception(e))[-2000:]))
+    send.close()
+    # Leave without finalising the interpreter: loaders stopped mid-epoch still have native threads
+    # (DALI's, FFCV's) that abort the process if torn down under them; the result is already sent.
+    os._exit(0)
 
 
 def _count_in_this_process(make_iter, batch_sizes, warmup, batches):

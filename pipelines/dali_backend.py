@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 
 
 def _path_table(files) -> np.ndarray:
-    """(N, L) uint8: each row a UTF-8 path, zero-padded; a batch of paths is one fancy index of it and
-    DALI's file reader takes the rows as they are."""
-    return np.array([f.encode() for f in files], dtype=bytes).view(np.uint8).reshape(len(files), -1)
+    """(N, L) uint8: each row a path as the file system spells it, zero-padded; a batch of paths is one
+    fancy index of it, and DALI's file reader takes the rows as they are."""
+    return np.array([os.fsencode(f) for f in files], dtype=bytes).view(np.uint8).reshape(len(files), -1)
 
 
 class _Feeder:
