@@ -22,9 +22,18 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-from training.cli import run_main  # noqa: E402
+from pipelines import get_backend
+from pipelines.beton_source import open_split
+from training.checkpoint import CheckpointError
+from training.cli import run_main
+from training.config import ConfigError, load_config
+from training.hub_weights import weights_path
+from training.loop import evaluate, frozen_teacher
+from training.runtime import autocast_for, dist_from_env, resolve_device
+from training.teacher_cache import (CacheError, EpochWriter, compare_fingerprints, epoch_bytes, file_sha256,
+                                    fingerprint, read_meta, write_meta)
 
 log = logging.getLogger("cache_teacher")
 
@@ -46,13 +55,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from pipelines.beton_source import open_split
-    from training.checkpoint import CheckpointError
-    from training.config import ConfigError, load_config
-    from training.runtime import dist_from_env, resolve_device
-    from training.hub_weights import weights_path
-    from training.teacher_cache import file_sha256, fingerprint
-
     over = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
     cfg = load_config(args.config, over + ["pipeline.drop_last=false", "teacher.source=online"])
     epochs = args.epochs or cfg.optim.epochs
@@ -85,7 +87,6 @@ def _is_cache_entry(name: str) -> bool:
 @contextlib.contextmanager
 def build_lock(out: str):
     """One builder per cache directory: a second one (or a stale lock of a live process) is refused."""
-    from training.teacher_cache import CacheError
     lock = os.path.join(out, ".lock")
     for _ in range(2):
         try:
@@ -111,14 +112,6 @@ def build_lock(out: str):
 
 
 def build(args, cfg, src, fp, device):
-    import torch
-
-    from pipelines import get_backend
-    from pipelines.beton_source import open_split
-    from training.loop import evaluate, frozen_teacher
-    from training.runtime import autocast_for
-    from training.teacher_cache import (CacheError, EpochWriter, compare_fingerprints, epoch_bytes, read_meta,
-                                        write_meta)
     epochs, c = args.epochs or cfg.optim.epochs, cfg.data.num_classes
     meta = read_meta(args.out)
     if meta is None or args.overwrite:

@@ -11,12 +11,18 @@ torchvision's pretrained weights for the torchvision architectures (training/hub
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-from training.cli import run_main  # noqa: E402
+from pipelines import get_backend
+from pipelines.beton_source import open_split
+from training.checkpoint import load_model_weights
+from training.cli import run_main
+from training.config import load_config
+from training.loop import evaluate
+from training.models import create_model
+from training.runtime import autocast_for, dist_from_env, resolve_device
 
 
 def main(argv=None):
@@ -32,16 +38,6 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the metrics to this file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    import torch
-
-    from pipelines import get_backend
-    from pipelines.beton_source import open_split
-    from training.checkpoint import load_model_weights
-    from training.config import load_config
-    from training.loop import evaluate
-    from training.models import create_model
-    from training.runtime import autocast_for, dist_from_env, resolve_device
-
     over = []
     for flag, key in ((args.model, "model.name"), (args.data, "data.root"), (args.dataset, "data.dataset"),
                       (args.num_classes, "data.num_classes"), (args.pipeline, "pipeline.name")):

@@ -28,15 +28,14 @@ import shutil
 import sys
 import tempfile
 import time
-
 from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
-
 from PIL import Image
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source  # noqa: E402
-from training.teacher_cache import dataset_digest  # noqa: E402
+from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source
+from training.cli import run_main
+from training.teacher_cache import dataset_digest
 
 log = logging.getLogger("prep_ffcv")
 SIDECAR_VERSION = 1
@@ -265,5 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from training.cli import run_main
     sys.exit(run_main(main))

@@ -25,11 +25,11 @@ from training.hub_weights import weights_path
 from training.losses import crld_masks, method_loss
 from training.models import create_model
 from training.progress import progress
-from training.runtime import RuntimeConfigError, autocast_for, rng_state, set_rng_state
+from training.runtime import autocast_for, rng_state, set_rng_state
 from training.schedule import base_lr, lr_at
+from training.teacher_cache import TeacherCache, file_sha256, fingerprint, read_meta
 
 log = logging.getLogger(__name__)
-from training.teacher_cache import TeacherCache, file_sha256, fingerprint, read_meta
 
 
 class NonFiniteLoss(UserError):
