@@ -29,6 +29,7 @@ the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache
 """
 import argparse
 import functools
+import itertools
 import json
 import os
 import sys
@@ -61,13 +62,16 @@ def _train_loader(cfg, device):
 
 
 def loader_iter(overrides, device, batch_size):
-    """An iterator over epoch 0 of the training loader of `overrides` at `batch_size` (module level, so
-    that `pipelines.call_count.calls_per_batch` can run it in a fresh process)."""
+    """The training loader of `overrides` at `batch_size`, epochs back to back (module level, so that
+    `pipelines.call_count.calls_per_batch` can run it in a fresh process)."""
     import torch
 
     from training.config import load_config
     cfg = load_config(None, [*overrides, f"pipeline.batch_size={batch_size}"])
-    return iter(_train_loader(cfg, torch.device(device))[0])
+    train = _train_loader(cfg, torch.device(device))[0]
+    for epoch in itertools.count():
+        train.set_epoch(epoch)
+        yield from train
 
 
 def bench_loader(name, cfg_over, args, count_calls=True):

@@ -17,6 +17,8 @@ def test_loader_benchmark_smoke(tmp_path):
     recs = json.load(open(out))
     assert [r["pipeline"] for r in recs] == ["torch", "dali", "ffcv", "ffcv_two_decode"]
     assert all(r["samples_per_s"] > 0 and r["batch_size"] == 8 for r in recs)
+    # the training process's Python calls per batch, counted for each backend (over an epoch boundary here)
+    assert all(r["python_calls_per_batch"] > 0 for r in recs[:3]) and recs[1]["route"] == "host"
 
 
 def test_step_benchmark_smoke_reports_reference_and_cache(tmp_path):
