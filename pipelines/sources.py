@@ -72,7 +72,9 @@ def _header_hw(path: str) -> Tuple[int, int]:
     instead of reporting it, so it never gets one."""
     with open(path, "rb", buffering=0) as f:
         head = f.read(1 << 17)
-        tail = os.pread(f.fileno(), 4096, max(0, os.fstat(f.fileno()).st_size - 4096))
+        size = os.fstat(f.fileno()).st_size
+        # most images fit in the head already read: read the tail only of larger files
+        tail = head[-4096:] if size <= len(head) else os.pread(f.fileno(), 4096, size - 4096)
     hw = jpeg_hw(np.frombuffer(head, dtype=np.uint8))
     if hw and hw[0] > 0 and hw[1] > 0 and b"\xff\xd9" in tail:
         return hw
