@@ -49,9 +49,9 @@ class _Feeder:
     """external_source callback (batch mode): every batch is a dict of named fields, each one array."""
 
     def __init__(self, source, sampler, batch, cfg, views, train, drop_last, device_route):
-        dc, pc = cfg.data, cfg.pipeline
+        dc = cfg.data
         self.source, self.sampler, self.batch, self.seed, self.views = source, sampler, batch, cfg.run.seed, views
-        self.view_kw = dict(crop=dc.train_crop, size=dc.image_size, pad=dc.crop_padding, n_ops=pc.randaug_n,
+        self.view_kw = dict(crop=dc.train_crop, size=dc.image_size, pad=dc.crop_padding,
                             strong_aug=False)  # the loader draws the strong parameters from the indices
         self.size, self.val_resize = dc.image_size, dc.val_resize
         self.train, self.drop_last, self.device_route = train, drop_last, device_route
