@@ -10,11 +10,13 @@ import json
 import logging
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from pipelines import size_table
 from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -87,25 +89,51 @@ def _header_hw(path: str) -> Tuple[int, int]:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
-def image_sizes(source, threads: int = 0) -> np.ndarray:
+def image_sizes(source, threads: int = 0, cache: bool = True) -> np.ndarray:
     """(N, 2) int64 height and width of every image of a source, made once when a loader is built (the
     view parameters need them for whole batches at once). Folder sources read each file's header on a
     thread pool (the reads release the GIL). A file whose header cannot be read is 0 x 0 in skip mode
-    (the loader substitutes it) and a DataError otherwise."""
+    (the loader substitutes it) and a DataError otherwise. With `cache`, the sizes read are kept on disk
+    (`pipelines.size_table`) with each file's size and modification time: a later call reads again only
+    the files that changed or are new, and stats the others."""
     if hasattr(source, "images"):
         return np.broadcast_to(np.asarray(source.images.shape[1:3], dtype=np.int64), (len(source), 2))
-    from concurrent.futures import ThreadPoolExecutor
+    files, root = source.files, getattr(source, "root", None)
+    cache = cache and root is not None
+    names = size_table.relative_names(files, root) if cache else None
+    stat, hw = size_table.load(root, names) if cache else (None, np.zeros((len(files), 2), dtype=np.int64))
+    errors = {}
 
-    def one(path):
+    def read(i):
         try:
-            return _header_hw(path)
-        except DataError:
-            if getattr(source, "skip_bad", False):
-                return 0, 0
-            raise
+            hw[i] = _header_hw(files[i])
+        except DataError as e:
+            errors[i] = e
 
     with ThreadPoolExecutor(threads or min(32, 4 * (os.cpu_count() or 1))) as ex:
-        return np.asarray(list(ex.map(one, source.files)), dtype=np.int64).reshape(-1, 2)
+        stale = np.arange(len(files))
+        if cache:
+            now = np.empty_like(stat)
+
+            def stat_one(i):
+                st = os.stat(files[i])
+                now[i] = st.st_size, st.st_mtime_ns
+            _map_chunks(ex, stat_one, stale)
+            # stat before the header read: a file changed in between has a newer stat than its entry
+            stale = np.flatnonzero((now != stat).any(axis=1) | (hw <= 0).any(axis=1))
+            stat, hw[stale] = now, 0
+        _map_chunks(ex, read, stale)
+    if cache and len(stale) > len(errors):
+        size_table.store(root, names, stat, hw)
+    if errors and not getattr(source, "skip_bad", False):
+        raise errors[min(errors)]
+    return hw
+
+
+def _map_chunks(ex, fn, idx: np.ndarray):
+    """fn(i) for every i of idx on the pool, in chunks: a task per file costs more than a stat."""
+    chunk = 64
+    list(ex.map(lambda part: [fn(i) for i in part], (idx[a:a + chunk] for a in range(0, len(idx), chunk))))
 
 
 class DataError(UserError):
@@ -145,6 +173,7 @@ class FolderSource:
             raise DataError(f"{root}: class folders differ from the training split "
                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
         self.classes, self.mean_std, self.name, self.skip_bad = found, mean_std, name, skip_bad
+        self.root = root
         self.files: List[str] = []
         self.skipped: List[str] = []  # non-image files left out in skip mode (prep_ffcv counts them)
         labels = []
