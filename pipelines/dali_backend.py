@@ -58,7 +58,7 @@ class _Feeder:
         self.encoded = hasattr(source, "files")
         self.skip_bad = getattr(source, "skip_bad", False)
         self.paths = _path_table(source.files) if self.encoded else None
-        self.sizes = image_sizes(source) if self.encoded or train else None
+        self.sizes = image_sizes(source, cache=cfg.pipeline.dali_size_cache) if self.encoded or train else None
         self.labels = np.asarray(source.labels, dtype=np.int64).reshape(-1, 1)
         self.substitute = np.full(len(source), -1, dtype=np.int64)  # skip mode: the sample read instead
         self.roi = train and self.encoded and not device_route

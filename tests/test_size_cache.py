@@ -241,3 +241,21 @@ def test_moved_folder_keeps_its_table(tmp_path, split, reads):
     reads.clear()
     image_sizes(FolderSource(moved))
     assert reads == []
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_dali_size_cache_key(tmp_path, jpeg_folder, user_cache, on):
+    pytest.importorskip("nvidia.dali")
+    import torch
+
+    from pipelines import build_loaders
+    from training.config import load_config
+    root = jpeg_folder(str(tmp_path / "data"))
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=2",
+                             "data.image_size=32", "data.train_crop=rrc", "data.val_resize=36",
+                             "pipeline.batch_size=2", "pipeline.num_workers=0", "pipeline.name=dali",
+                             f"pipeline.dali_size_cache={str(on).lower()}"])
+    build_loaders(cfg, torch.device("cpu"), 0, 1)
+    for split in ("train", "val"):
+        assert os.path.isfile(os.path.join(root, split, ".crld_sizes.npz")) == on
+    assert not list(user_cache.rglob("*.npz"))

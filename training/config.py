@@ -81,6 +81,7 @@ class PipelineConfig:
     # dali
     dali_threads: int = within(0, 0)  # DALI's CPU threads (0: one per core)
     dali_prefetch: int = within(2, 1)  # batches in flight
+    dali_size_cache: bool = True   # keep the image-size table on disk (<root>/.crld_sizes.npz or ~/.cache/crld)
     # ffcv
     ffcv_dir: str = ""             # folder with train.beton / val.beton (default: <data.root>/ffcv)
     ffcv_order: str = one_of("random", ("random", "quasi_random"))  # quasi_random: less RAM, beyond-memory data
