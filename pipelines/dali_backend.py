@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
 from pipelines.host_views import strong_views, views_from_decoded
+from pipelines.randaugment_static import strong_program
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError, image_sizes, read_bytes
 from pipelines.view_params import ViewBatch, draw_views, strong_draws
@@ -244,6 +245,7 @@ class _DaliLoader:
     def __init__(self, feeder, pipe, steps, normalize, kind, cfg, views):
         self.feeder, self.pipe, self.steps, self.normalize, self.kind = feeder, pipe, steps, normalize, kind
         self.cfg, self.views = cfg, views
+        self.strong_program = strong_program(cfg.pipeline.strong_program)
         self.outputs = _outputs(kind == "train", feeder.device_route, views)
         # the epoch whose first batch is next out of DALI (the feeder followed into it), None when stopped
         self.epoch, self._live, self._flowing = 0, None, None
@@ -330,7 +332,8 @@ class _DaliLoader:
                 weak = self.normalize(_to_torch(outs["weak"], dev))
                 s = None
                 if self.views == 2:
-                    s = self.normalize(strong_views(_to_torch(outs["strong"], dev), strong, dev, True))
+                    s = self.normalize(strong_views(_to_torch(outs["strong"], dev), strong, dev, True,
+                                                       self.strong_program))
                 yield Batch(weak, s, y, i, index_cpu)
             else:  # views cut on the host (pipelines.host_views)
                 vb = ViewBatch(np.array(outs["boxes"].as_array()), strong)

@@ -36,6 +36,7 @@ from numba.extending import intrinsic
 from pipelines.beton_source import BetonSource
 from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
 from pipelines.host_views import finish_pairs, views_from_decoded
+from pipelines.randaugment_static import strong_program
 from pipelines.sources import DataError
 from pipelines.view_params import ViewBatch, draw_views, strong_draws
 
@@ -280,6 +281,7 @@ class _FfcvLoader:
         self.loader, self.table, self.normalize, self.kind, self.cfg, self.views = \
             loader, table, normalize, kind, cfg, views
         self.epoch, self.keep, self.device_route = 0, keep, device_route
+        self.strong_program = strong_program(cfg.pipeline.strong_program)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -312,7 +314,8 @@ class _FfcvLoader:
             strong = (strong_draws(self.cfg.run.seed, self.epoch, idx_cpu.numpy(), pc.randaug_n)
                       if self.views == 2 and pc.strong_aug else None)
             if self.table.crops_in_pipeline:  # both views cut in FFCV's compiled decoder
-                weak, strong = finish_pairs(x, strong, self.normalize, self.views, self.device_route)
+                weak, strong = finish_pairs(x, strong, self.normalize, self.views, self.device_route,
+                                            self.strong_program)
             else:  # host route: the decoded images, cut per sample on the host pool
                 idx = idx_cpu.numpy()
                 images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(self.table.hw[idx].tolist())]

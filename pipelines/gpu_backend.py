@@ -30,7 +30,8 @@ import torch
 
 from pipelines.contract import Batch, Normalizer, ValBatch
 from pipelines.errors import UserError
-from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.randaugment_static import strong_program
+from pipelines.randaugment_tensor import StrongBatch
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError
 from pipelines.torch_backend import ValDataset
@@ -210,6 +211,7 @@ class GpuTrainLoader:
         self.seed, self.batch, self.drop_last = cfg.run.seed, cfg.pipeline.batch_size // world, cfg.pipeline.drop_last
         self.size, self.pad = cfg.data.image_size, cfg.data.crop_padding
         self.n_ops, self.strong_aug = cfg.pipeline.randaug_n, cfg.pipeline.strong_aug
+        self.strong_program = strong_program(cfg.pipeline.strong_program)
         images, labels = train_array(source, cfg)
         self.hw = images.shape[1:3]
         self.data = _upload(images, self.device, self.pad)
@@ -270,7 +272,7 @@ class GpuTrainLoader:
                 continue
             x = self._cut(start[sl, 1], flip[sl, 1])
             if strong is not None:
-                x = apply_strong_batch(x, StrongBatch.from_draws(strong.take(sl)), channels_last_input=True)
+                x = self.strong_program(x, StrongBatch.from_draws(strong.take(sl)), channels_last_input=True)
             yield Batch(weak, self.normalize(x), target[sl], index[sl], order[sl])
 
 

@@ -46,13 +46,15 @@ def strong_pil(view: torch.Tensor, params) -> torch.Tensor:
     return torch.from_numpy(np.array(apply_strong(pil, params)))
 
 
-def strong_views(x: torch.Tensor, strong: Optional[StrongDraws], device: torch.device, on_device: bool) -> torch.Tensor:
+def strong_views(x: torch.Tensor, strong: Optional[StrongDraws], device: torch.device, on_device: bool,
+                 program=apply_strong_batch) -> torch.Tensor:
     """uint8 (N, H, W, 3) strong-view crops (host or device) -> augmented uint8 (N, H, W, 3) on `device`;
-    `strong` None: crop and flip only."""
+    `strong` None: crop and flip only. `program`: the accelerator route's augmenter
+    (`pipelines.randaugment_static.strong_program`)."""
     if strong is None:
         return to_device(x, device)
     if on_device:
-        return apply_strong_batch(to_device(x, device), StrongBatch.from_draws(strong), channels_last_input=True)
+        return program(to_device(x, device), StrongBatch.from_draws(strong), channels_last_input=True)
     out = torch.empty_like(x)
 
     def work(j):
@@ -62,7 +64,8 @@ def strong_views(x: torch.Tensor, strong: Optional[StrongDraws], device: torch.d
     return out
 
 
-def finish_pairs(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int, on_device: bool):
+def finish_pairs(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int, on_device: bool,
+                 program=apply_strong_batch):
     """uint8 (N, 2, H, W, 3) weak/strong crops on the host -> normalised (weak, strong) NCHW channels-last.
 
     Accelerator route: one copy to the device, batched tensor augmenter, batched normalisation. Host
@@ -73,7 +76,7 @@ def finish_pairs(x: torch.Tensor, strong: Optional[StrongDraws], normalize, view
         weak = normalize(x[:, 0])
         if views == 1:
             return weak, None
-        return weak, normalize(strong_views(x[:, 1], strong, normalize.device, True))
+        return weak, normalize(strong_views(x[:, 1], strong, normalize.device, True, program))
 
     def pair(j):
         if views == 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from pipelines.augment_spec import CUTOUT_FILL, STRONG_OPS
@@ -72,31 +73,39 @@ def _lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 def _histogram(img: torch.Tensor) -> torch.Tensor:
     n, c, h, w = img.shape
     hist = torch.zeros(n, c, 256, device=img.device, dtype=torch.long)
-    return hist.scatter_add_(2, img.long().view(n, c, -1), torch.ones_like(img, dtype=torch.long).view(n, c, -1))
+    return hist.scatter_add_(2, img.long().view(n, c, h * w), torch.ones_like(img, dtype=torch.long).view(n, c, h * w))
+
+
+def autocontrast_lut(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """PIL's AutoContrast look-up table (N, C, 256) from each channel's lowest and highest value (N, C, 1)."""
+    ix = torch.arange(256, device=lo.device, dtype=torch.float64).view(1, 1, 256)
+    span = (hi - lo).double().clamp(min=1)
+    scale = torch.full_like(span, 255.0) / span  # true division (scalar / tensor is a reciprocal multiply)
+    lut = (ix * scale + (-lo.double() * scale)).floor().clamp(0, 255)  # PIL: int(ix * scale + offset)
+    return torch.where(hi > lo, lut, ix.expand_as(lut))
 
 
 def autocontrast(img, _mag):
     lo = img.amin(dim=(2, 3), keepdim=True).squeeze(-1)  # (N, C, 1)
     hi = img.amax(dim=(2, 3), keepdim=True).squeeze(-1)
-    ix = torch.arange(256, device=img.device, dtype=torch.float64).view(1, 1, 256)
-    span = (hi - lo).double().clamp(min=1)
-    scale = torch.full_like(span, 255.0) / span  # true division (scalar / tensor is a reciprocal multiply)
-    lut = (ix * scale + (-lo.double() * scale)).floor().clamp(0, 255)  # PIL: int(ix * scale + offset)
-    lut = torch.where(hi > lo, lut, ix.expand_as(lut))
-    return _lut(img, lut)
+    return _lut(img, autocontrast_lut(lo, hi))
 
 
-def equalize(img, _mag):
-    hist = _histogram(img)                                   # (N, C, 256)
+def equalize_lut(hist: torch.Tensor) -> torch.Tensor:
+    """PIL's Equalize look-up table (N, C, 256) from each channel's histogram (N, C, 256)."""
     nonzero = hist > 0
     last = 255 - nonzero.flip(-1).long().argmax(-1, keepdim=True)  # highest bin present
     # Pillow >= 10 divides by 255 (older releases, used by the paper's code, by 256).
     step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
     cum = torch.cumsum(hist, -1) - hist                      # exclusive cumulative sum
     lut = (step // 2 + cum) // step.clamp(min=1)
-    ident = torch.arange(256, device=img.device).expand_as(lut)
+    ident = torch.arange(256, device=hist.device).expand_as(lut)
     keep = (nonzero.sum(-1, keepdim=True) <= 1) | (step == 0)
-    return _lut(img, torch.where(keep, ident, lut.clamp(0, 255)))
+    return torch.where(keep, ident, lut.clamp(0, 255))
+
+
+def equalize(img, _mag):
+    return _lut(img, equalize_lut(_histogram(img)))
 
 
 def brightness(img, mag):
@@ -107,35 +116,62 @@ def color(img, mag):
     return _blend(_gray(img).expand_as(img), img, mag)
 
 
+def contrast_level(gray: torch.Tensor) -> torch.Tensor:
+    """The Contrast op's degenerate grey level per sample (N, 1, 1, 1), from the L image."""
+    return (gray.mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()
+
+
 def contrast(img, mag):
-    mean = _gray(img).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend((mean + 0.5).floor().expand_as(img), img, mag)
+    return _blend(contrast_level(_gray(img)).expand_as(img), img, mag)
 
 
-def sharpness(img, mag):
-    # PIL's SMOOTH filter: float32 weights 1/13 (5/13 at the centre), round half up; border kept.
+# PIL's SMOOTH filter weights as C floats (1/13, 5/13 at the centre), as Python numbers: no tensor
+# reads back to the host inside the augmenter (a CUDA graph could not hold one).
+_ONE_13, _FIVE_13 = float(np.float32(1 / 13)), float(np.float32(5 / 13))
+
+
+def smoothed(img):
+    """PIL's SMOOTH filter, the Sharpness op's degenerate image: round half up, border kept."""
     _, _, h, w = img.shape
     if h < 3 or w < 3:  # all border: PIL keeps it, so the degenerate image is the image
-        return _blend(img, img, mag)
-    one, five = torch.tensor(1 / 13, dtype=torch.float32).item(), torch.tensor(5 / 13, dtype=torch.float32).item()
+        return img
     # The 8 neighbours' sum as a 3x3 sum-pool minus the centre: whole numbers below 2**24, so exact in
     # float32 in any order (one call instead of eight slice additions).
     centre = img[:, :, 1:-1, 1:-1]
     ring = torch.nn.functional.avg_pool2d(img, 3, stride=1, divisor_override=1) - centre
-    smooth = ring * one + centre * five
+    smooth = ring * _ONE_13 + centre * _FIVE_13
     degenerate = img.clone()
     degenerate[:, :, 1:-1, 1:-1] = (smooth + 0.5).floor_().clamp_(0, 255)
-    return _blend(degenerate, img, mag)
+    return degenerate
+
+
+def sharpness(img, mag):
+    return _blend(smoothed(img), img, mag)
+
+
+def _levels(n: int, device) -> torch.Tensor:
+    return torch.arange(256, device=device, dtype=torch.float32).expand(n, 256)
+
+
+def posterize_lut(mag: torch.Tensor) -> torch.Tensor:
+    """(N, 256): each level with its low 8 - bits bits cleared (PIL's posterize table)."""
+    bits = mag.floor().clamp(1, 8).long().view(-1, 1)
+    mask = (255 >> (8 - bits)) << (8 - bits)
+    return (_levels(len(mag), mag.device).long() & mask).float()
+
+
+def solarize_lut(mag: torch.Tensor) -> torch.Tensor:
+    """(N, 256): levels at or above the threshold inverted (PIL's solarize table)."""
+    ix = _levels(len(mag), mag.device)
+    return torch.where(ix >= mag.view(-1, 1), 255.0 - ix, ix)
 
 
 def posterize(img, mag):
-    bits = mag.floor().clamp(1, 8).long().view(-1, 1, 1, 1)
-    mask = (255 >> (8 - bits)) << (8 - bits)
-    return (img.long() & mask).float()
+    return _lut(img, posterize_lut(mag).unsqueeze(1).expand(-1, img.shape[1], -1))
 
 
 def solarize(img, mag):
-    return torch.where(img >= mag.view(-1, 1, 1, 1), 255.0 - img, img)
+    return _lut(img, solarize_lut(mag).unsqueeze(1).expand(-1, img.shape[1], -1))
 
 
 def identity(img, _mag):

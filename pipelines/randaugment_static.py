@@ -1,0 +1,168 @@
+"""The strong view as a static-shape program, and that program captured in a CUDA graph.
+
+`apply_strong_batch` (pipelines.randaugment_tensor) plans each round on the host and runs every op on
+the samples that drew it: little device work, but a few hundred launches per batch whose number and
+shapes depend on the draw, so the host dispatches them one by one every batch. This module computes
+the same views with a program whose launches and shapes depend only on the batch's shape: each round
+runs the three op families over the whole batch and keeps, per sample, the family it drew —
+
+- look-up-table ops (AutoContrast, Equalize, Posterize, Solarize, Identity): one histogram pass gives
+  every sample's table, one gather applies it;
+- blends with a degenerate image (Brightness, Color, Contrast, Sharpness): the degenerate image picked
+  per sample, then one blend;
+- affine ops (Rotate, Shear, Translate): the coefficient rows picked per sample, one affine sampling.
+
+Every op's arithmetic is the segmented augmenter's own function, so the two agree bit for bit when run
+eagerly (tests/test_augment_static.py). The price is device work: every family runs over every sample.
+On CUDA `StrongGraph` compiles the program (fused kernels) and captures it in a CUDA graph once per
+batch shape, so a batch costs the host a copy of its parameters and one replay.
+`pipeline.strong_program` chooses; docs/benchmarks.md has what is measured of each.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pipelines.randaugment_tensor import (AFFINE_COEFFS, OP_INDEX, StrongBatch, _affine, _blend, _gray,
+                                          _histogram, _lut, _to_device, apply_strong_batch, autocontrast_lut,
+                                          contrast_level, cutout, equalize_lut, posterize_lut, smoothed,
+                                          solarize_lut)
+
+PROGRAMS = ("segmented", "graph")
+_LUT_OPS = ("AutoContrast", "Equalize", "Posterize", "Solarize", "Identity")
+_BLEND_OPS = ("Brightness", "Color", "Contrast", "Sharpness")
+assert set(_LUT_OPS) | set(_BLEND_OPS) | set(AFFINE_COEFFS) == set(OP_INDEX)
+
+
+def _is(op: torch.Tensor, name: str) -> torch.Tensor:
+    return op == OP_INDEX[name]
+
+
+def _pick(op: torch.Tensor, choices: dict, shape) -> torch.Tensor:
+    """Per sample, the tensor of the op it drew among `choices` (name -> tensor); others get the last."""
+    names = list(choices)
+    out = choices[names[-1]]
+    for name in names[:-1]:
+        out = torch.where(_is(op, name).view(shape), choices[name], out)
+    return out
+
+
+def _lut_family(img: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    n, c = img.shape[:2]
+    hist = _histogram(img)                                       # (N, C, 256)
+    levels = torch.arange(256, device=img.device).view(1, 1, 256)
+    present = hist > 0
+    # lowest and highest value present: AutoContrast's min / max, read from the histogram
+    lo = torch.where(present, levels, 256).amin(-1, keepdim=True).float()
+    hi = torch.where(present, levels, -1).amax(-1, keepdim=True).float()
+    per_channel = lambda t: t.unsqueeze(1).expand(n, c, 256)    # noqa: E731
+    lut = _pick(op, {"AutoContrast": autocontrast_lut(lo, hi).float(), "Equalize": equalize_lut(hist).float(),
+                     "Posterize": per_channel(posterize_lut(mag)), "Solarize": per_channel(solarize_lut(mag)),
+                     "Identity": levels.float().expand(n, c, 256)}, (n, 1, 1))
+    return _lut(img, lut)
+
+
+def _blend_family(img: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    gray = _gray(img)
+    degenerate = _pick(op, {"Color": gray.expand_as(img), "Contrast": contrast_level(gray).expand_as(img),
+                            "Brightness": torch.zeros_like(img), "Sharpness": smoothed(img)}, (-1, 1, 1, 1))
+    return _blend(degenerate, img, mag)
+
+
+def _affine_family(img: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    coeffs = torch.zeros(len(op), 6, dtype=torch.float64, device=img.device)
+    coeffs[:, 0::4] = 1.0  # the identity for samples of the other families (their result is not kept)
+    for name, make in AFFINE_COEFFS.items():
+        coeffs = torch.where(_is(op, name).view(-1, 1), make(img.shape, mag), coeffs)
+    return _affine(img, coeffs)
+
+
+def apply_strong_static(x: torch.Tensor, ops: torch.Tensor, mags: torch.Tensor, cut: torch.Tensor,
+                        channels_last_input: bool = False) -> torch.Tensor:
+    """`apply_strong_batch`'s result with every parameter a tensor on x's device (ops (N, K) integral,
+    mags (N, K) and cut (N, 3) float64) and no host read-back: the sequence of launches is fixed by
+    the shapes alone, which is what a CUDA graph needs."""
+    dtype = x.dtype
+    img = x.permute(0, 3, 1, 2) if channels_last_input else x
+    img = img.clone() if dtype == torch.uint8 else img.round().clamp(0, 255).to(torch.uint8)
+    ops = ops.long()
+    for k in range(ops.shape[1]):
+        op, mag, f = ops[:, k], mags[:, k], img.float()
+        lut_drawn = sum(_is(op, name) for name in _LUT_OPS).bool().view(-1, 1, 1, 1)
+        blend_drawn = sum(_is(op, name) for name in _BLEND_OPS).bool().view(-1, 1, 1, 1)
+        out = torch.where(lut_drawn, _lut_family(f, op, mag),
+                          torch.where(blend_drawn, _blend_family(f, op, mag), _affine_family(img, op, mag)))
+        img = out.to(torch.uint8)  # every family yields whole numbers in [0, 255] (or the uint8 input)
+    img = cutout(img, cut)
+    out = img if dtype == torch.uint8 else img.to(dtype)
+    return out.permute(0, 2, 3, 1).contiguous() if channels_last_input else out
+
+
+class StrongGraph:
+    """`apply_strong_static`, compiled (torch.compile fuses its elementwise chains, which is what makes
+    running every family over every sample affordable) and captured in a CUDA graph per batch shape,
+    then replayed: per batch the host enqueues a copy of the input into the graph's buffer, one copy
+    of the parameters (from pinned memory, asynchronous), the replay, and a copy out (the caller keeps
+    its batch while the next one is made). Off CUDA the program runs eagerly (`compile=True` compiles
+    it there too, for the tests), so the same code path runs on a CPU. Each captured shape holds its
+    own memory pool; shapes beyond `max_graphs` (a ragged last batch, say) run eagerly."""
+
+    def __init__(self, compile: Optional[bool] = None, max_graphs: int = 2):
+        self.compile, self.max_graphs, self.graphs, self._compiled = compile, max_graphs, {}, None
+
+    def _program(self, device: torch.device):
+        if not (self.compile if self.compile is not None else device.type == "cuda"):
+            return apply_strong_static
+        if self._compiled is None:
+            self._compiled = torch.compile(apply_strong_static, dynamic=False, fullgraph=True)
+        return self._compiled
+
+    def __call__(self, x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
+        k = params.ops.shape[1]
+        key = (tuple(x.shape), x.dtype, x.device, k, channels_last_input)
+        program = self._program(x.device)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:  # a shape seen rarely: no new compilation or capture
+                program = apply_strong_static
+            else:
+                self.graphs[key] = _Captured(program, x, k, channels_last_input) if x.is_cuda else None
+        if self.graphs.get(key) is not None:
+            return self.graphs[key].run(x, params)
+        ops, mags, cut = _to_device([params.ops, params.mags, params.cutout], x.device)
+        return program(x, ops.view(-1, k), mags.view(-1, k), cut.view(-1, 3), channels_last_input)
+
+
+class _Captured:
+    def __init__(self, fn, x: torch.Tensor, k: int, channels_last_input: bool):
+        n, dev = x.shape[0], x.device
+        self.x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self.flat = torch.zeros(n * (2 * k + 3), dtype=torch.float64, device=dev)
+        ops, mags, cut = self.flat.split([n * k, n * k, n * 3])
+        ops, mags, cut = ops.view(n, k), mags.view(n, k), cut.view(n, 3)
+        self.x.copy_(x)
+        program = lambda: fn(self.x, ops, mags, cut, channels_last_input)  # noqa: E731
+        # Warm-up on a side stream before capture, as torch.cuda.graphs asks: compilation and lazy
+        # initialisation (the Cutout fill's upload) must not happen inside the capture.
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            program()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = program()
+
+    def run(self, x: torch.Tensor, params: StrongBatch) -> torch.Tensor:
+        self.x.copy_(x)
+        host = torch.cat([params.ops.reshape(-1).double(), params.mags.reshape(-1).double(),
+                          params.cutout.reshape(-1).double()]).pin_memory()
+        self.flat.copy_(host, non_blocking=True)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def strong_program(name: str):
+    """The strong-view function for `pipeline.strong_program` (one of PROGRAMS; both have
+    apply_strong_batch's call)."""
+    return apply_strong_batch if name == "segmented" else StrongGraph()

@@ -1,0 +1,110 @@
+"""The static-shape strong-view program (`pipeline.strong_program=graph`): the segmented augmenter's
+pixels bit for bit, with a launch sequence fixed by the shapes alone (what a CUDA graph needs)."""
+import numpy as np
+import pytest
+import torch
+
+from pipelines.augment_spec import STRONG_OPS
+from pipelines.randaugment_static import StrongGraph, apply_strong_static, strong_program
+from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.view_params import StrongParams, strong_draws
+
+META = torch.device("meta")
+
+
+def batch(rng, n, h, w, smooth_every=2):
+    x = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    x[::smooth_every] = x[::smooth_every] // 3 + 60  # low-contrast samples: the histogram ops differ there
+    return torch.from_numpy(x)
+
+
+def every_op_in_every_round(n_ops, n, rng):
+    """Each sample a different op sequence, so every op meets every other across the rounds; random
+    magnitudes in the spec's ranges; Cutout on most samples."""
+    params = []
+    for i in range(n):
+        specs = [(i + 5 * k) % len(STRONG_OPS) for k in range(n_ops)]
+        ops = tuple((j, float(STRONG_OPS[j].low + rng.random() * (STRONG_OPS[j].high - STRONG_OPS[j].low)))
+                    for j in specs)
+        frac = float(rng.random() * 0.5) if i % 4 else 0.0
+        params.append(StrongParams(ops, frac, float(rng.random()), float(rng.random())))
+    return StrongBatch.from_params(params)
+
+
+def graph_program(x, params, channels_last_input=False):
+    return StrongGraph()(x, params, channels_last_input)
+
+
+@pytest.mark.parametrize("n_ops", [1, 2, 3])
+def test_equals_the_segmented_augmenter_bit_for_bit_on_every_op(n_ops):
+    rng = np.random.default_rng(n_ops)
+    x = batch(rng, 42, 37, 29)
+    for params in (every_op_in_every_round(n_ops, 42, rng), StrongBatch.from_draws(strong_draws(n_ops, 0, np.arange(42), n_ops))):
+        want = apply_strong_batch(x, params, channels_last_input=True)
+        got = graph_program(x, params, channels_last_input=True)
+        assert got.dtype == torch.uint8 and got.shape == x.shape and got.is_contiguous()
+        diff = (want != got).any(-1).flatten(1).any(1)
+        assert not diff.any(), f"samples differing: {diff.nonzero().flatten().tolist()}"
+
+
+def test_float_nchw_and_tiny_images_equal_too():
+    rng = np.random.default_rng(9)
+    params = every_op_in_every_round(2, 28, rng)
+    for h, w in ((2, 2), (3, 5), (16, 16)):  # below 3 px Sharpness keeps the image (PIL's border rule)
+        x = batch(rng, 28, h, w).permute(0, 3, 1, 2).float()
+        want, got = apply_strong_batch(x, params), graph_program(x, params)
+        assert got.dtype == torch.float32 and got.shape == x.shape and torch.equal(want, got), (h, w)
+
+
+def test_identity_only_and_empty_batches():
+    x = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
+    ident = StrongBatch.from_params([StrongParams(((5, 0.0), (5, 0.0)), 0.0, 0.5, 0.5)] * 3)
+    assert STRONG_OPS[5].name == "Identity" and torch.equal(graph_program(x, ident), x)
+    empty = StrongBatch(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.float64),
+                        torch.zeros(0, 3, dtype=torch.float64))
+    assert graph_program(torch.zeros(0, 8, 8, 3, dtype=torch.uint8), empty, True).shape == (0, 8, 8, 3)
+
+
+def test_program_runs_on_shapes_alone_while_the_segmented_one_cannot():
+    """On the meta device tensors have shapes and no data: a program that runs there reads nothing back
+    to the host and makes every launch decision from shapes, so one capture serves every batch of that
+    shape. The segmented augmenter plans on the host from the data, so it cannot run there (the check
+    can fail)."""
+    x = torch.empty(8, 32, 24, 3, dtype=torch.uint8, device=META)
+    ops, mags = (torch.empty(8, 2, dtype=torch.float64, device=META) for _ in range(2))
+    cut = torch.empty(8, 3, dtype=torch.float64, device=META)
+    y = apply_strong_static(x, ops, mags, cut, channels_last_input=True)
+    assert y.device == META and y.shape == x.shape and y.dtype == torch.uint8
+    with pytest.raises(NotImplementedError, match="meta"):
+        apply_strong_batch(x, StrongBatch(ops.long(), mags, cut), channels_last_input=True)
+
+
+def test_config_names_the_program():
+    assert strong_program("segmented") is apply_strong_batch
+    assert isinstance(strong_program("graph"), StrongGraph)
+
+
+def test_gpu_backend_batches_are_identical_under_either_program(demo_cfg, first_batches):
+    """Through a whole loader on the accelerator route (on the CPU the graph program runs eagerly)."""
+    (a, _), (b, _) = (first_batches(demo_cfg("pipeline.route=device", f"pipeline.strong_program={p}",
+                                             pipeline="gpu"), epoch=1) for p in ("segmented", "graph"))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x.weak, y.weak) and torch.equal(x.strong, y.strong) and torch.equal(x.index, y.index)
+
+
+def test_compiles_as_one_graph_and_stays_exact():
+    """What runs on CUDA is the compiled program: it must compile without graph breaks (fullgraph), and
+    compiled on the CPU it still equals the segmented augmenter. One op per round keeps compilation short."""
+    rng = np.random.default_rng(4)
+    x = batch(rng, 28, 20, 18)
+    program = StrongGraph(compile=True, max_graphs=1)
+    for seed in range(2):  # the second batch reuses the compiled shape
+        params = every_op_in_every_round(1, 28, rng) if seed == 0 else \
+            StrongBatch.from_draws(strong_draws(seed, 0, np.arange(28), 1))
+        assert torch.equal(program(x, params, True), apply_strong_batch(x, params, channels_last_input=True))
+    assert len(program.graphs) == 1
+    other = batch(rng, 3, 20, 18)  # beyond max_graphs: the eager program, no second compilation
+    p3 = StrongBatch.from_draws(strong_draws(0, 0, np.arange(3), 1))
+    assert torch.equal(program(other, p3, True), apply_strong_batch(other, p3, channels_last_input=True))
+    assert len(program.graphs) == 1
