@@ -148,6 +148,29 @@ def check_augment(device, small):
                 "batch": [n, 3, hw, hw], "tolerance": "max abs diff <= 1 grey level", **res}
 
 
+def check_graph_program(device, small):
+    """`pipeline.strong_program=graph` on `device` (compiled, captured in a CUDA graph, then replayed with new
+    inputs and draws) against the segmented augmenter on the CPU. Tolerance: the augmenter's against PIL
+    (tests/test_augment_tensor.py), at most 0.2% of pixels differing; the first batch is the capture's."""
+    from pipelines.randaugment_static import StrongGraph
+    n, hw = (16, 24) if small else (256, 64)
+    gen, program, rows = torch.Generator().manual_seed(1), StrongGraph(), []
+    t0 = time.perf_counter()
+    for b in range(4):
+        x = torch.randint(0, 256, (n, hw, hw, 3), dtype=torch.uint8, generator=gen)
+        params = StrongBatch.from_draws(strong_draws(0, b, numpy.arange(n)))
+        got = program(x.to(device), params, channels_last_input=True).cpu()
+        if b == 0:
+            first_s = time.perf_counter() - t0
+        differ = (got != apply_strong_batch(x, params, channels_last_input=True)).any(-1)
+        rows.append({"batch": b, "frac_pixels_differing": float(differ.float().mean()),
+                     "samples_differing": int(differ.flatten(1).any(1).sum())})
+    worst = max(r["frac_pixels_differing"] for r in rows)
+    return worst <= 0.002, {"summary": f"worst batch {worst:.5f} of pixels differ (tolerance 0.002), compile and "
+                                       f"capture {first_s:.1f} s, {len(program.graphs)} graph(s)",
+                            "batches": rows, "batch": [n, 3, hw, hw]}
+
+
 def check_gpu_pipeline(device, small, folder):
     """`--pipeline gpu` on `device` (through the side-stream prefetcher on CUDA) against the same route run on
     the CPU: CIFAR-100-shaped random arrays, two batches of epoch 1; weak views bit-exact, strong views within
@@ -278,6 +301,7 @@ def main(argv=None):
     for amp in ("bf16", "fp16"):
         run(f"resnet8x4_crld_{amp}_channels_last", "correctness", check_model_amp, device, amp, small)
     run("augmenter_device_vs_cpu", "correctness", check_augment, device, small)
+    run("strong_graph_program_vs_cpu", "correctness", check_graph_program, device, small)
     run("gpu_pipeline_device_vs_cpu", "correctness", check_gpu_pipeline, device, small, args.out_dir)
     run("matmul_bf16_tflops", "performance", check_matmul, device, small)
     run("bench_step_cli", "benchmark", check_step_cli)

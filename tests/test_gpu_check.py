@@ -9,7 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 ENV_KEYS = {"torch", "cuda", "cudnn", "device_name", "capability", "memory_gib", "python", "dali", "ffcv", "apex"}
-CORRECTNESS = {"resnet8x4_crld_bf16_channels_last", "resnet8x4_crld_fp16_channels_last", "augmenter_device_vs_cpu"}
+CORRECTNESS = {"resnet8x4_crld_bf16_channels_last", "resnet8x4_crld_fp16_channels_last", "augmenter_device_vs_cpu",
+               "strong_graph_program_vs_cpu"}
 
 
 def _env(**extra):
@@ -68,6 +69,23 @@ def test_augmenter_check_catches_a_mismatch(monkeypatch, gpu_check):
     for layout in ("nhwc", "nchw"):
         r = details[layout]
         assert r["max_abs_diff"] == 2 and r["samples_differing"] == 1 and r["ops_in_differing_samples"], r
+
+
+def test_graph_program_check_catches_a_mismatch(monkeypatch, gpu_check):
+    """The graph-program comparison can fail: one sample's pixels changed on the "device" side is caught."""
+    from pipelines import randaugment_static
+
+    real = randaugment_static.StrongGraph.__call__
+
+    def skewed(self, x, params, channels_last_input=False):
+        y = real(self, x, params, channels_last_input).clone()
+        y[0] = 255 - y[0]
+        return y
+
+    monkeypatch.setattr(randaugment_static.StrongGraph, "__call__", skewed)
+    import torch
+    ok, details = gpu_check.check_graph_program(torch.device("cpu"), small=True)
+    assert not ok and all(r["samples_differing"] == 1 for r in details["batches"]), details
 
 
 def test_without_cuda_exits_3_with_message(tmp_path):
