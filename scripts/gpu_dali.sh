@@ -4,8 +4,12 @@
 #               speed the data path must feed
 #   loader      bench.py loader: `torch` (16 workers) vs `dali` on the accelerator route (nvJPEG, views cut
 #               in DALI, strong view batched on the device), with Python calls per batch
+#   strong      scripts/strong_programs.py: the two strong-view programs (`pipeline.strong_program`) on the
+#               same crops: ATen calls, host ms and wall ms per batch
+#   loader_graph bench.py loader: `dali` on the accelerator route with pipeline.strong_program=graph
 #   dali_host   bench.py loader: `dali` on the host route (CPU decode and cuts) on the same cores
 #   e2e         bench.py e2e, the ResNet pair end to end: `torch` (the reference) vs `dali`, online and cache
+#   e2e_graph   (not in the default set) e2e of `dali` alone with pipeline.strong_program=graph
 #   cifar_step  bench.py step, resnet32x4 -> resnet8x4 at 32
 #   cifar_e2e   bench.py e2e, the CIFAR pair end to end: `torch` vs `gpu` (the GPU-resident array route) on
 #               a CIFAR-100-shaped set of random pixels (datasets_prep/make_cifar_like.py)
@@ -35,7 +39,7 @@ DATA=${DATA:-/tmp/jpeg_gpu_dali}
 CIFAR=${CIFAR:-/tmp/cifar_like}
 CIFAR_N=${CIFAR_N:-50000}
 CORES=$(nproc)
-STAGES=" ${STAGES:-step loader dali_host e2e cifar_step cifar_e2e} "
+STAGES=" ${STAGES:-step strong loader loader_graph dali_host e2e cifar_step cifar_e2e} "
 if [ -n "${DALI_SITE:-}" ]; then
   export DALI_SITE PYTHONPATH="$DALI_SITE${PYTHONPATH:+:$PYTHONPATH}"
   export LD_LIBRARY_PATH="$DALI_SITE/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -80,14 +84,21 @@ R34=(--teacher imagenet_resnet34 --student imagenet_resnet18 --num-classes 1000 
 CIFAR_PAIR=(--teacher resnet32x4 --student resnet8x4 --image-size 32 --batch-size "$BATCH" --steps "$STEPS"
             --teacher-source online,cache)
 LOADER=(--data "$DATA" --image-size "$IMAGE" --batch-size "$BATCH" --batches "$STEPS" --warmup 3 --workers "$CORES")
-if want loader || want dali_host || want e2e; then
+if want loader || want loader_graph || want dali_host || want e2e || want e2e_graph; then
   [ -d "$DATA/train" ] || py datasets_prep/make_jpeg_folder.py --out "$DATA" --train "$N" --val 16 --classes 8
 fi
 ! want step || run step step "${R34[@]}" --warmup 5
+if want strong; then
+  py scripts/strong_programs.py --device "$DEVICE" --batch-size "$BATCH" --size "$IMAGE" --batches "$STEPS" \
+    --json "$OUT/strong_programs.json" 2>&1 | tee "$OUT/strong_programs.txt" || status=$?
+fi
 ! want loader || run loader loader --pipelines torch,dali --repeat 3 "${LOADER[@]}"
+! want loader_graph || run loader_graph loader --pipelines dali --repeat 1 "${LOADER[@]}" pipeline.strong_program=graph
 ! want dali_host || run loader_dali_host loader --pipelines dali --repeat 1 "${LOADER[@]}" pipeline.route=host
 ! want e2e || run e2e e2e --pipelines torch,dali --data "$DATA" --dataset imagefolder "${R34[@]}" --warmup 5 \
   --workers "$CORES" --num-classes 8 data.train_crop=rrc "data.val_resize=$IMAGE"
+! want e2e_graph || run e2e_graph e2e --pipelines dali --data "$DATA" --dataset imagefolder "${R34[@]}" --warmup 5 \
+  --workers "$CORES" --num-classes 8 data.train_crop=rrc "data.val_resize=$IMAGE" pipeline.strong_program=graph
 ! want cifar_step || run cifar_step step "${CIFAR_PAIR[@]}" --warmup 5
 if want cifar_e2e; then
   py datasets_prep/make_cifar_like.py --out "$CIFAR" --train "$CIFAR_N" --test 1000 >/dev/null
