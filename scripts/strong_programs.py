@@ -1,10 +1,11 @@
 """The accelerator route's two strong-view programs side by side (`pipeline.strong_program`).
 
     .venv/bin/python scripts/strong_programs.py [--device cuda] [--batch-size 256] [--size 224]
-                                                [--batches 20] [--repeat 3] [--json OUT]
+                                                [--batches 20] [--repeat 3] [--compile] [--json OUT]
 
 For the same uint8 crops and draws, per batch: the ATen calls the program dispatches (each one a kernel
-launch on a GPU; counted once, on the program's first batch), the host time to issue a batch (the
+launch on a GPU; counted once, after the warm-up batch; none for a compiled program, whose launches are
+fused kernels or, on CUDA, one graph replay), the host time to issue a batch (the
 training thread's share: on CUDA the call returns before the device finishes) and the wall time with the
 device finished. `segmented` issues few kernels of data-dependent shapes; `graph` runs every op family
 over the whole batch but, on CUDA, replays a captured graph. Results go to docs/benchmarks.md.
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipelines.randaugment_static import PROGRAMS, strong_program
+from pipelines.randaugment_static import PROGRAMS, StrongGraph, strong_program
 from pipelines.randaugment_tensor import StrongBatch
 from pipelines.view_params import strong_draws
 
@@ -38,11 +39,16 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(name, x, plans, batches, repeat):
+def measure(name, x, plans, batches, repeat, compile_on_cpu=False):
     program, device = strong_program(name), x.device
+    if name == "graph" and compile_on_cpu:
+        program = StrongGraph(compile=True)
     program(x, plans[0], channels_last_input=True)  # warm-up (and, for graph on CUDA, the capture)
-    with _CountAten() as count:
-        program(x, plans[1], channels_last_input=True)
+    calls = None  # a compiled program's launches are not ATen calls (and a dispatch mode stops compilation)
+    if not (name == "graph" and (compile_on_cpu or device.type == "cuda")):
+        with _CountAten() as count:
+            program(x, plans[1], channels_last_input=True)
+        calls = count.calls
     host, wall = [], []
     for _ in range(repeat):
         _sync(device)
@@ -55,7 +61,7 @@ def measure(name, x, plans, batches, repeat):
         _sync(device)
         wall.append((time.perf_counter() - t0) / batches * 1e3)
         host.append(issued / batches * 1e3)
-    return {"program": name, "aten_calls_per_batch": count.calls, "host_ms_per_batch": statistics.median(host),
+    return {"program": name, "aten_calls_per_batch": calls, "host_ms_per_batch": statistics.median(host),
             "wall_ms_per_batch": statistics.median(wall), "host_rounds": host, "wall_rounds": wall}
 
 
@@ -67,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--programs", default=",".join(PROGRAMS))
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the graph program on a CPU too (on CUDA it always is): its fused work")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     device, n = torch.device(a.device), a.batch_size
@@ -78,12 +86,13 @@ def main(argv=None):
     plans = [StrongBatch.from_draws(strong_draws(0, e, np.arange(n))) for e in range(4)]
     rows = []
     for name in a.programs.split(","):
-        r = measure(name, x, plans, a.batches, a.repeat)
-        r.update(device=str(device), batch_size=n, size=a.size,
+        r = measure(name, x, plans, a.batches, a.repeat, a.compile)
+        compiled = name == "graph" and (a.compile or device.type == "cuda")
+        r.update(device=str(device), batch_size=n, size=a.size, compiled=compiled,
                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  cpu_threads=torch.get_num_threads())
         rows.append(r)
-        print(f"{name:10s} {r['aten_calls_per_batch']:6d} ATen calls/batch   host {r['host_ms_per_batch']:8.2f} ms"
+        print(f"{name:10s} {str(r['aten_calls_per_batch']):>6s} ATen calls/batch   host {r['host_ms_per_batch']:8.2f} ms"
               f"   wall {r['wall_ms_per_batch']:8.2f} ms per batch of {n} ({a.size} px, {device})")
     if a.json:
         with open(a.json, "w") as f:

@@ -78,7 +78,7 @@ class PipelineConfig:
     randaug_n: int = within(2, 0, 8)  # ops per strong view (the paper: 2)
     strong_aug: bool = True        # False: the strong view gets only crop + flip (ablation)
     # accelerator route's strong view: segmented (host-planned, per-op slices) or graph (a static-shape
-    # program, replayed as a CUDA graph on CUDA); identical pixels (pipelines/randaugment_static.py)
+    # program, compiled and replayed as a CUDA graph on CUDA): the same pixels (pipelines/randaugment_static.py)
     strong_program: str = one_of("segmented", STRONG_PROGRAMS)
     drop_last: bool = True
     host_threads: int = within(0, 0)  # dali CPU mode, ffcv: threads cutting views on the host (0: one per core)
