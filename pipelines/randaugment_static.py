@@ -24,10 +24,11 @@ from typing import Optional
 
 import torch
 
+from pipelines.augment_spec import CUTOUT_FILL
 from pipelines.randaugment_tensor import (AFFINE_COEFFS, OP_INDEX, StrongBatch, _affine, _blend, _gray,
                                           _histogram, _lut, _to_device, apply_strong_batch, autocontrast_lut,
-                                          contrast_level, cutout, equalize_lut, posterize_lut, smoothed,
-                                          solarize_lut)
+                                          contrast_level, cutout, equalize_lut, fill_colour, posterize_lut,
+                                          smoothed, solarize_lut)
 
 PROGRAMS = ("segmented", "graph")
 _LUT_OPS = ("AutoContrast", "Equalize", "Posterize", "Solarize", "Identity")
@@ -79,10 +80,10 @@ def _affine_family(img: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> to
 
 
 def apply_strong_static(x: torch.Tensor, ops: torch.Tensor, mags: torch.Tensor, cut: torch.Tensor,
-                        channels_last_input: bool = False) -> torch.Tensor:
+                        channels_last_input: bool = False, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`apply_strong_batch`'s result with every parameter a tensor on x's device (ops (N, K) integral,
-    mags (N, K) and cut (N, 3) float64) and no host read-back: the sequence of launches is fixed by
-    the shapes alone, which is what a CUDA graph needs."""
+    mags (N, K) and cut (N, 3) float64; `fill` the Cutout colour, `fill_colour` by default) and no host
+    traffic: the sequence of launches is fixed by the shapes alone, which is what a CUDA graph needs."""
     dtype = x.dtype
     img = x.permute(0, 3, 1, 2) if channels_last_input else x
     img = img.clone() if dtype == torch.uint8 else img.round().clamp(0, 255).to(torch.uint8)
@@ -94,7 +95,7 @@ def apply_strong_static(x: torch.Tensor, ops: torch.Tensor, mags: torch.Tensor, 
         out = torch.where(lut_drawn, _lut_family(f, op, mag),
                           torch.where(blend_drawn, _blend_family(f, op, mag), _affine_family(img, op, mag)))
         img = out.to(torch.uint8)  # every family yields whole numbers in [0, 255] (or the uint8 input)
-    img = cutout(img, cut)
+    img = cutout(img, cut, fill)
     out = img if dtype == torch.uint8 else img.to(dtype)
     return out.permute(0, 2, 3, 1).contiguous() if channels_last_input else out
 
@@ -130,7 +131,8 @@ class StrongGraph:
         if self.graphs.get(key) is not None:
             return self.graphs[key].run(x, params)
         ops, mags, cut = _to_device([params.ops, params.mags, params.cutout], x.device)
-        return program(x, ops.view(-1, k), mags.view(-1, k), cut.view(-1, 3), channels_last_input)
+        fill = fill_colour(x.device, torch.uint8, len(CUTOUT_FILL))
+        return program(x, ops.view(-1, k), mags.view(-1, k), cut.view(-1, 3), channels_last_input, fill)
 
 
 class _Captured:
@@ -141,16 +143,18 @@ class _Captured:
         ops, mags, cut = self.flat.split([n * k, n * k, n * 3])
         ops, mags, cut = ops.view(n, k), mags.view(n, k), cut.view(n, 3)
         self.x.copy_(x)
-        program = lambda: fn(self.x, ops, mags, cut, channels_last_input)  # noqa: E731
-        # Warm-up on a side stream before capture, as torch.cuda.graphs asks: compilation and lazy
-        # initialisation (the Cutout fill's upload) must not happen inside the capture.
+        fill = fill_colour(dev, torch.uint8, len(CUTOUT_FILL))  # an input made outside: no upload inside the capture
+        program = lambda: fn(self.x, ops, mags, cut, channels_last_input, fill)  # noqa: E731
+        # Warm-up on a side stream before capture, as torch.cuda.graphs asks: compilation must not happen
+        # inside the capture.
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             program()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: DALI's and the allocator's own threads keep using CUDA while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = program()
 
     def run(self, x: torch.Tensor, params: StrongBatch) -> torch.Tensor:

@@ -9,7 +9,7 @@ outside, nearest), the enhancers blend with PIL's degenerate images and truncate
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -271,10 +271,11 @@ TENSOR_OPS = {
 assert set(TENSOR_OPS) == set(OP_INDEX)
 
 
-def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+def cutout(img: torch.Tensor, cut: torch.Tensor, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """PIL's CutoutAbs box: x0 = int(max(0, cx*w - v/2)), x1 = min(w, x0 + v), drawn inclusive of
     both corners (ImageDraw truncates float corners); v = frac * width; no box when frac == 0.
-    `cut` (N, 3) = (side fraction, centre x, centre y) on img's device: one mask over the batch."""
+    `cut` (N, 3) = (side fraction, centre x, centre y) on img's device: one mask over the batch.
+    `fill`: `fill_colour(...)`, made by the caller where the program must not create tensors from host data."""
     n, ch, h, w = img.shape
     frac, cx, cy = cut.double().unbind(1)
     v = frac * w
@@ -286,14 +287,15 @@ def cutout(img: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     ys = torch.arange(h, device=img.device).view(1, h, 1)
     inside = ((xs >= x0.view(n, 1, 1)) & (xs <= x1.view(n, 1, 1)) & (ys >= y0.view(n, 1, 1))
               & (ys <= y1.view(n, 1, 1)) & (frac > 0).view(n, 1, 1))
-    return torch.where(inside.unsqueeze(1), _fill(img.device, img.dtype, ch), img)
+    return torch.where(inside.unsqueeze(1), fill_colour(img.device, img.dtype, ch) if fill is None else fill, img)
 
 
 _FILLS = {}
 
 
-def _fill(device, dtype, ch):
-    # built once per device: torch.tensor(...).to(cuda) per batch would be a copy from pageable memory
+def fill_colour(device, dtype, ch: int) -> torch.Tensor:
+    """Cutout's colour as a (1, C, 1, 1) tensor, built once per device: torch.tensor(...).to(cuda) per
+    batch would be a copy from pageable memory."""
     key = (device, dtype)
     if key not in _FILLS:
         _FILLS[key] = torch.tensor(CUTOUT_FILL, dtype=dtype).view(1, ch, 1, 1).to(device)
