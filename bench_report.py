@@ -10,7 +10,6 @@ import torch
 import cache_teacher
 from bench_training import (REFERENCE, bench_step_one, data_overrides, e2e_one, machine, matmul_peak_tflops,
                             run_overrides)
-from datasets_prep.make_demo import make_demo
 from pipelines import available_pipelines
 from training.models import available_models
 from training.runtime import dist_from_env, init_distributed
@@ -73,6 +72,8 @@ def run_training_bench(args, ap):
             args.data = "data/demo"
         if args.dataset == "demo" and not os.path.exists(os.path.join(args.data, "meta.json")):
             if d.is_main:
+                # imported here: make_demo pulls in scikit-learn (~3 s), which no other bench.py run needs
+                from datasets_prep.make_demo import make_demo
                 make_demo(args.data)
             if d.world > 1:
                 torch.distributed.barrier()

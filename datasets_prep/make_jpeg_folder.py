@@ -13,7 +13,6 @@ import shutil
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 
 def photo_like(digit: np.ndarray, w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -32,6 +31,8 @@ def make_jpeg_folder(out: str, train: int = 512, val: int = 64, classes: int = 8
                      quality: int = 90, seed: int = 0) -> str:
     if os.path.isfile(os.path.join(out, ".complete")):
         return out
+    # imported here: scikit-learn costs ~2 s to import, and bench.py imports this module for every run
+    from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(seed)
     tmp = out.rstrip("/") + ".tmp"

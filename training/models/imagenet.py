@@ -2,7 +2,6 @@
 ImageNet zoo. All carry the `imagenet_` prefix so they never clash with the CIFAR zoo's names
 (`ResNet50` there is a different, 32x32 network)."""
 import torch.nn as nn
-import torchvision
 
 
 def _conv_bn(inp, oup, stride):
@@ -35,7 +34,12 @@ TORCHVISION_NAMES = {"imagenet_resnet18": "resnet18", "imagenet_resnet34": "resn
 
 
 def _torchvision(name):
-    return lambda num_classes: torchvision.models.get_model(name, num_classes=num_classes)
+    def build(num_classes):
+        # imported here, not at module level: torchvision pulls in torch._dynamo (~1.7 s per fresh process),
+        # and every `import train` (each CLI start, each spawned test process) imports this registry
+        import torchvision
+        return torchvision.models.get_model(name, num_classes=num_classes)
+    return build
 
 
 MODELS = {ours: _torchvision(theirs) for ours, theirs in TORCHVISION_NAMES.items()}
