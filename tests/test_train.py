@@ -1,15 +1,20 @@
 """End to end on CPU: every method, checkpoints, kill-and-resume, and bad input at the CLI."""
 import json
+import logging
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import train
 from training.checkpoint import load_model_weights, safe_load
+from training.cli import run_main
 from training.loop import NonFiniteLoss
 from training.models import create_model
 
@@ -80,31 +85,82 @@ def test_non_finite_loss_names_step_and_component(demo_root, teacher_ckpt, tmp_p
                         "run.log_every=1", "optim.epochs=1"))
 
 
-@pytest.mark.parametrize("extra,pattern", [
+@pytest.fixture
+def train_in_process(monkeypatch, capfd):
+    """train_in_process(argv) -> (exit code, stderr): `python train.py argv` run in this process (no interpreter
+    and torch start-up), through the same `run_main`. What a run changes process-wide is put back afterwards:
+    environment variables, working directory, logging's root handlers and level, the RNGs and torch's global
+    switches (`seed_everything` sets cudnn.benchmark, TF32 and deterministic algorithms)."""
+    monkeypatch.chdir(ROOT)  # where `_cli` runs train.py
+    monkeypatch.setenv("CRLD_KEEP_FREED_MEMORY", "0")  # no mallopt: it would hold the test process's peak heap
+    monkeypatch.delenv("CRLD_TRACEBACK", raising=False)
+    env, root = dict(os.environ), logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    switches = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+
+    def run(argv):
+        capfd.readouterr()
+        rc = run_main(lambda: train.main(argv))
+        return rc, capfd.readouterr().err
+
+    yield run
+    for k in set(os.environ) - set(env):
+        del os.environ[k]
+    os.environ.update(env)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    torch.set_rng_state(rngs[0])
+    random.setstate(rngs[1])
+    np.random.set_state(rngs[2])
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+     deterministic, warn_only, threads) = switches
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+            deterministic, warn_only):  # only when changed: the call imports torch._inductor (seconds)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_num_threads(threads)
+
+
+def assert_one_error_line(returncode, stderr, pattern):
+    assert returncode == 2, stderr
+    err = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in stderr, stderr
+    assert re.search(pattern, err[0]), err[0]
+
+
+BAD_INPUT = [
     (["--resume"], r"--resume: no checkpoint at .*last.pt"),
     (["data.root=/nonexistent/data"], r"data.root '/nonexistent/data' does not exist"),
     (["optim.lrr=1"], r"unknown config key 'optim.lrr'.*'optim.lr'"),
     (["teacher.name=resnet20"], r"does not fit ResNet .*shape mismatches|does not fit ResNet"),
     (["teacher.ckpt="], r"teacher.ckpt is required for method 'crld'"),
-])
-def test_bad_input_is_one_clear_line(demo_root, teacher_ckpt, tmp_path, extra, pattern):
+]
+
+
+@pytest.mark.parametrize("extra,pattern", BAD_INPUT)
+def test_bad_input_is_one_clear_line(demo_root, teacher_ckpt, tmp_path, train_in_process, extra, pattern):
+    assert_one_error_line(*train_in_process(args(demo_root, tmp_path, "bad", f"teacher.ckpt={teacher_ckpt}") + extra),
+                          pattern)
+
+
+def test_bad_input_from_the_command_line(demo_root, teacher_ckpt, tmp_path):
+    """The same through `python train.py` itself (its `__main__`): exit code 2 and one line."""
+    extra, pattern = BAD_INPUT[0]
     r = _cli(args(demo_root, tmp_path, "bad", f"teacher.ckpt={teacher_ckpt}") + extra)
-    assert r.returncode == 2, r.stderr
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
-    import re
-    assert re.search(pattern, err[0]), err[0]
+    assert_one_error_line(r.returncode, r.stderr, pattern)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
-def test_cuda_requested_without_cuda(demo_root, teacher_ckpt, tmp_path):
-    r = _cli(args(demo_root, tmp_path, "gpu", f"teacher.ckpt={teacher_ckpt}", "run.device=cuda"))
-    assert r.returncode == 2 and "CUDA is not available" in r.stderr
+def test_cuda_requested_without_cuda(demo_root, teacher_ckpt, tmp_path, train_in_process):
+    rc, err = train_in_process(args(demo_root, tmp_path, "gpu", f"teacher.ckpt={teacher_ckpt}", "run.device=cuda"))
+    assert rc == 2 and "CUDA is not available" in err
 
 
-def test_wrong_class_count_teacher(demo_root, tmp_path, random_teacher):
-    r = _cli(args(demo_root, tmp_path, "bad", f"teacher.ckpt={random_teacher('resnet8', 100)}"))
-    assert r.returncode == 2 and "fc.weight: checkpoint (100, 64) vs model (10, 64)" in r.stderr
+def test_wrong_class_count_teacher(demo_root, tmp_path, random_teacher, train_in_process):
+    rc, err = train_in_process(args(demo_root, tmp_path, "bad", f"teacher.ckpt={random_teacher('resnet8', 100)}"))
+    assert rc == 2 and "fc.weight: checkpoint (100, 64) vs model (10, 64)" in err
 
 
 def test_eval_cli_reports_top1(demo_root, teacher_ckpt, tmp_path):
