@@ -38,7 +38,12 @@ def test_cpu_dry_run_writes_reports(dry_run):
     checks = {c["name"]: c for c in doc["checks"]}
     assert CORRECTNESS <= set(checks) and all(checks[n]["ok"] for n in CORRECTNESS), checks
     assert checks["matmul_bf16_tflops"]["details"]["tflops"] > 0
-    assert "bench_step_cli" in checks  # recorded whether or not bench.py has a step mode yet
+    assert checks["bench_step_cli"]["ok"], checks["bench_step_cli"]
+    # the dry run's step benchmark (a tiny pair) completes and reports its configurations
+    step = checks["step_cpu_resnet8_resnet8"]
+    assert step["ok"], step
+    assert [r["teacher_source"] for r in step["details"]["records"]] == ["online", "online", "cache"], step
+    assert all(r["samples_per_s"] > 0 and r["device"] == "cpu" for r in step["details"]["records"]), step
     md = (out / "gpu_check.md").read_text()
     for s in ("## Environment", "## Checks", "augmenter_device_vs_cpu", "matmul_bf16_tflops", "| torch |"):
         assert s in md, s
