@@ -17,7 +17,8 @@ Loader mode: two-view samples/s of each data backend on the same data and machin
 Each backend runs the training loader (both views, strong augmentation included, output on the
 training device, normalised) for `--warmup` batches, then is timed over `--batches` batches; a second,
 short pass counts the Python function calls the training process (all its threads) makes per batch
-(`pipeline.route=device` forces the accelerator route on a CPU). One JSON record per pipeline:
+(`--count-calls NAMES` picks the pipelines counted; `pipeline.route=device` forces the accelerator route
+on a CPU). One JSON record per pipeline:
 pipeline, samples_per_s, python_calls_per_batch, route, batches, batch_size, image_size, device, ...
 
 Step mode: synthetic device-resident batches through the training step (teacher forward or a real
@@ -41,6 +42,7 @@ from bench_report import run_training_bench
 from bench_training import machine
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
+from pipelines.errors import UserError
 from training.cli import run_main
 
 
@@ -188,12 +190,20 @@ def main(argv=None):
     ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
     ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
-    ap.add_argument("--no-count-calls", dest="count_calls", action="store_false",
-                    help="loader: skip counting the Python calls per batch (a second, short pass per pipeline)")
+    ap.add_argument("--count-calls", default="all", metavar="NAMES",
+                    help="loader: the pipelines whose Python calls per batch are counted, a comma list or 'all' "
+                         "(a second, short pass per pipeline, in a fresh process)")
+    ap.add_argument("--no-count-calls", dest="count_calls", action="store_const", const="",
+                    help="loader: count no pipeline's calls")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.route=device")
     args = ap.parse_intermixed_args(argv)
     if args.mode != "loader":
         return run_training_bench(args, ap)
+    names = [n.strip() for n in args.pipelines.split(",")]
+    counted = names if args.count_calls == "all" else [n.strip() for n in args.count_calls.split(",") if n.strip()]
+    if set(counted) - set(names):
+        raise UserError(f"--count-calls={args.count_calls}: {', '.join(sorted(set(counted) - set(names)))} "
+                        f"not in --pipelines={args.pipelines}")
     if args.make_data:
         make_jpeg_folder(args.data, train=args.make_data, val=16, classes=8)
     if "ffcv" in args.pipelines:  # convert once with FFCV's ImageNet settings; reused when up to date
@@ -205,11 +215,10 @@ def main(argv=None):
                   f"converted at {meta['images_per_s']:.0f} images/s")
     over = loader_overrides(args.data, args.image_size, args.batch_size, args.workers, args.device,
                             args.overrides)
-    names = [n.strip() for n in args.pipelines.split(",")]
     runs = {n: [] for n in names}
     for r in range(args.repeat):  # alternating rounds, so a noisy neighbour hits every pipeline alike
         for name in names:
-            count = args.count_calls and r == 0  # once: the count does not vary between rounds
+            count = name in counted and r == 0  # once: the count does not vary between rounds
             run = bench_ffcv_two_decode if name == "ffcv_two_decode" else (
                 lambda o, a, n=name: bench_loader(n, o, a, count))
             runs[name].append(run(over, args))
