@@ -59,10 +59,18 @@ def calls_per_batch(make_iter, batch_sizes, warmup: int = 2, batches: int = 2) -
     batches after `warmup` ones, in a fresh interpreter (spawned): the hook is installed before anything
     starts a thread there, so every thread the loaders use is seen. `make_iter` must be importable. The
     child is an ordinary process, so its loaders may start worker processes of their own."""
+    return calls_per_batch_each([make_iter], batch_sizes, warmup, batches)[0]
+
+
+def calls_per_batch_each(make_iters, batch_sizes, warmup: int = 2, batches: int = 2) -> list:
+    """`calls_per_batch` of each of `make_iters` (a list per make_iter, in order), all counted in one
+    spawned interpreter, so that its start-up (torch's and the backends' imports) is paid once. Each count
+    still starts from a fresh iterator; between two make_iters the previous one's iterators are closed and
+    collected and its leftover threads must fall quiet (`_settle`) before the next one is counted."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_report, args=(send, make_iter, list(batch_sizes), warmup, batches))
+    child = ctx.Process(target=_report, args=(send, list(make_iters), list(batch_sizes), warmup, batches))
     child.start()
     send.close()
     try:
@@ -75,9 +83,9 @@ def calls_per_batch(make_iter, batch_sizes, warmup: int = 2, batches: int = 2) -
     return value
 
 
-def _report(send, make_iter, batch_sizes, warmup, batches):
+def _report(send, make_iters, batch_sizes, warmup, batches):
     try:
-        send.send((True, _count_in_this_process(make_iter, batch_sizes, warmup, batches)))
+        send.send((True, _count_in_this_process(make_iters, batch_sizes, warmup, batches)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         import traceback
         send.send((False, "".join(traceback.format_exception(e))[-2000:]))
@@ -87,16 +95,42 @@ def _report(send, make_iter, batch_sizes, warmup, batches):
     os._exit(0)
 
 
-def _count_in_this_process(make_iter, batch_sizes, warmup, batches):
+def _count_in_this_process(make_iters, batch_sizes, warmup, batches):
     out = []
     with CallCounter() as counter:
-        for bs in batch_sizes:
-            counter.calls = 0
-            it = make_iter(bs)
-            for _ in range(warmup):
-                next(it)
-            with counter.window():
-                for _ in range(batches):
+        for k, make_iter in enumerate(make_iters):
+            if k:
+                _settle(counter, make_iters[k - 1])
+            out.append([])
+            for bs in batch_sizes:
+                counter.calls = 0
+                it = make_iter(bs)
+                for _ in range(warmup):
                     next(it)
-            out.append(counter.calls / batches)
+                with counter.window():
+                    for _ in range(batches):
+                        next(it)
+                out[-1].append(counter.calls / batches)
+                if hasattr(it, "close"):
+                    it.close()
+                del it
     return out
+
+
+def _settle(counter, previous, quiet_s: float = 0.1, timeout_s: float = 10.0):
+    """Collect what `previous` left and wait until its leftover threads make no Python calls for `quiet_s`
+    (idle pool workers are fine); raises if they keep calling for `timeout_s`, as those calls would land in
+    the next make_iter's windows."""
+    import gc
+    import time
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counter.calls = 0
+        with counter.window():
+            time.sleep(quiet_s)
+        if counter.calls <= 1:  # the window's own __exit__
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{previous}'s threads still make Python calls {timeout_s:.0f} s after its counts "
+                               f"({counter.calls} in the last {quiet_s} s)")
