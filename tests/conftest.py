@@ -3,6 +3,7 @@ tiny JPEG ImageFolder and the first batches of a loader. Everything runs on the 
 import importlib.util
 import itertools
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -25,14 +26,43 @@ def demo_root(tmp_path_factory):
     return make_demo(str(tmp_path_factory.mktemp("data") / "demo"))
 
 
+def _to_betons(src, folder):
+    """Both splits of the demo-format set in `src` converted for FFCV into `folder` (train.beton, val.beton and
+    their sidecars)."""
+    for split, name in (("train", "train"), ("test", "val")):
+        prep_ffcv(["--format", "demo", "--src", src, "--split", split, "--out", f"{folder}/{name}.beton",
+                   "--num-workers", "1"])
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_betons(demo_root, tmp_path_factory):
     """The demo set converted for FFCV: a folder holding train.beton and val.beton with their sidecars."""
-    folder = str(tmp_path_factory.mktemp("ffcv"))
-    for split, name in (("train", "train"), ("test", "val")):
-        prep_ffcv(["--format", "demo", "--src", demo_root, "--split", split, "--out", f"{folder}/{name}.beton",
-                   "--num-workers", "1"])
-    return folder
+    return _to_betons(demo_root, str(tmp_path_factory.mktemp("ffcv")))
+
+
+@pytest.fixture(scope="session")
+def demo_cut(demo_root, tmp_path_factory):
+    """demo_cut(n_train, n_val, betons=False) -> a data.root holding the demo set's first n_train training and
+    n_val validation images (meta.json unchanged), made once per size; with betons, both splits are also
+    converted for FFCV into root/ffcv/ (once). For tests that walk whole epochs: the full set is 1437 / 359."""
+    made = {}
+
+    def make(n_train, n_val, betons=False):
+        if (n_train, n_val) not in made:
+            root = tmp_path_factory.mktemp("demo_cut") / "demo"
+            root.mkdir()
+            for split, n in (("train", n_train), ("test", n_val)):
+                with np.load(os.path.join(demo_root, f"{split}.npz")) as z:
+                    assert n <= len(z["labels"]), (split, n)
+                    np.savez(root / f"{split}.npz", images=z["images"][:n], labels=z["labels"][:n])
+            shutil.copy(os.path.join(demo_root, "meta.json"), root / "meta.json")
+            made[n_train, n_val] = str(root)
+        root = made[n_train, n_val]
+        if betons and not os.path.isdir(os.path.join(root, "ffcv")):
+            _to_betons(root, os.path.join(root, "ffcv"))
+        return root
+    return make
 
 
 @pytest.fixture(scope="session")

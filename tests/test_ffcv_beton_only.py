@@ -12,7 +12,6 @@ pytest.importorskip("ffcv")
 import cache_teacher  # noqa: E402
 import eval as eval_entry  # noqa: E402
 import train  # noqa: E402
-from datasets_prep.prep_ffcv import main as prep  # noqa: E402
 from pipelines.beton_source import BetonSource, open_split  # noqa: E402
 from pipelines.sources import DataError, demo_source  # noqa: E402
 from training.config import load_config  # noqa: E402
@@ -20,18 +19,9 @@ from training.teacher_cache import dataset_digest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def small_demo(demo_root, tmp_path_factory):
+def small_demo(demo_cut):
     """A 160 / 64-image demo set with both splits converted into root/ffcv/."""
-    root = tmp_path_factory.mktemp("small") / "demo"
-    root.mkdir()
-    for split, n in (("train", 160), ("test", 64)):
-        with np.load(os.path.join(demo_root, f"{split}.npz")) as z:
-            np.savez(root / f"{split}.npz", images=z["images"][:n], labels=z["labels"][:n])
-    shutil.copy(os.path.join(demo_root, "meta.json"), root / "meta.json")
-    for split, name in (("train", "train"), ("test", "val")):
-        prep(["--format", "demo", "--src", str(root), "--split", split, "--out", str(root / "ffcv" / f"{name}.beton"),
-              "--num-workers", "1"])
-    return str(root)
+    return demo_cut(160, 64, betons=True)
 
 
 def beton_only(small_demo, tmp_path):
