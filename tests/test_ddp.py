@@ -2,6 +2,7 @@
 resume under DDP; the start-up checks (batch vs ranks, config agreement)."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,6 +11,10 @@ import pytest
 import torch
 
 import cache_teacher
+import train
+from pipelines.errors import RuntimeConfigError
+from training.config import load_config
+from training.runtime import Dist, check_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
@@ -39,22 +44,29 @@ def run(nproc, demo_root, teacher_ckpt, out, *extra, env=None, timeout=400):
     return subprocess.run(launch + argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.fixture(scope="module")
+def one_process(demo_root, teacher_ckpt, tmp_path_factory):
+    """The output folder of the 1-process run (`run`'s defaults) the 2-rank runs are compared with, run once."""
+    out = tmp_path_factory.mktemp("one")
+    r = run(1, demo_root, teacher_ckpt, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
 def _metrics(out):
     return [json.loads(x) for x in open(os.path.join(out, "r", "metrics.jsonl"))]
 
 
-def test_two_ranks_match_one_process(demo_root, teacher_ckpt, tmp_path):
-    one = run(1, demo_root, teacher_ckpt, tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-2000:]
+def test_two_ranks_match_one_process(demo_root, teacher_ckpt, one_process, tmp_path):
     two = run(2, demo_root, teacher_ckpt, tmp_path / "two")
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    a, b = _metrics(one_process), _metrics(tmp_path / "two")
     assert [m["world"] for m in b] == [2, 2]
     for x, y in zip(a, b):
         for k in ("train_loss", "train_ce", "train_kd_wv", "train_kd_cv", "train_top1", "val_loss"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
         assert y["val_top1"] == pytest.approx(x["val_top1"], abs=1e-6)
-    wa = torch.load(tmp_path / "one" / "r" / "last.pt", weights_only=False)["model"]
+    wa = torch.load(one_process / "r" / "last.pt", weights_only=False)["model"]
     wb = torch.load(tmp_path / "two" / "r" / "last.pt", weights_only=False)["model"]
     # The bound sits between float noise (reduction order; a 1-process run with 2 threads instead of 1 stays
     # below it) and a sharding or averaging bug (a half-size batch lands far above); docs/benchmarks.md has
@@ -66,7 +78,7 @@ def test_two_ranks_match_one_process(demo_root, teacher_ckpt, tmp_path):
         else:
             assert torch.equal(wb[k], v), k
     # only rank 0 wrote: one metrics file with one line per epoch
-    assert len(b) == 2 and sorted(os.listdir(tmp_path / "two" / "r")) == sorted(os.listdir(tmp_path / "one" / "r"))
+    assert len(b) == 2 and sorted(os.listdir(tmp_path / "two" / "r")) == sorted(os.listdir(one_process / "r"))
 
 
 def test_resume_under_ddp(demo_root, teacher_ckpt, tmp_path):
@@ -77,11 +89,21 @@ def test_resume_under_ddp(demo_root, teacher_ckpt, tmp_path):
     assert [m["epoch"] for m in _metrics(tmp_path)] == [1, 2]
 
 
-def test_more_ranks_than_batch_and_uneven_batch(demo_root, teacher_ckpt, tmp_path):
-    r = run(3, demo_root, teacher_ckpt, tmp_path, "pipeline.batch_size=2")
-    assert r.returncode != 0 and "pipeline.batch_size=2 is smaller than the 3 ranks" in r.stderr
-    r = run(3, demo_root, teacher_ckpt, tmp_path, "pipeline.batch_size=32")
-    assert r.returncode != 0 and "not divisible by the 3 ranks" in r.stderr
+def test_more_ranks_than_batch_and_uneven_batch(monkeypatch):
+    # check_world needs only the batch size and the world, so no ranks are launched: a RuntimeConfigError raised
+    # under torchrun reaching stderr and the exit status is test_config_differing_between_ranks_is_detected's part
+    def check(batch):
+        check_world(load_config(None, [f"pipeline.batch_size={batch}"]), Dist(world=3))
+    with pytest.raises(RuntimeConfigError, match=re.escape("pipeline.batch_size=2 is smaller than the 3 ranks")):
+        check(2)
+    with pytest.raises(RuntimeConfigError, match="not divisible by the 3 ranks"):
+        check(32)
+    check(33)
+    # train.py takes the world from torchrun's environment and checks it before joining the process group
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeConfigError, match="not divisible by the 3 ranks"):
+        train.main(["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), "pipeline.batch_size=32"])
 
 
 def test_config_differing_between_ranks_is_detected(demo_root, teacher_ckpt, tmp_path):
@@ -90,18 +112,17 @@ def test_config_differing_between_ranks_is_detected(demo_root, teacher_ckpt, tmp
     assert r.returncode != 0 and "the resolved config differs between ranks (rank 0 vs ranks [1])" in r.stderr
 
 
-def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, tmp_path):
+def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, one_process, tmp_path):
     import train_worker  # noqa: F401  (registers resnet8_gn for config validation; tests/ is on pytest's path)
     common = [f"data.root={demo_root}", "data.subset=128", "pipeline.batch_size=32", "pipeline.num_workers=0",
               "run.progress=false", "model.name=resnet8_gn", "teacher.name=resnet14", f"teacher.ckpt={teacher_ckpt}",
               "run.device=cpu", "run.amp=off"]
     cache_teacher.main(["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), "--out", str(tmp_path / "cache"),
                         "--epochs", "2", "--precision", "fp32", "--no-eval", *common])
-    one = run(1, demo_root, teacher_ckpt, tmp_path / "one")
     two = run(2, demo_root, teacher_ckpt, tmp_path / "two", "teacher.source=cache",
               f"teacher.cache={tmp_path / 'cache'}")
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
+    assert two.returncode == 0, two.stderr[-2000:]
+    for x, y in zip(_metrics(one_process), _metrics(tmp_path / "two")):
         for k in ("train_loss", "train_kd_wv", "train_kd_cv", "val_loss"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
 
