@@ -5,6 +5,8 @@ the package), rendered as 32x32 RGB images and split 80/20 (stratified) into tra
 
 Writes train.npz / test.npz (`images` uint8 NHWC, `labels` int64) and meta.json (class names,
 per-channel mean/std of the training split). Written to a temporary folder, then renamed.
+`make_demo_subset` writes a copy whose training split is the subset `data.subset=N` selects, for backends
+that read a converted file whole (`demo.py --quick --pipeline ffcv`).
 """
 import argparse
 import json
@@ -41,14 +43,39 @@ def make_demo(out: str, seed: int = 0) -> str:
     xtr, xte, ytr, yte = train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=seed)
     mean = (xtr.reshape(-1, 3).mean(0) / 255.0).round(4).tolist()
     std = (xtr.reshape(-1, 3).std(0) / 255.0).round(4).tolist()
+    return _write(out, (xtr, ytr), (xte, yte), {"source": "sklearn.datasets.load_digits",
+                                                 "classes": [str(i) for i in range(10)], "mean": mean, "std": std,
+                                                 "train": len(ytr), "test": len(yte), "seed": seed})
+
+
+def make_demo_subset(src: str, out: str, n: int) -> str:
+    """A copy of the demo set in `src` whose training split is the `n` images `data.subset=n` trains on (the
+    same evenly strided selection, in the same order); the test split and meta.json's class names and mean/std
+    (those of the whole training split, as a run with data.subset normalises with) are unchanged. For a backend
+    that reads a converted file whole: ffcv refuses data.subset. An existing copy of the same subset is reused."""
+    from pipelines import subset
+    from pipelines.sources import demo_source
+    meta_path = os.path.join(out, "meta.json")
+    if all(os.path.isfile(os.path.join(out, f)) for f in ("train.npz", "test.npz", "meta.json")):
+        with open(meta_path) as f:
+            if json.load(f).get("subset_of") == [os.path.abspath(src), n]:
+                return out
+    train, test = subset(demo_source(src, True), n), demo_source(src, False)
+    with open(os.path.join(src, "meta.json")) as f:
+        meta = json.load(f)
+    meta.update(train=len(train.labels), subset_of=[os.path.abspath(src), n])
+    return _write(out, (train.images, train.labels), (test.images, test.labels), meta)
+
+
+def _write(out: str, train, test, meta: dict) -> str:
+    """train.npz, test.npz ((images, labels) each) and meta.json into a temporary folder, renamed to `out`."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    np.savez(os.path.join(tmp, "train.npz"), images=xtr, labels=ytr)
-    np.savez(os.path.join(tmp, "test.npz"), images=xte, labels=yte)
+    for name, (images, labels) in (("train", train), ("test", test)):
+        np.savez(os.path.join(tmp, f"{name}.npz"), images=images, labels=labels)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"source": "sklearn.datasets.load_digits", "classes": [str(i) for i in range(10)],
-                   "mean": mean, "std": std, "train": len(ytr), "test": len(yte), "seed": seed}, f, indent=1)
+        json.dump(meta, f, indent=1)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -166,6 +166,24 @@ def test_one_epoch_crld_through_ffcv(demo_betons, one_epoch_crld):
                    "pipeline.num_workers=1")
 
 
+def test_the_demo_subset_copy_holds_the_images_data_subset_selects(demo_root, tmp_path):
+    """What `demo.py --quick --pipeline ffcv` converts: the training images `data.subset=256` trains on, in its
+    order, the whole test split and the whole training split's mean/std (what a data.subset run normalises with)."""
+    from datasets_prep.make_demo import make_demo_subset
+    from pipelines import subset
+    from pipelines.sources import demo_source
+    out = make_demo_subset(demo_root, str(tmp_path / "sub"), 256)
+    want, got = subset(demo_source(demo_root, True), 256), demo_source(out, True)
+    assert len(got) == 256 and np.array_equal(got.images, want.images) and np.array_equal(got.labels, want.labels)
+    assert got.mean_std == want.mean_std and got.classes == want.classes
+    test, full = demo_source(out, False), demo_source(demo_root, False)
+    assert np.array_equal(test.images, full.images) and np.array_equal(test.labels, full.labels)
+    stamp = os.path.getmtime(os.path.join(out, "train.npz"))
+    assert make_demo_subset(demo_root, out, 256) == out and os.path.getmtime(os.path.join(out, "train.npz")) == stamp
+    make_demo_subset(demo_root, out, 128)  # another size replaces the copy
+    assert len(demo_source(out, True)) == 128
+
+
 def test_demo_quick_through_ffcv_converts_and_trains(tmp_path):
     import subprocess
     import sys
@@ -175,7 +193,9 @@ def test_demo_quick_through_ffcv_converts_and_trains(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pipeline ffcv" in r.stdout and "| student resnet8 (crld) |" in r.stdout
-    assert os.path.isfile(tmp_path / "demo" / "ffcv" / "train.beton.json")
+    side = json.load(open(tmp_path / "demo" / "subset256" / "ffcv" / "train.beton.json"))
+    assert side["num_samples"] == 256  # quick mode trains on data.subset=256's images, as with every backend
+    assert not os.path.exists(tmp_path / "demo" / "ffcv")  # the whole demo set is not converted
     assert "Exception ignored" not in r.stderr
 
 
