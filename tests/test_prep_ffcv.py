@@ -1,4 +1,5 @@
 """`datasets_prep/prep_ffcv.py`: round trips, atomic and idempotent output, bad input."""
+import glob
 import json
 import os
 import pickle
@@ -102,7 +103,11 @@ def test_rerun_is_a_noop_and_changed_settings_need_overwrite(demo_root, tmp_path
 
 
 def test_killed_conversion_leaves_no_final_file(jpegs, tmp_path):
-    big = make_jpeg_folder(str(tmp_path / "big"), train=400, val=2, classes=2, size=(500, 375))
+    big = make_jpeg_folder(str(tmp_path / "big"), train=8, val=2, classes=2, size=(500, 375))
+    for folder in glob.glob(os.path.join(big, "train", "*")):  # 400 files to convert (seconds), 8 images to make
+        files = sorted(os.listdir(folder))
+        for k in range(200 - len(files)):
+            os.link(os.path.join(folder, files[k % len(files)]), os.path.join(folder, f"copy_{k:03d}.jpg"))
     out = str(tmp_path / "k.beton")
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "datasets_prep/prep_ffcv.py"), "--format",
                           "imagefolder", "--src", big, "--out", out, "--write-mode", "raw", "--num-workers", "1"],
