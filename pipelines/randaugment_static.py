@@ -107,16 +107,20 @@ class StrongGraph:
     of the parameters (from pinned memory, asynchronous), the replay, and a copy out (the caller keeps
     its batch while the next one is made). Off CUDA the program runs eagerly (`compile=True` compiles
     it there too, for the tests), so the same code path runs on a CPU. Each captured shape holds its
-    own memory pool; shapes beyond `max_graphs` (a ragged last batch, say) run eagerly."""
+    own memory pool; the first `max_graphs` shapes are captured (the full batch comes first), later ones
+    (a ragged last batch) run eagerly, with no second compilation."""
 
-    def __init__(self, compile: Optional[bool] = None, max_graphs: int = 2):
+    def __init__(self, compile: Optional[bool] = None, max_graphs: int = 1):
         self.compile, self.max_graphs, self.graphs, self._compiled = compile, max_graphs, {}, None
 
     def _program(self, device: torch.device):
         if not (self.compile if self.compile is not None else device.type == "cuda"):
             return apply_strong_static
         if self._compiled is None:
-            self._compiled = torch.compile(apply_strong_static, dynamic=False, fullgraph=True)
+            # emulate_precision_casts: no fused multiply-adds in the generated kernels, whose single
+            # rounding would move a blend's result across a floor now and then (eager arithmetic kept)
+            self._compiled = torch.compile(apply_strong_static, dynamic=False, fullgraph=True,
+                                           options={"emulate_precision_casts": True})
         return self._compiled
 
     def __call__(self, x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
@@ -137,6 +141,10 @@ class StrongGraph:
 
 class _Captured:
     def __init__(self, fn, x: torch.Tensor, k: int, channels_last_input: bool):
+        with torch.cuda.device(x.device):  # the capture's stream and pool belong to the current device
+            self._capture(fn, x, k, channels_last_input)
+
+    def _capture(self, fn, x: torch.Tensor, k: int, channels_last_input: bool):
         n, dev = x.shape[0], x.device
         self.x = torch.empty_like(x, memory_format=torch.contiguous_format)
         self.flat = torch.zeros(n * (2 * k + 3), dtype=torch.float64, device=dev)
@@ -154,10 +162,15 @@ class _Captured:
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: DALI's and the allocator's own threads keep using CUDA while this thread captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(dev), capture_error_mode="thread_local"):
             self.out = program()
+        self.stream = torch.cuda.current_stream(dev)
 
     def run(self, x: torch.Tensor, params: StrongBatch) -> torch.Tensor:
+        stream = torch.cuda.current_stream(x.device)
+        if stream != self.stream:  # the static buffers are reused: after the last batch's work, wherever it ran
+            stream.wait_stream(self.stream)
+            self.stream = stream
         self.x.copy_(x)
         host = torch.cat([params.ops.reshape(-1).double(), params.mags.reshape(-1).double(),
                           params.cutout.reshape(-1).double()]).pin_memory()
