@@ -27,8 +27,8 @@ import torch
 from pipelines.augment_spec import CUTOUT_FILL
 from pipelines.randaugment_tensor import (AFFINE_COEFFS, OP_INDEX, StrongBatch, _affine, _blend, _gray,
                                           _histogram, _lut, _to_device, apply_strong_batch, autocontrast_lut,
-                                          contrast_level, cutout, equalize_lut, fill_colour, posterize_lut,
-                                          smoothed, solarize_lut)
+                                          contrast_level, cutout, equalize_lut, fill_colour, host_flat,
+                                          posterize_lut, smoothed, solarize_lut)
 
 PROGRAMS = ("segmented", "graph")
 _LUT_OPS = ("AutoContrast", "Equalize", "Posterize", "Solarize", "Identity")
@@ -172,9 +172,7 @@ class _Captured:
             stream.wait_stream(self.stream)
             self.stream = stream
         self.x.copy_(x)
-        host = torch.cat([params.ops.reshape(-1).double(), params.mags.reshape(-1).double(),
-                          params.cutout.reshape(-1).double()]).pin_memory()
-        self.flat.copy_(host, non_blocking=True)
+        self.flat.copy_(host_flat([params.ops, params.mags, params.cutout], x.device), non_blocking=True)
         self.graph.replay()
         return self.out.clone()
 

@@ -322,14 +322,16 @@ def _rows_of(pos: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _to_device(parts, dev):
-    """Host tensors -> one float64 buffer -> `dev` in a single copy (pinned, asynchronous on CUDA: a
-    copy from pageable memory waits for the stream), then split there. Indices below 2**53 are exact."""
+def host_flat(parts, dev) -> torch.Tensor:
+    """Host tensors as one float64 buffer, pinned when bound for CUDA (a copy from pageable memory waits
+    for the stream; from pinned memory it is asynchronous). Indices below 2**53 are exact."""
     flat = torch.cat([p.reshape(-1).double() for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
-    if dev.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(dev, non_blocking=True)
-    return flat.split([p.numel() for p in parts])
+    return flat.pin_memory() if dev.type == "cuda" else flat
+
+
+def _to_device(parts, dev):
+    """Host tensors -> `dev` in a single copy (`host_flat`), then split there."""
+    return host_flat(parts, dev).to(dev, non_blocking=True).split([p.numel() for p in parts])
 
 
 def apply_strong_batch(x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
