@@ -23,12 +23,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 import torch
 
 from pipelines.contract import Batch, Normalizer, ValBatch
+from pipelines.disk_cache import save_atomic, user_cache_dir
 from pipelines.errors import UserError
 from pipelines.randaugment_static import strong_program
 from pipelines.randaugment_tensor import StrongBatch
@@ -50,8 +50,7 @@ _DECODE_CHUNK = 256
 # ---- host arrays -----------------------------------------------------------------------------------
 
 def _cache_dirs(root: str):
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [os.path.join(root, ".crld_arrays"), os.path.join(xdg, "crld")]
+    return [os.path.join(root, ".crld_arrays"), user_cache_dir()]
 
 
 def _digest(source, root: str, kind: str) -> str:
@@ -75,22 +74,11 @@ def _load_cached(dirs, key):
     return None
 
 
-def _save_atomic(path: str, arr: np.ndarray):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _store_cached(d, key, images, labels):
     try:
         # labels first: the images file's presence marks a complete entry
-        _save_atomic(os.path.join(d, f"{key}.labels.npy"), labels)
-        _save_atomic(os.path.join(d, f"{key}.npy"), images)
+        save_atomic(os.path.join(d, f"{key}.labels.npy"), lambda f: np.save(f, labels))
+        save_atomic(os.path.join(d, f"{key}.npy"), lambda f: np.save(f, images))
     except OSError as e:  # a full disk: train from the decoded array all the same
         log.warning("cannot write the array cache in %s (%s)", d, e)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import zipfile
 from typing import List, Sequence, Tuple
 
 import numpy as np
+
+from pipelines.disk_cache import save_atomic, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,8 @@ _unwritable_logged = set()
 
 def cache_paths(root: str) -> List[str]:
     """Where a folder's table is looked for, in order; it is written to the first that takes it."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     key = hashlib.sha256(os.fsencode(os.path.abspath(root))).hexdigest()[:16]
-    return [os.path.join(root, _FILE), os.path.join(xdg, "crld", f"sizes-{key}.npz")]
+    return [os.path.join(root, _FILE), os.path.join(user_cache_dir(), f"sizes-{key}.npz")]
 
 
 def relative_names(files: Sequence[str], root: str) -> List[str]:
@@ -81,20 +81,6 @@ def load(root: str, names: List[str]) -> Tuple[np.ndarray, np.ndarray]:
     return stat, hw
 
 
-def _save_atomic(path: str, **arrays):
-    # a unique temp name in the same folder, then a rename: concurrent writers (DDP ranks starting together,
-    # two runs on one folder) each replace the file whole, and a reader sees one complete table or another
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".crld_sizes-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def store(root: str, names: List[str], stat: np.ndarray, hw: np.ndarray):
     """Writes the rows whose size was read (hw > 0): a file that failed is read again at the next start, so
     its error (strict mode) or its substitution (skip mode) is never hidden by the cache."""
@@ -103,7 +89,8 @@ def store(root: str, names: List[str], stat: np.ndarray, hw: np.ndarray):
                   stat=stat[good], hw=hw[good])
     for path in cache_paths(root):
         try:
-            _save_atomic(path, **arrays)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_atomic(path, lambda f: np.savez(f, **arrays), prefix=".crld_sizes-")
             return path
         except OSError as e:
             log.debug("cannot write the image-size cache %s (%s)", path, e)
