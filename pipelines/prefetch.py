@@ -2,7 +2,9 @@
 
 On CUDA every loader is wrapped: batch k+1's device work (its copies, crops, strong augmentation and
 normalisation) is enqueued on a side stream before batch k is handed to the training step, and the
-step's stream waits for it through an event, never the host. The step's own kernels thus do not queue
+step's stream waits for it through an event, never the host. The side stream in turn waits for the
+step's stream as far as it is enqueued before each batch (batch k+1 after step k-1), so loader work
+never reads what the step's stream has not written yet. The step's own kernels thus do not queue
 behind loader kernels, and the loader's work overlaps the step on the device. Tensors made on the side
 stream are recorded on the step's stream, so the caching allocator does not hand their memory out again
 while the step still reads them. On a CPU there are no streams: the wrapper passes batches through.
@@ -18,6 +20,12 @@ class CudaStreams:
     def __init__(self, device: torch.device):
         self.side = torch.cuda.Stream(device)
         self.device = device
+
+    def side_waits_for_main(self):
+        """Called on the step's stream, before the side stream's next work: what the loader reads there
+        may have been written on the step's stream (its buffers, tensors made outside the side stream,
+        reused memory), and a stream orders nothing against another by itself."""
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
 
     def on_side(self):
         return torch.cuda.stream(self.side)
@@ -51,6 +59,7 @@ class Prefetched:
         self.loader.set_epoch(epoch)
 
     def _fetch(self, it):
+        self.streams.side_waits_for_main()
         with self.streams.on_side():
             batch = next(it, None)
         return None if batch is None else (batch, self.streams.mark_ready())

@@ -12,6 +12,11 @@ class RecordingStreams:
     def __init__(self, log):
         self.log, self.inside = log, False
 
+    def side_waits_for_main(self):
+        # a wait issued from inside the side stream's context would make the side stream wait for itself
+        assert not self.inside, "the side stream must wait for the step's stream, not its own"
+        self.log.append("side_waits")
+
     @contextlib.contextmanager
     def on_side(self):
         self.inside = True
@@ -62,11 +67,13 @@ def run(n, stop=None):
 
 
 def test_the_next_batch_is_enqueued_before_the_step_and_handed_over_by_event():
+    """Before each batch's work the side stream waits for the step's stream (what it has enqueued so far:
+    the loader may read buffers written there), and the end of the epoch is a fetch too."""
     log, got, _ = run(3)
     assert got == [0, 1, 2]
-    assert log == [("made", 0), "ready", ("made", 1), "ready", ("hand_over", 0, 0), ("step", 0),
-                   ("made", 2), "ready", ("hand_over", 1, 0), ("step", 1),
-                   ("hand_over", 2, 0), ("step", 2)]
+    assert log == ["side_waits", ("made", 0), "ready", "side_waits", ("made", 1), "ready", ("hand_over", 0, 0),
+                   ("step", 0), "side_waits", ("made", 2), "ready", ("hand_over", 1, 0), ("step", 1),
+                   "side_waits", ("hand_over", 2, 0), ("step", 2)]
 
 
 def test_an_early_stop_closes_the_loaders_iteration():
