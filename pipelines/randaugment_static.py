@@ -20,6 +20,8 @@ batch shape, so a batch costs the host a copy of its parameters and one replay.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from typing import Optional
 
 import torch
@@ -139,6 +141,21 @@ class StrongGraph:
         return program(x, ops.view(-1, k), mags.view(-1, k), cut.view(-1, 3), channels_last_input, fill)
 
 
+@contextlib.contextmanager
+def _no_collection():
+    """No garbage collection during a capture: a finaliser run then (freeing a CUDA tensor or event made
+    on another stream, a DALI or FFCV object) would touch CUDA in a way a capture forbids and abort it.
+    The garbage there is beforehand is collected first, so that none piles up meanwhile."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _Captured:
     def __init__(self, fn, x: torch.Tensor, k: int, channels_last_input: bool):
         with torch.cuda.device(x.device):  # the capture's stream and pool belong to the current device
@@ -162,7 +179,8 @@ class _Captured:
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: DALI's and the allocator's own threads keep using CUDA while this thread captures
-        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(dev), capture_error_mode="thread_local"):
+        with _no_collection(), torch.cuda.graph(self.graph, stream=torch.cuda.Stream(dev),
+                                                 capture_error_mode="thread_local"):
             self.out = program()
         self.stream = torch.cuda.current_stream(dev)
 

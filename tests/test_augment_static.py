@@ -108,3 +108,46 @@ def test_compiles_as_one_graph_and_stays_exact():
     p3 = StrongBatch.from_draws(strong_draws(0, 0, np.arange(3), 1))
     assert torch.equal(program(other, p3, True), apply_strong_batch(other, p3, channels_last_input=True))
     assert len(program.graphs) == 1
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_capture_runs_with_garbage_collection_off(monkeypatch, enabled_before):
+    """A finaliser run during a CUDA graph capture (a CUDA tensor or event freed) aborts the capture: the
+    capture runs after a collection and with collection off, and leaves it as it found it. The CUDA calls
+    are stand-ins, so the real capture code runs on the CPU."""
+    import gc
+    from contextlib import contextmanager, nullcontext
+
+    from pipelines import randaugment_static
+    seen = []
+
+    @contextmanager
+    def graph(*args, **kwargs):
+        seen.append("capture")
+        yield
+        seen.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(gc, "collect", lambda *a: seen.append("collect"))
+
+    def program(*args):
+        seen.append(("program", gc.isenabled()))
+        return args[0]
+
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        x = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+        randaugment_static._Captured.__new__(randaugment_static._Captured)._capture(program, x, 2, True)
+        assert gc.isenabled() == enabled_before
+    finally:
+        gc.enable()
+    assert seen == [("program", enabled_before), "collect", "capture", ("program", False), "captured"]
