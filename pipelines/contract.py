@@ -13,7 +13,8 @@ Training batches are `Batch(weak, strong, target, index)`:
 A backend built with `views=1` (single-view methods: ce, kd, dkd) yields `strong=None` and skips
 the strong augmentation entirely.
 Validation batches are `ValBatch(image, target, index)` with the same conventions.
-Backends do the uint8 -> float conversion and normalisation on the device, after the copy.
+Backends do the uint8 -> float conversion and normalisation on the device, after the copy; on the host
+route (`on_device` False) they normalise on the host and copy the float views to the device.
 """
 from typing import NamedTuple, Optional
 
@@ -64,31 +65,35 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
 
 class Normalizer:
     """uint8 NHWC (host or device) -> normalised NCHW channels-last on `device`, in `dtype` (computed
-    in float32, rounded once on store)."""
+    in float32, rounded once on store). `into` normalises on its input's device, so the host route can
+    normalise host tensors with the training device's normaliser."""
 
     def __init__(self, mean_std, device, dtype=torch.float32):
         mean, std = mean_std
         self.device, self.dtype = torch.device(device), dtype
-        self.inv_std = 1.0 / (torch.tensor(std, device=self.device) * 255.0)
-        self.bias = -torch.tensor(mean, device=self.device) * 255.0 * self.inv_std
+        # computed once on the host: every device's rows are copies of the same float32 values
+        self.inv_std = 1.0 / (torch.tensor(std) * 255.0)
+        self.bias = -torch.tensor(mean) * 255.0 * self.inv_std
         self._rows = {}
 
     @classmethod
     def for_run(cls, mean_std, cfg, device) -> "Normalizer":
         return cls(mean_std, device, input_dtype(cfg, device))
 
-    def _row(self, width: int):
+    def _row(self, width: int, device: torch.device):
         # The (3,) scale and shift repeated along one image row: x * inv_std + bias over a (rows, W*3)
         # view then runs a vectorised inner loop of W*3 elements; broadcasting (3,) over the channel
         # axis gives an inner loop of 3, several times slower on a CPU (docs/benchmarks.md).
-        if width not in self._rows:
-            self._rows[width] = (self.bias.repeat(width), self.inv_std.repeat(width))
-        return self._rows[width]
+        # Per device: the host route normalises host tensors; the upload to the device happens once.
+        key = (width, device)
+        if key not in self._rows:
+            self._rows[key] = (self.bias.repeat(width).to(device), self.inv_std.repeat(width).to(device))
+        return self._rows[key]
 
     def into(self, x_hwc_uint8: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Normalise one (..., H, W, 3) uint8 tensor into the float `out` of the same shape."""
         w = x_hwc_uint8.shape[-2]
-        bias, inv = self._row(w)
+        bias, inv = self._row(w, x_hwc_uint8.device)
         torch.addcmul(bias, x_hwc_uint8.reshape(-1, w * 3), inv, out=out.view(-1, w * 3))
         return out
 

@@ -89,9 +89,14 @@ def finish_pairs(x: torch.Tensor, strong: Optional[StrongDraws], normalize, view
 def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):
     """Per sample on the host pool: `pair(j)` gives sample j's uint8 HWC (weak, strong or None), each
     normalised into its row of one NHWC buffer per view (contiguous per-sample slices normalise faster
-    than the strided batch). Returned as NCHW views: channels-last memory, as the contract asks."""
-    weak = torch.empty((n, *hw, 3), dtype=normalize.dtype)
-    strong = torch.empty_like(weak) if views == 2 else None
+    than the strided batch). Returned on the training device as NCHW views: channels-last memory, as the
+    contract asks."""
+    dev = normalize.device
+
+    def buffer():  # pinned from the start on CUDA: the copy to the device needs no staging copy
+        return torch.empty((n, *hw, 3), dtype=normalize.dtype, pin_memory=dev.type == "cuda")
+
+    weak, strong = buffer(), (buffer() if views == 2 else None)
 
     def work(j):
         w, s = pair(j)
@@ -100,7 +105,9 @@ def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):
             normalize.into(s, strong[j])
 
     list(pool(threads).map(work, range(n)))
-    return weak.permute(0, 3, 1, 2), (None if strong is None else strong.permute(0, 3, 1, 2))
+    # moved as the contiguous NHWC buffers, permuted on the device: the layout survives the copy
+    weak = to_device(weak, dev).permute(0, 3, 1, 2)
+    return weak, (None if strong is None else to_device(strong, dev).permute(0, 3, 1, 2))
 
 
 def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, threads: int = 0):
