@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from bench_report import run_training_bench
+from bench_report import save_json, run_training_bench
 from bench_training import machine
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
@@ -216,29 +216,52 @@ def main(argv=None):
     over = loader_overrides(args.data, args.image_size, args.batch_size, args.workers, args.device,
                             args.overrides)
     runs = {n: [] for n in names}
+    records = []
     for r in range(args.repeat):  # alternating rounds, so a noisy neighbour hits every pipeline alike
         for name in names:
             count = name in counted and r == 0  # once: the count does not vary between rounds
             run = bench_ffcv_two_decode if name == "ffcv_two_decode" else (
                 lambda o, a, n=name: bench_loader(n, o, a, count))
-            runs[name].append(run(over, args))
-    records = []
-    for name in names:
-        rec = sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2]
-        rec["runs_samples_per_s"] = [round(r["samples_per_s"], 1) for r in runs[name]]
-        rec["python_calls_per_batch"] = runs[name][0].get("python_calls_per_batch")
-        records.append(rec)
-        calls = rec["python_calls_per_batch"]
+            try:
+                runs[name].append(run(over, args))
+            except Exception as e:  # noqa: BLE001 - recorded; the other pipelines are still measured
+                import traceback
+                traceback.print_exc()
+                runs[name].append({"pipeline": name, "samples_per_s": 0.0, "error": f"{type(e).__name__}: {e}"[:300]})
+            records = _loader_records(names, runs)
+            if args.json:  # after every run, so that a later failure or a kill keeps what was measured
+                save_json(args.json, records)
+    for rec in records:
+        calls = rec.get("python_calls_per_batch")
+        if rec.get("error"):
+            print(f"{rec['pipeline']:>6}: FAILED {rec['error']}")
+            continue
         print(f"{rec['pipeline']:>6}: {rec['samples_per_s']:8.1f} two-view samples/s (median of {args.repeat}; "
               f"{args.batches} x {args.batch_size} at {args.image_size}px on {rec['device']}, {rec['machine']}; "
               f"route {rec.get('route', 'host')}"
               + (f", {calls:.0f} Python calls per batch in the training process)" if calls else ")"))
     base = records[0]["samples_per_s"]
     for r in records[1:]:
-        print(f"{r['pipeline']:>6}: {r['samples_per_s'] / base:.2f}x {records[0]['pipeline']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        if base and not r.get("error"):
+            print(f"{r['pipeline']:>6}: {r['samples_per_s'] / base:.2f}x {records[0]['pipeline']}")
+    if any(r.get("error") for r in records):
+        raise SystemExit(1)
+    return records
+
+
+def _loader_records(names, runs):
+    """Per pipeline the median run of those so far (a failed run counts as 0 samples/s and keeps its error)."""
+    records = []
+    for name in names:
+        if not runs[name]:
+            continue
+        rec = dict(sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2])
+        rec["runs_samples_per_s"] = [round(r["samples_per_s"], 1) for r in runs[name]]
+        rec["python_calls_per_batch"] = runs[name][0].get("python_calls_per_batch")
+        errors = [r["error"] for r in runs[name] if r.get("error")]
+        if errors:
+            rec["error"] = errors[0]
+        records.append(rec)
     return records
 
 

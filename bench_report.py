@@ -11,6 +11,7 @@ import cache_teacher
 from bench_training import (REFERENCE, bench_step_one, data_overrides, e2e_one, machine, matmul_peak_tflops,
                             run_overrides)
 from pipelines import available_pipelines
+from pipelines.disk_cache import save_atomic
 from training.models import available_models
 from training.runtime import dist_from_env, init_distributed
 
@@ -88,21 +89,22 @@ def run_training_bench(args, ap):
         if name not in available_models() and f"imagenet_{name}" in available_models():
             setattr(args, attr, f"imagenet_{name}")
     args.num_classes = args.num_classes or (1000 if args.teacher.startswith("imagenet_") else 100)
-    records = []
+    records, failed = [], []
     with tempfile.TemporaryDirectory() as folder:
         for c in _configs(args):
-            if args.mode == "step":
-                rec = bench_step_one(args, c["teacher_source"], c["amp"], c["channels_last"],
-                                     d if d.world > 1 else None, compiled=c["compile"])
-            else:
-                cache_dir, build = (_build_cache(args, folder, c["amp"]) if c["teacher_source"] == "cache"
-                                    else (None, None))
-                rec = e2e_one(args, c["pipeline"], c["teacher_source"], c["amp"], c["channels_last"], cache_dir,
-                              folder, d if d.world > 1 else None, compiled=c["compile"])
-                if build:
-                    rec["cache_build"] = build
+            try:
+                rec = _one(args, c, d, folder)
+            except Exception as e:  # noqa: BLE001 - one process: recorded, the next configuration still runs
+                if d.world > 1:
+                    raise  # the other ranks would wait in the next collective
+                import traceback
+                traceback.print_exc()
+                failed.append(dict(c, error=f"{type(e).__name__}: {e}"[:300]))
+                continue
             rec.update(reference=c["reference"], rank=d.rank, world=d.world, machine=machine())
             records.append(rec)
+            if args.json and d.world == 1:  # so far, so that a later failure or a kill keeps what was measured
+                save_json(args.json, records + failed)
     gathered = [records]
     if d.world > 1:
         gathered = [None] * d.world
@@ -111,13 +113,30 @@ def run_training_bench(args, ap):
         torch.distributed.destroy_process_group()  # every rank leaves the group before exiting
     if not d.is_main:
         return records
-    out = _report(args, gathered)
+    out = _report(args, gathered) if records else []
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        save_json(args.json, out + failed)
+    if failed:
+        for f in failed:
+            print(f"FAILED {f['pipeline']}/{f['teacher_source']}/amp={f['amp']}: {f['error']}")
+        raise SystemExit(1)
     return out
+
+
+def _one(args, c, d, folder):
+    if args.mode == "step":
+        return bench_step_one(args, c["teacher_source"], c["amp"], c["channels_last"], d if d.world > 1 else None,
+                              compiled=c["compile"])
+    cache_dir, build = _build_cache(args, folder, c["amp"]) if c["teacher_source"] == "cache" else (None, None)
+    rec = e2e_one(args, c["pipeline"], c["teacher_source"], c["amp"], c["channels_last"], cache_dir, folder,
+                  d if d.world > 1 else None, compiled=c["compile"])
+    if build:
+        rec["cache_build"] = build
+    return rec
+
+
+def save_json(path, doc):
+    save_atomic(os.path.abspath(path), lambda f: f.write(json.dumps(doc, indent=1).encode()))
 
 
 def _report(args, gathered):

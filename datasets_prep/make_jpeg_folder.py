@@ -28,7 +28,10 @@ def photo_like(digit: np.ndarray, w: int, h: int, rng: np.random.Generator) -> I
 
 
 def make_jpeg_folder(out: str, train: int = 512, val: int = 64, classes: int = 8, size=(500, 375),
-                     quality: int = 90, seed: int = 0) -> str:
+                     quality: int = 90, seed: int = 0, unique: int = 0) -> str:
+    """`unique` > 0: only that many training images (rounded up to whole classes) are encoded; training image
+    i beyond them is a hard link to image i % unique (same class), so a large set for timing whole epochs
+    costs seconds to make. Loaders still read every file by its own name."""
     if os.path.isfile(os.path.join(out, ".complete")):
         return out
     # imported here: scikit-learn costs ~2 s to import, and bench.py imports this module for every run
@@ -37,12 +40,16 @@ def make_jpeg_folder(out: str, train: int = 512, val: int = 64, classes: int = 8
     rng = np.random.default_rng(seed)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    unique = -(-unique // classes) * classes
     for split, n in (("train", train), ("val", val)):
         for i in range(n):
             c = i % classes
-            d = digits.images[rng.choice(np.flatnonzero(digits.target == c))]
             folder = os.path.join(tmp, split, f"class_{c:03d}")
             os.makedirs(folder, exist_ok=True)
+            if split == "train" and 0 < unique <= i:
+                os.link(os.path.join(folder, f"{i % unique:06d}.jpg"), os.path.join(folder, f"{i:06d}.jpg"))
+                continue
+            d = digits.images[rng.choice(np.flatnonzero(digits.target == c))]
             photo_like(d, *size, rng).save(os.path.join(folder, f"{i:06d}.jpg"), quality=quality)
     open(os.path.join(tmp, ".complete"), "w").close()
     shutil.rmtree(out, ignore_errors=True)
@@ -60,8 +67,9 @@ def main():
     ap.add_argument("--width", type=int, default=500)
     ap.add_argument("--height", type=int, default=375)
     ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--unique", type=int, default=0, help="encode only this many training images, hard-link the rest")
     a = ap.parse_args()
-    out = make_jpeg_folder(a.out, a.train, a.val, a.classes, (a.width, a.height), a.quality)
+    out = make_jpeg_folder(a.out, a.train, a.val, a.classes, (a.width, a.height), a.quality, unique=a.unique)
     sizes = [os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs if f.endswith(".jpg")]
     print(f"{out}: {len(sizes)} JPEGs, mean {np.mean(sizes) / 1024:.0f} KiB")
 

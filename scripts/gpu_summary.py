@@ -1,0 +1,113 @@
+"""The summary of a `scripts/gpu_run.sh` output folder, as Markdown on stdout: stages (status, seconds),
+correctness checks, step and end-to-end rates with e2e / step per configuration, loader and strong-program rates.
+
+    python scripts/gpu_summary.py OUT_DIR > OUT_DIR/summary.md
+
+Reads whatever the stages left (a stage that failed or never ran is simply missing from its table).
+"""
+import csv
+import json
+import os
+import sys
+
+KEYS = ("teacher_source", "amp", "channels_last", "compile")
+
+
+def _load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def stages(out):
+    path = os.path.join(out, "stages.tsv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    lines = ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in rows]
+    return lines + [""]
+
+
+def checks(out):
+    lines = []
+    for group in ("preflight", "correctness"):
+        doc = _load(os.path.join(out, group, "gpu_check.json"))
+        if not doc:
+            continue
+        env = doc.get("env", {})
+        if group == "preflight":
+            lines += ["## Preflight", "", f"{env.get('device_name')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+                      f"Python {env.get('python')}, commit {env.get('git')}", ""]
+            for k in ("dali", "ffcv", "apex", "project", "project_dali", "project_ffcv"):
+                v = env.get(k)
+                if isinstance(v, dict):
+                    lines.append(f"- {k}: " + (v.get("version", "ok") if v.get("importable") else
+                                              f"not importable ({v.get('error')})"))
+            lines.append("")
+        lines += [f"## {group.capitalize()} checks", "", "| check | result | seconds | details |", "|---|---|---|---|"]
+        for c in doc.get("checks", []):
+            res = "pass" if c["ok"] else ("FAIL" if c["kind"] == "correctness" else "not ok")
+            detail = str(c.get("error") or c["details"].get("summary", "")).replace("|", "/")
+            lines.append(f"| {c['name']} | {res} | {c['seconds']:.1f} | {detail} |")
+        lines.append("")
+    return lines
+
+
+def _cfg(r):
+    return "/".join([r.get("pipeline", "-"), r["teacher_source"], f"amp={r['amp']}",
+                     "cl" if r["channels_last"] else "nchw"] + (["compiled"] if r.get("compile") else []))
+
+
+def rates(out, pair, step_file, e2e_files):
+    """Step-mode and e2e rows of one model pair; each e2e row divided by the step row of the same configuration."""
+    step = _load(os.path.join(out, step_file)) or []
+    e2e = [r for f in e2e_files for r in (_load(os.path.join(out, f)) or [])]
+    if not step and not e2e:
+        return []
+    lines = [f"## {pair}", "", "| mode | configuration | samples/s | data wait | peak MiB | e2e / step |",
+             "|---|---|---|---|---|---|"]
+    for r in step:
+        lines.append(f"| step | {'REFERENCE ' if r.get('reference') else ''}{_cfg(dict(r, pipeline='-'))} | "
+                     f"{r['samples_per_s']:.0f} | {r['data_wait_frac']:.1%} | {r.get('peak_memory_mib') or 0:.0f} | |")
+    for r in e2e:
+        same = next((s for s in step if all(s[k] == r[k] for k in KEYS)), None)
+        ratio = f"{r['samples_per_s'] / same['samples_per_s']:.0%}" if same else "-"
+        lines.append(f"| e2e | {'REFERENCE ' if r.get('reference') else ''}{_cfg(r)} | {r['samples_per_s']:.0f} | "
+                     f"{r['data_wait_frac']:.1%} | {r.get('peak_memory_mib') or 0:.0f} | {ratio} |")
+    return lines + [""]
+
+
+def loaders(out):
+    recs = _load(os.path.join(out, "dali_loader.json")) or []
+    lines = []
+    if recs:
+        lines += ["## Loaders alone", "", "| pipeline | route | two-view samples/s | Python calls/batch |", "|---|---|---|---|"]
+        lines += [f"| {r['pipeline']} | {r.get('route')} | {r['samples_per_s']:.0f} | {r.get('python_calls_per_batch')} |"
+                  + (f" error: {r['error']}" if r.get("error") else "") for r in recs]
+        lines.append("")
+    strong = _load(os.path.join(out, "strong_programs.json")) or []
+    if strong:
+        lines += ["## Strong-view programs", "", "| program | ATen calls/batch | host ms/batch | wall ms/batch |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['program']} | {r['aten_calls_per_batch']} | {r['host_ms_per_batch']:.2f} | "
+                  f"{r['wall_ms_per_batch']:.2f} |" for r in strong]
+        lines.append("")
+    return lines
+
+
+def main(argv=None):
+    out = (argv or sys.argv[1:])[0]
+    lines = ["# GPU run", ""] + stages(out) + checks(out)
+    lines += rates(out, "resnet32x4 -> resnet8x4 at 32", "cifar_step.json", ["cifar_e2e.json"])
+    lines += rates(out, "ResNet34 -> ResNet18 at 224", "r34_step.json", ["r34_e2e_torch.json", "r34_e2e_dali.json"])
+    lines += loaders(out)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
