@@ -183,6 +183,34 @@ def time_steps(trainer, pairs, warmup, steps):
     return n, time.perf_counter() - t0, wait
 
 
+def profile_steps(trainer, pairs, steps, path):
+    """`steps` steady-state steps under torch.profiler: the top operators by self CPU and by self device time,
+    and the time spent waiting for the loader, into the text file `path` (where a slow e2e run's time goes)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    cuda = trainer.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    wait, t0 = 0.0, time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            tf = time.perf_counter()
+            with record_function("data_wait"):
+                batch, cached = next(pairs)
+            wait += time.perf_counter() - tf
+            trainer.train_step(batch, cached)
+        sync()
+    total = time.perf_counter() - t0
+    table = prof.key_averages()
+    text = [f"{steps} steps in {total * 1e3:.1f} ms (profiled), data wait {wait * 1e3:.1f} ms ({wait / total:.1%})", "",
+            "# by self CPU time", table.table(sort_by="self_cpu_time_total", row_limit=25)]
+    if cuda:
+        text += ["# by self device time", table.table(sort_by="self_cuda_time_total", row_limit=25)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(text) + "\n")
+
+
 def phase_breakdown(trainer, batches, read_cache):
     """Where a step's time goes: teacher (forward, or cache read), student forward + loss, backward,
     optimizer. Phases are timed apart, so their sum slightly exceeds the fused step."""
@@ -266,7 +294,10 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
         while True:
             yield from trainer.epoch_batches(epoch)
             epoch += 1
-    n, dt, wait = time_steps(trainer, stream(), args.warmup, args.steps)
+    pairs = stream()
+    n, dt, wait = time_steps(trainer, pairs, args.warmup, args.steps)
+    if getattr(args, "profile", None):
+        profile_steps(trainer, pairs, 10, os.path.join(args.profile, f"prof_{pipeline}_{source}_{amp}.txt"))
     return {"mode": "e2e", "pipeline": pipeline, "teacher": args.teacher, "student": args.student,
             "image_size": args.image_size, "teacher_source": source, "amp": amp, "channels_last": channels_last,
             "compile": compiled, "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt,

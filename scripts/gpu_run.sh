@@ -104,7 +104,7 @@ if want cifar; then
   stage cifar_data 60 "$PYTHON" datasets_prep/make_cifar_like.py --out "$CIFAR" --train "$CIFAR_N" --test 1000
   stage cifar_step 90 "${BENCH[@]}" step "${CIFAR_PAIR[@]}" --json "$OUT/cifar_step.json"
   stage cifar_e2e 150 "${BENCH[@]}" e2e --pipelines gpu --data "$CIFAR" --dataset cifar100 --workers "$CORES" \
-    "${CIFAR_PAIR[@]}" --json "$OUT/cifar_e2e.json"
+    "${CIFAR_PAIR[@]}" --profile "$OUT/prof" --json "$OUT/cifar_e2e.json"
 fi
 if want r34 || want dali; then
   stage jpeg_data 90 "$PYTHON" datasets_prep/make_jpeg_folder.py --out "$JPEG" --train "$N_JPEG" --val 64 \
@@ -112,14 +112,14 @@ if want r34 || want dali; then
 fi
 if want r34; then
   stage r34_step 120 "${BENCH[@]}" step "${R34[@]}" --json "$OUT/r34_step.json"
-  stage r34_e2e_torch 150 "${BENCH[@]}" e2e --pipelines torch "${E2E_JPEG[@]}" "${R34[@]}" --json "$OUT/r34_e2e_torch.json"
+  stage r34_e2e_torch 150 "${BENCH[@]}" e2e --pipelines torch "${E2E_JPEG[@]}" "${R34[@]}" --profile "$OUT/prof" --json "$OUT/r34_e2e_torch.json"
 fi
 if want dali; then
   if has_dali; then
     stage dali_loader 120 "${BENCH[@]}" loader --device "$DEVICE" --pipelines torch,dali --data "$JPEG" --image-size "$IMAGE" \
       --batch-size "$BATCH" --batches "$STEPS" --warmup 3 --workers "$CORES" --json "$OUT/dali_loader.json"
     stage r34_e2e_dali 180 "${BENCH[@]}" e2e --pipelines dali --no-reference "${E2E_JPEG[@]}" "${R34[@]}" \
-      --json "$OUT/r34_e2e_dali.json"
+      --profile "$OUT/prof" --json "$OUT/r34_e2e_dali.json"
   else
     printf 'dali\tskipped: nvidia.dali does not import (KIT parts missing?)\t0\n' >> "$STATUS"
   fi
