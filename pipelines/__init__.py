@@ -2,12 +2,10 @@
 `build_val(...)` returning loaders that follow `pipelines.contract`. Optional backends (dali,
 ffcv) register only when their library imports; `gpu` needs only torch.
 """
-import copy
 import importlib
 import importlib.util
 
-import numpy as np
-
+from pipelines.beton_source import open_split
 from pipelines.errors import UserError
 from pipelines.prefetch import prefetched
 
@@ -34,7 +32,6 @@ def get_backend(name: str):
 
 def build_loaders(cfg, device, rank: int = 0, world: int = 1):
     """(train_loader, val_loader, train_source) for the configured dataset and backend."""
-    from pipelines.beton_source import open_split
     train_src = open_split(cfg, train=True)
     val_src = open_split(cfg, train=False, train_classes=train_src.classes)
     backend = get_backend(cfg.pipeline.name)
@@ -42,16 +39,3 @@ def build_loaders(cfg, device, rank: int = 0, world: int = 1):
     # on CUDA each batch is prepared one step ahead on a side stream (pipelines.prefetch)
     return (prefetched(backend.build_train(train_src, cfg, device, rank, world, views), device),
             prefetched(backend.build_val(val_src, cfg, device, rank, world), device), train_src)
-
-
-def subset(src, n: int):
-    """An evenly strided n-sample subset (class-balanced for sorted folders); it becomes the
-    source's canonical order, so `index` counts positions within the subset."""
-    out = copy.copy(src)
-    keep = np.linspace(0, len(src) - 1, num=min(n, len(src))).round().astype(np.int64)
-    out.labels = src.labels[keep]
-    if hasattr(src, "images"):
-        out.images = src.images[keep]
-    if hasattr(src, "files"):
-        out.files = [src.files[k] for k in keep]
-    return out

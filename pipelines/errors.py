@@ -12,3 +12,7 @@ class UserError(ValueError):
 
 class RuntimeConfigError(UserError):
     """The config asks for something this machine cannot do (CUDA absent, fp16 on a CPU, apex missing)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; the message names the file."""

@@ -33,7 +33,7 @@ from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
-from pipelines.beton_source import BetonSource
+from pipelines.beton_source import beton_paths, check_sidecar
 from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
 from pipelines.host_views import finish_pairs, views_from_decoded
 from pipelines.randaugment_static import strong_program
@@ -230,50 +230,6 @@ class LabelIndexDecoder(IntDecoder):
                 destination[ix, 1] = indices[ix]
             return destination[:len(indices)]
         return decode
-
-
-def beton_paths(cfg):
-    folder = cfg.pipeline.ffcv_dir or os.path.join(cfg.data.root, "ffcv")
-    return os.path.join(folder, "train.beton"), os.path.join(folder, "val.beton")
-
-
-def check_sidecar(path: str, cfg, source=None, split: str = "train") -> dict:
-    """The .beton is complete and was converted from this dataset's `split` with these classes, in
-    this order, and (given the raw `source`) from these files: its labels are indices into that list.
-    A `BetonSource` is this sidecar itself: nothing to cross-check."""
-    side = path + ".json"
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: missing .beton (create it with datasets_prep/prep_ffcv.py)")
-    if not os.path.isfile(side):
-        raise DataError(f"{side}: missing sidecar: the conversion did not finish; rerun prep_ffcv.py")
-    try:
-        with open(side) as f:
-            meta = json.load(f)
-        ds, n_cls, n, have_bytes = meta["dataset"], meta["num_classes"], meta["num_samples"], meta["beton_bytes"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{side}: unreadable sidecar ({type(e).__name__}: {e}); rerun prep_ffcv.py") from None
-    if have_bytes != os.path.getsize(path):
-        raise DataError(f"{path}: {os.path.getsize(path)} bytes but the sidecar recorded "
-                        f"{have_bytes}: truncated or replaced; rerun prep_ffcv.py")
-    if n_cls != cfg.data.num_classes:
-        raise DataError(f"{path}: {n_cls} classes but data.num_classes={cfg.data.num_classes}")
-    want = cfg.data.dataset
-    if ds != want and not (ds == "imagefolder" and want in ("imagenet", "tiny_imagenet", "imagefolder")):
-        raise DataError(f"{path}: converted from dataset '{ds}' but data.dataset={want}")
-    got_split = (meta.get("settings") or {}).get("split")
-    if (got_split == "train") != (split == "train"):
-        raise DataError(f"{path}: converted from the '{got_split}' split but used as the {split} split")
-    if source is not None and not isinstance(source, BetonSource):
-        have, classes = meta.get("classes") or [], list(source.classes)
-        if have != classes:
-            k = next((k for k, (a, b) in enumerate(zip(have, classes)) if a != b), min(len(have), len(classes)))
-            raise DataError(f"{path}: class names differ from {cfg.data.root}'s from position {k} ({have[k:k + 1]} "
-                            f"vs {classes[k:k + 1]}; {len(have)} vs {len(classes)} classes): the labels would "
-                            f"point at the wrong classes; rerun prep_ffcv.py")
-        if n + meta.get("skipped_count", 0) != len(source) + len(getattr(source, "skipped", [])):
-            raise DataError(f"{path}: holds {n} images (+{meta.get('skipped_count', 0)} skipped) but "
-                            f"{cfg.data.root} has {len(source)}: converted from other files; rerun prep_ffcv.py")
-    return meta
 
 
 class _FfcvLoader:

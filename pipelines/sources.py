@@ -6,6 +6,7 @@ backend reports that same index with each sample.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -307,3 +308,16 @@ def open_source(data_cfg, train: bool, train_classes: Optional[List[str]] = None
         raise DataError(f"{root}: dataset has {len(src.classes)} classes but data.num_classes="
                         f"{data_cfg.num_classes}")
     return src
+
+
+def subset(src, n: int):
+    """An evenly strided n-sample subset (class-balanced for sorted folders); it becomes the
+    source's canonical order, so `index` counts positions within the subset."""
+    out = copy.copy(src)
+    keep = np.linspace(0, len(src) - 1, num=min(n, len(src))).round().astype(np.int64)
+    out.labels = src.labels[keep]
+    if hasattr(src, "images"):
+        out.images = src.images[keep]
+    if hasattr(src, "files"):
+        out.files = [src.files[k] for k in keep]
+    return out

@@ -170,7 +170,7 @@ def test_the_demo_subset_copy_holds_the_images_data_subset_selects(demo_root, tm
     """What `demo.py --quick --pipeline ffcv` converts: the training images `data.subset=256` trains on, in its
     order, the whole test split and the whole training split's mean/std (what a data.subset run normalises with)."""
     from datasets_prep.make_demo import make_demo_subset
-    from pipelines import subset
+    from pipelines.sources import subset
     from pipelines.sources import demo_source
     out = make_demo_subset(demo_root, str(tmp_path / "sub"), 256)
     want, got = subset(demo_source(demo_root, True), 256), demo_source(out, True)

@@ -12,11 +12,8 @@ from typing import Dict
 
 import torch
 
-from pipelines.errors import UserError
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used; the message names the file."""
+from pipelines.errors import CheckpointError
+from training.hub_weights import hub_state_dict, is_hub_spec
 
 
 def atomic_save(obj, path: str) -> None:
@@ -65,7 +62,6 @@ def extract_state_dict(obj, path: str = "<checkpoint>") -> Dict[str, torch.Tenso
 def load_model_weights(model: torch.nn.Module, path: str, arch: str = "", key: str = "teacher.ckpt") -> None:
     """Strictly load weights into `model`, with a message listing what does not fit. `path` may also be
     `torchvision:<member>`: torchvision's weights for `arch` (`training/hub_weights.py`)."""
-    from training.hub_weights import hub_state_dict, is_hub_spec
     sd = hub_state_dict(path, arch, key) if is_hub_spec(path) else extract_state_dict(safe_load(path), path)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

@@ -17,7 +17,7 @@ import sys
 from typing import Optional
 from urllib.parse import urlparse
 
-from training.checkpoint import CheckpointError
+from pipelines.errors import CheckpointError
 
 PREFIX = "torchvision:"
 

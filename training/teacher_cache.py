@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipelines.contract import on_device
+from pipelines.beton_source import beton_paths
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
 from pipelines.errors import UserError
 from pipelines.precision import amp_dtype
@@ -86,7 +87,6 @@ def view_source(cfg, device="cpu") -> str:
     and on the accelerator route its resized crops come from FFCV's compiled resize, not torch's."""
     if cfg.pipeline.name != "ffcv":
         return "source images"
-    from pipelines.ffcv_backend import beton_paths
     side = beton_paths(cfg)[0] + ".json"
     try:
         with open(side) as f:
