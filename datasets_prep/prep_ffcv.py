@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
-from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source
+from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source, header_hw
 from training.cli import run_main
 from training.teacher_cache import dataset_digest
 
@@ -200,7 +200,7 @@ def estimate_bytes(source, keep, args, probe=256) -> int:
     picks = [keep[k] for k in np.linspace(0, len(keep) - 1, num=min(probe, len(keep))).round().astype(int)]
     raw = jpg = 0.0
     for i in picks:
-        h, w = source.size_of(i)
+        h, w = header_hw(source.files[i])
         scale = min(1.0, args.max_resolution / max(h, w)) if args.max_resolution else 1.0
         raw += round(h * scale) * round(w * scale) * 3
         jpg += os.path.getsize(source.files[i]) * scale * scale

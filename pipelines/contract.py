@@ -16,7 +16,7 @@ Validation batches are `ValBatch(image, target, index)` with the same convention
 Backends do the uint8 -> float conversion and normalisation on the device, after the copy; on the host
 route (`on_device` False) they normalise on the host and copy the float views to the device.
 """
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -35,6 +35,21 @@ class ValBatch(NamedTuple):
     image: torch.Tensor
     target: torch.Tensor
     index: torch.Tensor
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What a backend's `build_train` / `build_val` returns (and `pipelines.prefetch` wraps): `len` batches
+    per epoch; `set_epoch(e)` before iterating selects epoch e's order and views (a pure function of seed,
+    epoch, index, view, so any epoch can be asked for, in any order); iterating yields `Batch`es (training
+    loaders) or `ValBatch`es (validation loaders). Leaving an iteration early is allowed: the next one
+    starts the asked-for epoch afresh."""
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[Union[Batch, ValBatch]]: ...
 
 
 def on_device(cfg, device) -> bool:

@@ -34,8 +34,8 @@ from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
 from pipelines.host_views import strong_views, views_from_decoded
 from pipelines.randaugment_static import strong_program
 from pipelines.sampler import EpochSampler
-from pipelines.sources import DataError, image_sizes, read_bytes
-from pipelines.view_params import ViewBatch, draw_views, strong_draws
+from pipelines.sources import DataError, first_readable, image_sizes, read_bytes
+from pipelines.view_params import ViewBatch, draw_views, run_strong_draws
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,7 @@ class _Feeder:
         if not (self.encoded and self.skip_bad):
             return idx
         for i in idx[self.substitute[idx] < 0].tolist():
-            j = i
-            for _ in range(len(self.source)):
-                if _looks_decodable(read_bytes(self.source.files[j])):
-                    break
-                log.warning("skipping unreadable image: %s", self.source.files[j])
-                j = (j + 1) % len(self.source)
-            self.substitute[i] = j
+            self.substitute[i] = first_readable(self.source.files, i, _check_decodable)[0]
         return self.substitute[idx]
 
     def __call__(self):
@@ -154,18 +148,17 @@ def _val_geometry(hw, size, resize):
     return np.stack([nh, nw], 1).astype(np.float32), anchor
 
 
-def _looks_decodable(raw: np.ndarray) -> bool:
+def _check_decodable(path: str) -> None:
     """Skip mode's test, once per file per run: whether PIL (the reference) decodes it. A JPEG is decoded
     at 1/8 scale (`draft`): the entropy decoding, where a corrupt file fails, runs in full, for a fraction
     of a full decode (docs/benchmarks.md). A header check alone lets a bad Huffman table through to DALI,
     which then stops the run."""
     try:
-        with Image.open(BytesIO(raw.tobytes())) as im:
+        with Image.open(BytesIO(read_bytes(path).tobytes())) as im:
             im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
-        return True
-    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
-        return False
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def _inputs(feeder, encoded_layout=None):
@@ -242,11 +235,11 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
 
 
 class _DaliLoader:
-    def __init__(self, feeder, pipe, steps, normalize, kind, cfg, views):
-        self.feeder, self.pipe, self.steps, self.normalize, self.kind = feeder, pipe, steps, normalize, kind
-        self.cfg, self.views = cfg, views
-        self.strong_program = strong_program(cfg.pipeline.strong_program)
-        self.outputs = _outputs(kind == "train", feeder.device_route, views)
+    """What the training and validation loaders share: stepping DALI, and stopping it cleanly when an
+    iteration ends early. `_batches` (per subclass) turns DALI's outputs into contract batches."""
+
+    def __init__(self, feeder, pipe, steps, normalize, outputs):
+        self.feeder, self.pipe, self.steps, self.normalize, self.outputs = feeder, pipe, steps, normalize, outputs
         # the epoch whose first batch is next out of DALI (the feeder followed into it), None when stopped
         self.epoch, self._live, self._flowing = 0, None, None
 
@@ -296,7 +289,23 @@ class _DaliLoader:
             self._live = self._flowing = None  # the error ended this epoch; nothing left to drain
             raise
 
-    def _train_batches(self):
+    def _targets(self, outs):
+        """(label, index) on the device and the index on the host, copied: DALI reuses its buffers."""
+        dev = self.normalize.device
+        label = torch.from_numpy(np.array(outs["label"].as_array()).reshape(-1))
+        index_cpu = torch.from_numpy(np.array(outs["index"].as_array()).reshape(-1))
+        return to_device(label, dev), to_device(index_cpu, dev), index_cpu
+
+
+class _DaliTrainLoader(_DaliLoader):
+    def __init__(self, feeder, pipe, steps, normalize, cfg, views):
+        super().__init__(feeder, pipe, steps, normalize, _outputs(True, feeder.device_route, views))
+        self.cfg, self.views = cfg, views
+        self.strong_program = strong_program(cfg.pipeline.strong_program)
+        # the route, fixed when the loader is built: views cut by DALI, or on the host
+        self._views = self._device_views if feeder.device_route else self._host_views
+
+    def _epoch_outputs(self):
         """`steps` batches of this epoch. When the previous iteration ran to its end, DALI is already on
         this epoch's batches (the feeder followed into them); otherwise it starts here."""
         if self._flowing != self.epoch:
@@ -308,38 +317,42 @@ class _DaliLoader:
             yield self._run()
         self._flowing = self.epoch + 1
 
-    def _val_batches(self):
+    def _device_views(self, outs, strong):
+        """Views cut by DALI; the strong augmentation as batched tensor ops on the device."""
+        dev = self.normalize.device
+        weak = self.normalize(_to_torch(outs["weak"], dev))
+        if self.views == 1:
+            return weak, None
+        return weak, self.normalize(strong_views(_to_torch(outs["strong"], dev), strong, dev, True,
+                                                 self.strong_program))
+
+    def _host_views(self, outs, strong):
+        """Views cut from the decoded images on the host (`pipelines.host_views`)."""
+        vb = ViewBatch(np.array(outs["boxes"].as_array()), strong)
+        return views_from_decoded([np.asarray(im) for im in outs["image"]], vb, self.cfg.data.image_size,
+                                  self.views, self.normalize, self.cfg.pipeline.host_threads)
+
+    def _batches(self):
+        for outs in self._epoch_outputs():
+            y, i, index_cpu = self._targets(outs)
+            strong = run_strong_draws(self.cfg, self.epoch, index_cpu.numpy(), self.views)
+            yield Batch(*self._views(outs, strong), y, i, index_cpu)
+
+
+class _DaliValLoader(_DaliLoader):
+    def __init__(self, feeder, pipe, steps, normalize):
+        super().__init__(feeder, pipe, steps, normalize, _outputs(False, feeder.device_route, 1))
+
+    def _batches(self):
         self.feeder.start(self.epoch)
         while True:
             try:
-                yield self._run()
+                outs = self._run()
             except StopIteration:
                 self.pipe.reset()
                 return
-
-    def _batches(self):
-        dev, pc = self.normalize.device, self.cfg.pipeline
-        for outs in (self._train_batches() if self.kind == "train" else self._val_batches()):
-            label = torch.from_numpy(np.array(outs["label"].as_array()).reshape(-1))  # copies: DALI reuses buffers
-            index_cpu = torch.from_numpy(np.array(outs["index"].as_array()).reshape(-1))
-            y, i = to_device(label, dev), to_device(index_cpu, dev)
-            if self.kind == "val":
-                yield ValBatch(self.normalize(_to_torch(outs["image"], dev)), y, i)
-                continue
-            strong = (strong_draws(self.cfg.run.seed, self.epoch, index_cpu.numpy(), pc.randaug_n)
-                      if self.views == 2 and pc.strong_aug else None)
-            if self.feeder.device_route:  # views cut by DALI; strong aug as batched tensor ops
-                weak = self.normalize(_to_torch(outs["weak"], dev))
-                s = None
-                if self.views == 2:
-                    s = self.normalize(strong_views(_to_torch(outs["strong"], dev), strong, dev, True,
-                                                       self.strong_program))
-                yield Batch(weak, s, y, i, index_cpu)
-            else:  # views cut on the host (pipelines.host_views)
-                vb = ViewBatch(np.array(outs["boxes"].as_array()), strong)
-                weak, s = views_from_decoded([np.asarray(im) for im in outs["image"]], vb, self.cfg.data.image_size,
-                                             self.views, self.normalize, pc.host_threads)
-                yield Batch(weak, s, y, i, index_cpu)
+            y, i, _ = self._targets(outs)
+            yield ValBatch(self.normalize(_to_torch(outs["image"], self.normalize.device)), y, i)
 
 
 def _translate(e: RuntimeError, feeder) -> DataError:
@@ -383,7 +396,7 @@ def _build(source, cfg, device, rank, world, train, views):
     n = len(sampler)
     steps = n // batch if drop_last else -(-n // batch)
     norm = Normalizer.for_run(source.mean_std, cfg, device)
-    return _DaliLoader(feeder, pipe, steps, norm, "train" if train else "val", cfg, views)
+    return _DaliTrainLoader(feeder, pipe, steps, norm, cfg, views) if train else _DaliValLoader(feeder, pipe, steps, norm)
 
 
 def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):

@@ -38,7 +38,7 @@ from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
 from pipelines.host_views import finish_pairs, views_from_decoded
 from pipelines.randaugment_static import strong_program
 from pipelines.sources import DataError
-from pipelines.view_params import ViewBatch, draw_views, strong_draws
+from pipelines.view_params import ViewBatch, draw_views, run_strong_draws
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ViewTable:
     boundary waits for nothing. Otherwise the boxes are drawn per batch for the host, which cuts the views.
     Either way a batch's or an epoch's boxes are one vectorised draw (`view_params.draw_views`)."""
 
-    def __init__(self, metadata, data_cfg, pipe_cfg, seed, crops_in_pipeline: bool):
+    def __init__(self, metadata, data_cfg, seed, crops_in_pipeline: bool):
         self.hw = np.stack([metadata["height"], metadata["width"]], 1).astype(np.int64)
         n = len(self.hw)
         self.tables = np.zeros((2, n, 2, 5), dtype=np.int32)
@@ -233,11 +233,8 @@ class LabelIndexDecoder(IntDecoder):
 
 
 class _FfcvLoader:
-    def __init__(self, loader, table, normalize, kind, cfg, views, keep=None, device_route=False):
-        self.loader, self.table, self.normalize, self.kind, self.cfg, self.views = \
-            loader, table, normalize, kind, cfg, views
-        self.epoch, self.keep, self.device_route = 0, keep, device_route
-        self.strong_program = strong_program(cfg.pipeline.strong_program)
+    def __init__(self, loader, normalize):
+        self.loader, self.normalize, self.epoch = loader, normalize, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -245,39 +242,57 @@ class _FfcvLoader:
     def __len__(self):
         return len(self.loader)
 
-    def __iter__(self):
+    def _epoch(self):
+        """This epoch's (uint8 data, label on the device, index on the device, index on the host)."""
         dev = self.normalize.device
-        if self.table is not None:
-            # only this rank's samples of this epoch (FFCV's own order, sharded when distributed)
-            order = self.loader.traversal_order.sample_order
-            self.table.start(self.epoch, order(self.epoch), order(self.epoch + 1))
         self.loader.next_epoch = self.epoch  # FFCV's order for this epoch (seeded shuffle)
-        left = self.keep  # this rank's real validation samples (positions rank, rank + world, ...)
         for data, label_index in self.loader:
             li = torch.from_numpy(np.array(label_index, dtype=np.int64))  # copy: FFCV reuses its slots
-            y, idx_cpu = to_device(li[:, 0], dev), li[:, 1]
-            i = to_device(idx_cpu, dev)
-            x = torch.from_numpy(np.asarray(data))
-            if self.kind == "val":
-                if left is not None:  # drop the DistributedSampler's padding: no sample counted twice
-                    n, left = max(0, min(len(y), left)), left - len(y)
-                    x, y, i = x[:n], y[:n], i[:n]
-                    if n == 0:
-                        continue
-                yield ValBatch(self.normalize(x), y, i)
-                continue
-            pc = self.cfg.pipeline
-            strong = (strong_draws(self.cfg.run.seed, self.epoch, idx_cpu.numpy(), pc.randaug_n)
-                      if self.views == 2 and pc.strong_aug else None)
-            if self.table.crops_in_pipeline:  # both views cut in FFCV's compiled decoder
-                weak, strong = finish_pairs(x, strong, self.normalize, self.views, self.device_route,
-                                            self.strong_program)
-            else:  # host route: the decoded images, cut per sample on the host pool
-                idx = idx_cpu.numpy()
-                images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(self.table.hw[idx].tolist())]
-                weak, strong = views_from_decoded(images, ViewBatch(self.table.boxes(self.epoch, idx), strong),
-                                                  self.cfg.data.image_size, self.views, self.normalize, pc.host_threads)
-            yield Batch(weak, strong, y, i, idx_cpu)
+            yield torch.from_numpy(np.asarray(data)), to_device(li[:, 0], dev), to_device(li[:, 1], dev), li[:, 1]
+
+
+class _FfcvTrainLoader(_FfcvLoader):
+    def __init__(self, loader, table, normalize, cfg, views, device_route):
+        super().__init__(loader, normalize)
+        self.table, self.cfg, self.views, self.device_route = table, cfg, views, device_route
+        self.strong_program = strong_program(cfg.pipeline.strong_program)
+        # where the views are cut, fixed when the loader is built
+        self._views = self._compiled_views if table.crops_in_pipeline else self._host_views
+
+    def _compiled_views(self, x, idx_cpu, strong):
+        """Both views cut in FFCV's compiled decoder: (N, 2, S, S, 3) uint8."""
+        return finish_pairs(x, strong, self.normalize, self.views, self.device_route, self.strong_program)
+
+    def _host_views(self, x, idx_cpu, strong):
+        """Host route: the decoded images, cut per sample on the host pool."""
+        idx = idx_cpu.numpy()
+        images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(self.table.hw[idx].tolist())]
+        return views_from_decoded(images, ViewBatch(self.table.boxes(self.epoch, idx), strong),
+                                  self.cfg.data.image_size, self.views, self.normalize, self.cfg.pipeline.host_threads)
+
+    def __iter__(self):
+        # only this rank's samples of this epoch (FFCV's own order, sharded when distributed)
+        order = self.loader.traversal_order.sample_order
+        self.table.start(self.epoch, order(self.epoch), order(self.epoch + 1))
+        for x, y, i, idx_cpu in self._epoch():
+            strong = run_strong_draws(self.cfg, self.epoch, idx_cpu.numpy(), self.views)
+            yield Batch(*self._views(x, idx_cpu, strong), y, i, idx_cpu)
+
+
+class _FfcvValLoader(_FfcvLoader):
+    def __init__(self, loader, normalize, keep=None):
+        super().__init__(loader, normalize)
+        self.keep = keep  # this rank's real validation samples (positions rank, rank + world, ...)
+
+    def __iter__(self):
+        left = self.keep
+        for x, y, i, _ in self._epoch():
+            if left is not None:  # drop the DistributedSampler's padding: no sample counted twice
+                n, left = max(0, min(len(y), left)), left - len(y)
+                x, y, i = x[:n], y[:n], i[:n]
+                if n == 0:
+                    continue
+            yield ValBatch(self.normalize(x), y, i)
 
 
 def _loader(path, cfg, batch, image_pipe, train, world):
@@ -309,11 +324,10 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     # resize on a CPU (docs/benchmarks.md).
     device_route = on_device(cfg, device)
     compiled = device_route or cfg.data.train_crop == "pad"
-    table = ViewTable(reader.metadata["f0"], cfg.data, cfg.pipeline, cfg.run.seed, compiled)
+    table = ViewTable(reader.metadata["f0"], cfg.data, cfg.run.seed, compiled)
     decoder = TwoViewDecoder(cfg.data.image_size, table) if compiled else DecodeOnceDecoder(table)
     loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [decoder], True, world)
-    return _FfcvLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), "train", cfg, views,
-                       device_route=device_route)
+    return _FfcvTrainLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), cfg, views, device_route)
 
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1):
@@ -322,5 +336,5 @@ def build_val(source, cfg, device, rank: int = 0, world: int = 1):
     size, resize = cfg.data.image_size, cfg.data.val_resize
     dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize) if resize else SimpleRGBImageDecoder()
     loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world)
-    return _FfcvLoader(loader, None, Normalizer.for_run(meta["mean_std"], cfg, device), "val", cfg, 1,
-                       keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None)
+    return _FfcvValLoader(loader, Normalizer.for_run(meta["mean_std"], cfg, device),
+                          keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None)

@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 
 from pipelines.contract import to_device
-from pipelines.crops import crop_resize
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
-from pipelines.view_params import STRONG, WEAK, StrongDraws, ViewBatch
+from pipelines.view_params import STRONG, WEAK, Crop, StrongDraws, ViewBatch
 
 _POOLS = {}
+_resize_aa = torch.ops.aten._upsample_bilinear2d_aa.out
 
 
 def pool(threads: int = 0) -> ThreadPoolExecutor:
@@ -108,6 +108,27 @@ def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):
     # moved as the contiguous NHWC buffers, permuted on the device: the layout survives the copy
     weak = to_device(weak, dev).permute(0, 3, 1, 2)
     return weak, (None if strong is None else to_device(strong, dev).permute(0, 3, 1, 2))
+
+
+def crop_resize(img: np.ndarray, c: Crop, size: int) -> torch.Tensor:
+    """Crop + resize + flip of one decoded uint8 HWC numpy image -> contiguous uint8 (size, size, 3) tensor;
+    boxes may leave the image (zero fill). torch's uint8 channels-last antialiased bilinear resize follows
+    PIL's filter (the reference backend) and is faster than both PIL's and DALI's CPU resize
+    (docs/benchmarks.md)."""
+    h, w = img.shape[:2]
+    y0, x0, y1, x1 = max(c.top, 0), max(c.left, 0), min(c.top + c.height, h), min(c.left + c.width, w)
+    src = torch.from_numpy(np.ascontiguousarray(img[y0:y1, x0:x1]))
+    out = torch.empty((size, size, 3), dtype=torch.uint8)
+    if c.height == size and c.width == size:
+        out.zero_()
+        out[y0 - c.top:y1 - c.top, x0 - c.left:x1 - c.left] = src
+    else:  # resized crops (RandomResizedCrop) lie inside the image by construction
+        # The resize written straight into HWC memory: F.interpolate returns NCHW for one image, and
+        # turning that back into HWC costs more than the resize itself (docs/benchmarks.md).
+        _resize_aa(src.permute(2, 0, 1)[None], [size, size], False, None, None, out=out.permute(2, 0, 1)[None])
+    if c.flip:
+        out.copy_(out.flip(1))
+    return out
 
 
 def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, threads: int = 0):

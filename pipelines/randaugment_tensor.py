@@ -9,13 +9,13 @@ outside, nearest), the enhancers blend with PIL's degenerate images and truncate
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from pipelines.augment_spec import CUTOUT_FILL, STRONG_OPS
-from pipelines.view_params import StrongDraws, StrongParams
+from pipelines.view_params import StrongDraws
 
 OP_INDEX = {s.name: i for i, s in enumerate(STRONG_OPS)}
 
@@ -33,17 +33,6 @@ class StrongBatch(NamedTuple):
         plans each round there and sends one index and one magnitude tensor per round."""
         return StrongBatch(torch.from_numpy(strong.ops), torch.from_numpy(strong.mags),
                            torch.from_numpy(strong.cutout))
-
-    @staticmethod
-    def from_params(params: Sequence[StrongParams]) -> "StrongBatch":
-        """Per-sample parameters (the PIL definition's form), padded with Identity to one op count."""
-        k = max(len(p.ops) for p in params)
-        identity = (OP_INDEX["Identity"], 0.0)
-        rows = [list(p.ops) + [identity] * (k - len(p.ops)) for p in params]
-        ops = torch.tensor([[o for o, _ in r] for r in rows], dtype=torch.long).view(len(params), k)
-        mags = torch.tensor([[m for _, m in r] for r in rows], dtype=torch.float64).view(len(params), k)
-        cut = torch.tensor([[p.cutout_frac, p.cutout_cx, p.cutout_cy] for p in params], dtype=torch.float64)
-        return StrongBatch(ops, mags, cut)
 
 
 # ---- helpers on uint8-valued float32 NCHW tensors --------------------------------------------------

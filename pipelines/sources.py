@@ -69,8 +69,9 @@ def jpeg_hw(raw: np.ndarray) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _header_hw(path: str) -> Tuple[int, int]:
-    """(height, width) from the file's header. A JPEG without its end-of-image marker near the end
+def header_hw(path: str) -> Tuple[int, int]:
+    """(height, width) from the file's header: the one image-size reader (the size table, prep_ffcv's
+    estimate). A JPEG without its end-of-image marker near the end
     (truncated, most often) must also decode in PIL: DALI's CPU decoder can fault on a truncated file
     instead of reporting it, so it never gets one."""
     with open(path, "rb", buffering=0) as f:
@@ -107,7 +108,7 @@ def image_sizes(source, threads: int = 0, cache: bool = True) -> np.ndarray:
 
     def read(i):
         try:
-            hw[i] = _header_hw(files[i])
+            hw[i] = header_hw(files[i])
         except DataError as e:
             errors[i] = e
 
@@ -152,13 +153,7 @@ class ArraySource:
         return len(self.labels)
 
     def load_sample(self, i: int):
-        return self.load(i), int(self.labels[i])
-
-    def load(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i])
-
-    def size_of(self, i: int) -> Tuple[int, int]:
-        return self.images.shape[1], self.images.shape[2]
+        return Image.fromarray(self.images[i]), int(self.labels[i])
 
 
 class FolderSource:
@@ -204,28 +199,25 @@ class FolderSource:
         except Exception as e:  # PIL raises many types for corrupt data
             raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
-    def load(self, i: int) -> Image.Image:
-        return self.load_sample(i)[0]
-
     def load_sample(self, i: int) -> Tuple[Image.Image, int]:
-        """(image, label). Skip mode: a corrupt file is logged and replaced by the next readable sample,
-        label included, chosen deterministically so every backend and every run substitutes the same one."""
+        """(image, label); in skip mode a corrupt file's substitute (`first_readable`), label included."""
         if not self.skip_bad:
             return self._open(self.files[i]), int(self.labels[i])
-        for k in range(len(self.files)):
-            j = (i + k) % len(self.files)
-            try:
-                return self._open(self.files[j]), int(self.labels[j])
-            except DataError as e:
-                log.warning("skipping unreadable image: %s", e)
-        raise DataError("no readable image in the dataset")
+        j, img = first_readable(self.files, i, self._open)
+        return img, int(self.labels[j])
 
-    def size_of(self, i: int) -> Tuple[int, int]:
+
+def first_readable(files: Sequence[str], i: int, read):
+    """Skip mode's substitution, the one rule every backend follows: sample i, or when `read(path)` raises
+    DataError for its file, the next sample whose file reads (wrapping around), each skipped file logged.
+    Deterministic, so every backend and every run substitutes the same sample. Returns (j, read's result)."""
+    for k in range(len(files)):
+        j = (i + k) % len(files)
         try:
-            with Image.open(self.files[i]) as im:
-                return im.size[1], im.size[0]
-        except Exception as e:
-            raise DataError(f"{self.files[i]}: cannot read image header ({type(e).__name__}: {e})") from None
+            return j, read(files[j])
+        except DataError as e:
+            log.warning("skipping unreadable image: %s", e)
+    raise DataError("no readable image in the dataset")
 
 
 def _unpickle(path: str):

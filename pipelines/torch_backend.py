@@ -92,8 +92,8 @@ def _collate(items):
 class _DeviceLoader:
     """Wraps a DataLoader: uint8 host batches -> contract batches on the device."""
 
-    def __init__(self, loader, sampler, normalize, kind):
-        self.loader, self.sampler, self.normalize, self.kind = loader, sampler, normalize, kind
+    def __init__(self, loader, sampler, normalize):
+        self.loader, self.sampler, self.normalize = loader, sampler, normalize
 
     def set_epoch(self, epoch: int):
         self.sampler.set_epoch(epoch)
@@ -101,16 +101,21 @@ class _DeviceLoader:
     def __len__(self):
         return len(self.loader)
 
+
+class _TrainLoader(_DeviceLoader):
     def __iter__(self):
         dev = self.normalize.device
         for cols in self.loader:
-            if self.kind == "train":
-                w, s, y, i = cols if len(cols) == 4 else (cols[0], None, *cols[1:])
-                yield Batch(self.normalize(w), None if s is None else self.normalize(s),
-                            y.to(dev, non_blocking=True), i.to(dev, non_blocking=True), i)
-            else:
-                x, y, i = cols
-                yield ValBatch(self.normalize(x), y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
+            w, s, y, i = cols if len(cols) == 4 else (cols[0], None, *cols[1:])  # single view: no strong column
+            yield Batch(self.normalize(w), None if s is None else self.normalize(s),
+                        y.to(dev, non_blocking=True), i.to(dev, non_blocking=True), i)
+
+
+class _ValLoader(_DeviceLoader):
+    def __iter__(self):
+        dev = self.normalize.device
+        for x, y, i in self.loader:
+            yield ValBatch(self.normalize(x), y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
 
 
 def _loader(dataset, sampler, pipe_cfg, device, per_rank_batch, drop_last, seed):
@@ -128,11 +133,11 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     sampler = EpochSampler(len(source), seed=cfg.run.seed, shuffle=True, rank=rank, world=world)
     ds = TwoViewDataset(source, cfg.data, cfg.pipeline, cfg.run.seed, views)
     dl = _loader(ds, sampler, cfg.pipeline, device, per_rank, cfg.pipeline.drop_last, cfg.run.seed)
-    return _DeviceLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device), "train")
+    return _TrainLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device))
 
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1):
     sampler = EpochSampler(len(source), seed=0, shuffle=False, rank=rank, world=world, pad=False)
     dl = _loader(ValDataset(source, cfg.data), sampler, cfg.pipeline, device,
                  cfg.pipeline.val_batch_size, False, 0)
-    return _DeviceLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device), "val")
+    return _ValLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device))

@@ -142,6 +142,14 @@ def strong_draws(seed: int, epoch: int, index, n_ops: int = N_OPS) -> StrongDraw
     return StrongDraws(ops, mags, cut)
 
 
+def run_strong_draws(cfg, epoch: int, index, views: int) -> Optional[StrongDraws]:
+    """The strong augmentation a run gives these samples: None for single-view methods (`views` 1) or with
+    `pipeline.strong_aug` off. For backends that draw it apart from the boxes (from the indices a batch
+    comes back with)."""
+    pc = cfg.pipeline
+    return strong_draws(cfg.run.seed, epoch, index, pc.randaug_n) if views == 2 and pc.strong_aug else None
+
+
 class ViewBatch(NamedTuple):
     """Both views of N samples. boxes: (N, 2, 5) int32 = (top, left, height, width, flip) of the weak
     (0) and strong (1) crop; strong: the strong augmentation, or None when it is off."""
@@ -151,10 +159,6 @@ class ViewBatch(NamedTuple):
     def crop(self, j: int, view: int) -> Crop:
         t, l, h, w, f = self.boxes[j, view].tolist()
         return Crop(t, l, h, w, bool(f))
-
-    def sample(self, j: int):
-        """(weak Crop, strong Crop, StrongParams or None) of sample j."""
-        return self.crop(j, WEAK), self.crop(j, STRONG), None if self.strong is None else self.strong.params(j)
 
 
 def crops(seed: int, epoch: int, index, hw, view: int, *, crop: str, size: int, pad: int) -> np.ndarray:
@@ -171,10 +175,3 @@ def draw_views(seed: int, epoch: int, index, hw, *, crop: str, size: int, pad: i
     """Both views of every sample in `index` (any length: a batch, or a rank's epoch)."""
     boxes = np.stack([crops(seed, epoch, index, hw, v, crop=crop, size=size, pad=pad) for v in (WEAK, STRONG)], 1)
     return ViewBatch(boxes.astype(np.int32), strong_draws(seed, epoch, index, n_ops) if strong_aug else None)
-
-
-def sample_views(seed: int, epoch: int, index: int, img_h: int, img_w: int, *, crop: str, size: int,
-                 pad: int, n_ops: int = N_OPS, strong_aug: bool = True):
-    """(weak Crop, strong Crop, StrongParams or None) for one sample in one epoch."""
-    return draw_views(seed, epoch, [index], (img_h, img_w), crop=crop, size=size, pad=pad, n_ops=n_ops,
-                      strong_aug=strong_aug).sample(0)

@@ -5,8 +5,7 @@ from PIL import Image
 
 from pipelines import augment_spec
 from pipelines.randaugment_pil import PIL_OPS, apply_strong, cutout_box
-from pipelines.view_params import (STRONG, WEAK, StrongParams, crops, draw_views, philox, sample_views,
-                                   strong_draws, uniforms)
+from pipelines.view_params import STRONG, WEAK, StrongParams, crops, draw_views, philox, strong_draws, uniforms
 
 PAPER_OPS = [("AutoContrast", 0, 1), ("Brightness", 0.05, 0.95), ("Color", 0.05, 0.95),
              ("Contrast", 0.05, 0.95), ("Equalize", 0, 1), ("Identity", 0, 1), ("Posterize", 4, 8),
@@ -42,7 +41,8 @@ def test_a_batch_draw_equals_each_sample_drawn_alone():
     for crop in ("pad", "rrc"):
         vb = draw_views(7, 3, index, hw, crop=crop, size=16, pad=4)
         for j in (0, 5, 63):
-            assert vb.sample(j) == sample_views(7, 3, int(index[j]), *hw[j].tolist(), crop=crop, size=16, pad=4)
+            alone = draw_views(7, 3, index[j:j + 1], hw[j], crop=crop, size=16, pad=4)
+            assert np.array_equal(alone.boxes[0], vb.boxes[j]) and alone.strong.params(0) == vb.strong.params(j)
         rev = draw_views(7, 3, index[::-1], hw[::-1], crop=crop, size=16, pad=4)
         assert np.array_equal(rev.boxes[::-1], vb.boxes) and np.array_equal(rev.strong.mags[::-1], vb.strong.mags)
 
@@ -129,6 +129,6 @@ def test_cutout_paints_the_fill_colour():
     assert (out[0, 0] == 0).all()
 
 
-def test_sample_views_gives_independent_weak_and_strong_crops():
-    pairs = [sample_views(0, 0, i, 32, 32, crop="pad", size=32, pad=4)[:2] for i in range(50)]
-    assert sum(w != s for w, s in pairs) > 40
+def test_weak_and_strong_crops_are_drawn_independently():
+    vb = draw_views(0, 0, np.arange(50), (32, 32), crop="pad", size=32, pad=4)
+    assert sum(vb.crop(j, WEAK) != vb.crop(j, STRONG) for j in range(50)) > 40

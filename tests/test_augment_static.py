@@ -7,9 +7,16 @@ import torch
 from pipelines.augment_spec import STRONG_OPS
 from pipelines.randaugment_static import StrongGraph, apply_strong_static, strong_program
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
-from pipelines.view_params import StrongParams, strong_draws
+from pipelines.view_params import StrongDraws, StrongParams, strong_draws
 
 META = torch.device("meta")
+
+
+def draws_of(params):
+    """StrongDraws holding these per-sample parameters (one op count), for the production path from_draws."""
+    return StrongBatch.from_draws(StrongDraws(np.array([[o for o, _ in p.ops] for p in params], dtype=np.int64),
+                                              np.array([[m for _, m in p.ops] for p in params], dtype=np.float64),
+                                              np.array([p[1:] for p in params], dtype=np.float64)))
 
 
 def batch(rng, n, h, w, smooth_every=2):
@@ -28,7 +35,7 @@ def every_op_in_every_round(n_ops, n, rng):
                     for j in specs)
         frac = float(rng.random() * 0.5) if i % 4 else 0.0
         params.append(StrongParams(ops, frac, float(rng.random()), float(rng.random())))
-    return StrongBatch.from_params(params)
+    return draws_of(params)
 
 
 def graph_program(x, params, channels_last_input=False):
@@ -58,7 +65,7 @@ def test_float_nchw_and_tiny_images_equal_too():
 
 def test_identity_only_and_empty_batches():
     x = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
-    ident = StrongBatch.from_params([StrongParams(((5, 0.0), (5, 0.0)), 0.0, 0.5, 0.5)] * 3)
+    ident = draws_of([StrongParams(((5, 0.0), (5, 0.0)), 0.0, 0.5, 0.5)] * 3)
     assert STRONG_OPS[5].name == "Identity" and torch.equal(graph_program(x, ident), x)
     empty = StrongBatch(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.float64),
                         torch.zeros(0, 3, dtype=torch.float64))

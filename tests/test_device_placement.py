@@ -1,6 +1,6 @@
 """Every backend and route with the `meta` device as the training device: a meta tensor has no data, so any
 host tensor combined with one the loader meant for the device raises on the CPU, as a CPU/CUDA mix would
-on a GPU; and every batch must arrive on the training device. The strong view runs the graph program
+on a GPU; and every batch must arrive on the training device. Each loader follows `contract.Loader`. The strong view runs the graph program
 (eager here): the segmented one plans from the data on the host, which meta tensors do not have."""
 import itertools
 
@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from pipelines import build_loaders
-from pipelines.contract import Normalizer
+from pipelines.contract import Loader, Normalizer
 
 META = torch.device("meta")
 
 
 def first_train_and_val(cfg):
     train, val, _ = build_loaders(cfg, META)
+    assert isinstance(train, Loader) and isinstance(val, Loader)
     train.set_epoch(0)
     return next(iter(train)), next(iter(val))
 

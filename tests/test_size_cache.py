@@ -16,12 +16,12 @@ from pipelines.sources import DataError, FolderSource, image_sizes
 def reads(monkeypatch):
     """The paths whose header image_sizes reads, in a list."""
     seen = []
-    real = sources._header_hw
+    real = sources.header_hw
 
     def counting(path):
         seen.append(path)
         return real(path)
-    monkeypatch.setattr(sources, "_header_hw", counting)
+    monkeypatch.setattr(sources, "header_hw", counting)
     return seen
 
 
