@@ -21,6 +21,7 @@ import train
 from datasets_prep.make_demo import make_demo, make_demo_subset
 from datasets_prep.prep_ffcv import main as prep
 from pipelines import available_pipelines
+from pipelines.disk_cache import save_atomic
 from training.cli import run_main
 
 QUICK_SUBSET = 256  # training images in --quick mode
@@ -73,9 +74,8 @@ def main(argv=None):
         lines.append(f"| {name} | {statistics.mean(v):.2f} | {', '.join(f'{x:.2f}' for x in v)} |")
     print("\n".join(lines))
     table = os.path.join(args.out, "demo_table.json")
-    with open(table + ".tmp", "w") as f:
-        json.dump({"teacher": teacher["best_top1"], **results, "seeds": seeds, "epochs": epochs}, f, indent=1)
-    os.replace(table + ".tmp", table)
+    doc = {"teacher": teacher["best_top1"], **results, "seeds": seeds, "epochs": epochs}
+    save_atomic(table, lambda f: f.write(json.dumps(doc, indent=1).encode()))
     import report  # matplotlib
     runs = [os.path.join(args.out, n) for n in ["teacher"] + [f"{m}_seed{s}" for s in range(seeds) for m in results]]
     report.main([*runs, "--out", os.path.join(args.out, "report"), "--title", "demo: digits 32x32, resnet8 student"])

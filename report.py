@@ -23,6 +23,7 @@ import yaml
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from pipelines.disk_cache import atomic_path
 from pipelines.sources import DataError  # a user error for training.cli.run_main: one line, exit code 2
 from training.cli import run_main
 
@@ -170,22 +171,17 @@ def write_outputs(out_dir, runs, title, common):
     """Render both files under temporary names, then move them into place; on failure leave nothing."""
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    final = {name: os.path.join(out_dir, name) for name in ("curves.png", "summary.md")}
-    tmp = {name: f"{path}.tmp{os.getpid()}" for name, path in final.items()}
-    try:
-        fig = curves(runs, title)
-        try:
-            fig.savefig(tmp["curves.png"], format="png", dpi=110)
-        finally:
-            plt.close(fig)
-        with open(tmp["summary.md"], "w", encoding="utf-8") as f:
-            f.write(summary_md(runs, title, common))
-        for name, path in final.items():
-            os.replace(tmp[name], path)
+    try:  # both written before either takes its name
+        with atomic_path(os.path.join(out_dir, "curves.png")) as png, \
+                atomic_path(os.path.join(out_dir, "summary.md")) as md:
+            fig = curves(runs, title)
+            try:
+                fig.savefig(png, format="png", dpi=110)
+            finally:
+                plt.close(fig)
+            with open(md, "w", encoding="utf-8") as f:
+                f.write(summary_md(runs, title, common))
     except BaseException:
-        for path in tmp.values():
-            if os.path.exists(path):
-                os.unlink(path)
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)
         raise

@@ -4,6 +4,7 @@ import os
 import shutil
 from typing import Iterable, Tuple
 
+from pipelines.disk_cache import atomic_folder
 from pipelines.sources import DataError
 
 
@@ -12,17 +13,14 @@ def materialize(out: str, folders: Iterable[str], files: Iterable[Tuple[str, str
     """Create `out` holding `folders` (relative) and `files` ((source, relative destination)): symbolic
     links to the sources, or copies with `copy`; `marker` (relative) is written last, then the rename.
     `out` must not exist."""
-    tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        for d in folders:
-            os.makedirs(os.path.join(tmp, d), exist_ok=True)
-        for path, rel in files:
-            dst = os.path.join(tmp, rel)
-            shutil.copyfile(path, dst) if copy else os.symlink(path, dst)
-        with open(os.path.join(tmp, marker), "w") as f:
-            f.write(marker_text)
-        os.replace(tmp, out)
+        with atomic_folder(out) as tmp:
+            for d in folders:
+                os.makedirs(os.path.join(tmp, d), exist_ok=True)
+            for path, rel in files:
+                dst = os.path.join(tmp, rel)
+                shutil.copyfile(path, dst) if copy else os.symlink(path, dst)
+            with open(os.path.join(tmp, marker), "w") as f:
+                f.write(marker_text)
     except OSError as e:
         raise DataError(f"{out}: cannot write ({e.strerror or e}); nothing written") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,30 +8,25 @@ Writes OUT/cifar-100-python/{train,test,meta} atomically: a temp folder renamed 
 import argparse
 import os
 import pickle
-import shutil
-import tempfile
 
 import numpy as np
+
+from pipelines.disk_cache import atomic_folder
 
 
 def make_cifar_like(out: str, train: int = 50_000, test: int = 10_000, seed: int = 0) -> str:
     final = os.path.join(out, "cifar-100-python")
     if os.path.isdir(final):
         return out
-    os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-")
     rng = np.random.default_rng(seed)
-    for name, n in (("train", train), ("test", test)):
-        data = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": rng.integers(0, 100, n).tolist()}
-        with open(os.path.join(tmp, name), "wb") as f:
-            pickle.dump(data, f)
-    with open(os.path.join(tmp, "meta"), "wb") as f:
-        pickle.dump({b"fine_label_names": [f"class_{c:03d}".encode() for c in range(100)]}, f)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp)
-        raise
+    with atomic_folder(final) as tmp:
+        for name, n in (("train", train), ("test", test)):
+            data = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    b"fine_labels": rng.integers(0, 100, n).tolist()}
+            with open(os.path.join(tmp, name), "wb") as f:
+                pickle.dump(data, f)
+        with open(os.path.join(tmp, "meta"), "wb") as f:
+            pickle.dump({b"fine_label_names": [f"class_{c:03d}".encode() for c in range(100)]}, f)
     return out
 
 

@@ -11,12 +11,13 @@ that read a converted file whole (`demo.py --quick --pipeline ffcv`).
 import argparse
 import json
 import os
-import shutil
 
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from pipelines.disk_cache import atomic_folder
 
 
 def render(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -69,17 +70,11 @@ def make_demo_subset(src: str, out: str, n: int) -> str:
 
 def _write(out: str, train, test, meta: dict) -> str:
     """train.npz, test.npz ((images, labels) each) and meta.json into a temporary folder, renamed to `out`."""
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, (images, labels) in (("train", train), ("test", test)):
-        np.savez(os.path.join(tmp, f"{name}.npz"), images=images, labels=labels)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    os.rename(tmp, out)
+    with atomic_folder(out) as tmp:
+        for name, (images, labels) in (("train", train), ("test", test)):
+            np.savez(os.path.join(tmp, f"{name}.npz"), images=images, labels=labels)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
     return out
 
 

@@ -9,10 +9,11 @@ folder, then renamed.
 """
 import argparse
 import os
-import shutil
 
 import numpy as np
 from PIL import Image
+
+from pipelines.disk_cache import atomic_folder
 
 
 def photo_like(digit: np.ndarray, w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -38,23 +39,19 @@ def make_jpeg_folder(out: str, train: int = 512, val: int = 64, classes: int = 8
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     unique = -(-unique // classes) * classes
-    for split, n in (("train", train), ("val", val)):
-        for i in range(n):
-            c = i % classes
-            folder = os.path.join(tmp, split, f"class_{c:03d}")
-            os.makedirs(folder, exist_ok=True)
-            if split == "train" and 0 < unique <= i:
-                os.link(os.path.join(folder, f"{i % unique:06d}.jpg"), os.path.join(folder, f"{i:06d}.jpg"))
-                continue
-            d = digits.images[rng.choice(np.flatnonzero(digits.target == c))]
-            photo_like(d, *size, rng).save(os.path.join(folder, f"{i:06d}.jpg"), quality=quality)
-    open(os.path.join(tmp, ".complete"), "w").close()
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    os.rename(tmp, out)
+    with atomic_folder(out) as tmp:
+        for split, n in (("train", train), ("val", val)):
+            for i in range(n):
+                c = i % classes
+                folder = os.path.join(tmp, split, f"class_{c:03d}")
+                os.makedirs(folder, exist_ok=True)
+                if split == "train" and 0 < unique <= i:
+                    os.link(os.path.join(folder, f"{i % unique:06d}.jpg"), os.path.join(folder, f"{i:06d}.jpg"))
+                    continue
+                d = digits.images[rng.choice(np.flatnonzero(digits.target == c))]
+                photo_like(d, *size, rng).save(os.path.join(folder, f"{i:06d}.jpg"), quality=quality)
+        open(os.path.join(tmp, ".complete"), "w").close()
     return out
 
 

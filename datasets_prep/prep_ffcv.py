@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
+from pipelines.disk_cache import atomic_path, save_atomic
 from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source, header_hw
 from training.cli import run_main
 from training.teacher_cache import dataset_digest
@@ -155,29 +156,30 @@ def convert(args) -> dict:
     from ffcv.fields import IntField, RGBImageField
 
     from datasets_prep.ffcv_writer import CheckedDatasetWriter
-    tmp = f"{out}.tmp-{os.getpid()}"
-    bad_log = tmp + ".bad"
-    try:
-        t0 = time.time()
-        writer = CheckedDatasetWriter(tmp, {
-            "image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution,
-                                   compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality),
-            "label": IntField()}, num_workers=args.num_workers)
+    # a killed conversion leaves its temporary file (and bad-image log) for the stale clean-up above
+    with atomic_path(out, prefix=os.path.basename(out) + ".tmp-") as tmp:
+        bad_log = tmp + ".bad"
         try:
-            writer.from_indexed_dataset(_Samples(source, keep, bad_log), chunksize=args.chunk_size)
-        except OSError as e:  # ENOSPC in this process, or a writer process that died of it
-            raise DataError(f"{out}: writing failed ({e.strerror or e}; {shutil.disk_usage(out_dir).free / 2**30:.1f}"
-                            f" GiB free in {out_dir}); no output written") from None
-        seconds = time.time() - t0
-        if os.path.exists(bad_log):
-            first = open(bad_log).readline().rstrip("\n").split("\t")
-            raise DataError(f"{first[0]}: cannot decode image ({first[1]}); no output written "
-                            f"(use --skip-bad-images to leave such files out)")
-        os.replace(tmp, out)
-    finally:
-        for f in (tmp, bad_log):
-            if os.path.exists(f):
-                os.remove(f)
+            t0 = time.time()
+            writer = CheckedDatasetWriter(tmp, {
+                "image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution,
+                                       compress_probability=args.compress_probability,
+                                       jpeg_quality=args.jpeg_quality),
+                "label": IntField()}, num_workers=args.num_workers)
+            try:
+                writer.from_indexed_dataset(_Samples(source, keep, bad_log), chunksize=args.chunk_size)
+            except OSError as e:  # ENOSPC in this process, or a writer process that died of it
+                raise DataError(f"{out}: writing failed ({e.strerror or e}; "
+                                f"{shutil.disk_usage(out_dir).free / 2**30:.1f} GiB free in {out_dir}); "
+                                f"no output written") from None
+            seconds = time.time() - t0
+            if os.path.exists(bad_log):
+                first = open(bad_log).readline().rstrip("\n").split("\t")
+                raise DataError(f"{first[0]}: cannot decode image ({first[1]}); no output written "
+                                f"(use --skip-bad-images to leave such files out)")
+        finally:
+            if os.path.exists(bad_log):
+                os.remove(bad_log)
     labels = source.labels[keep]
     meta = {"sidecar_version": SIDECAR_VERSION, "dataset": source.name, "source": os.path.abspath(args.src),
             "settings": settings, "num_samples": len(keep), "num_classes": len(source.classes),
@@ -187,7 +189,7 @@ def convert(args) -> dict:
             "source_sha256": dataset_digest(source),  # the data's identity when only the .beton is kept
             "mean_std": [list(source.mean_std[0]), list(source.mean_std[1])],
             "images_per_s": len(keep) / max(seconds, 1e-9), "ffcv": "1.0.2"}
-    _atomic_json(meta, out + ".json")
+    save_atomic(out + ".json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return meta
 
 
@@ -215,13 +217,6 @@ def _check_space(source, keep, out_dir, args):
     if need > free:
         raise DataError(f"{out_dir}: not enough free disk space (~{need / 2**30:.1f} GiB needed, "
                         f"{free / 2**30:.1f} GiB free)")
-
-
-def _atomic_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def parse(argv=None):

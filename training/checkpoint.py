@@ -12,22 +12,14 @@ from typing import Dict
 
 import torch
 
+from pipelines.disk_cache import save_atomic
 from pipelines.errors import CheckpointError
 from training.hub_weights import hub_state_dict, is_hub_spec
 
 
 def atomic_save(obj, path: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """`torch.save` to `path` whole or not at all, on disk before it takes the name."""
+    save_atomic(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def safe_load(path: str, map_location="cpu"):
