@@ -35,7 +35,7 @@ def make_jpeg_folder(out: str, train: int = 512, val: int = 64, classes: int = 8
     costs seconds to make. Loaders still read every file by its own name."""
     if os.path.isfile(os.path.join(out, ".complete")):
         return out
-    # imported here: scikit-learn costs ~2 s to import, and bench.py imports this module for every run
+    # imported here: scikit-learn costs ~2 s to import, and `python -m bench` imports this module for every run
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(seed)

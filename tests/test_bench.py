@@ -1,9 +1,9 @@
-"""bench.py loader mode runs every backend on the same images and writes one record per pipeline."""
+"""`python -m bench loader` runs every backend on the same images and writes one record per pipeline."""
 import json
 
 import pytest
 
-import bench
+from bench.__main__ import main
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from pipelines.errors import UserError
 
@@ -13,7 +13,7 @@ def test_loader_benchmark_smoke(tmp_path):
     pytest.importorskip("nvidia.dali")
     data = make_jpeg_folder(str(tmp_path / "j"), train=32, val=4, classes=2, size=(96, 72))
     out = tmp_path / "b.json"
-    bench.main(["loader", "--pipelines", "torch,dali,ffcv,ffcv_two_decode", "--data", data, "--image-size", "48",
+    main(["loader", "--pipelines", "torch,dali,ffcv,ffcv_two_decode", "--data", data, "--image-size", "48",
                 "--batch-size", "8", "--batches", "2", "--warmup", "1", "--workers", "1", "--count-calls", "torch",
                 "--json", str(out)])
     recs = json.load(open(out))
@@ -27,12 +27,12 @@ def test_loader_benchmark_smoke(tmp_path):
 
 def test_loader_benchmark_counts_only_pipelines_it_runs():
     with pytest.raises(UserError, match=r"--count-calls=torch,dali: dali not in --pipelines=torch"):
-        bench.main(["loader", "--pipelines", "torch", "--count-calls", "torch,dali"])
+        main(["loader", "--pipelines", "torch", "--count-calls", "torch,dali"])
 
 
 def test_step_benchmark_smoke_reports_reference_and_cache(tmp_path):
     out = tmp_path / "s.json"
-    recs = bench.main(["step", "--teacher", "resnet14", "--student", "resnet8", "--num-classes", "10", "--image-size",
+    recs = main(["step", "--teacher", "resnet14", "--student", "resnet8", "--num-classes", "10", "--image-size",
                        "16", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--teacher-source", "online,cache",
                        "--device", "cpu", "--json", str(out)])
     assert json.load(open(out)) == json.loads(json.dumps(recs))
@@ -46,7 +46,7 @@ def test_step_benchmark_smoke_reports_reference_and_cache(tmp_path):
 
 
 def test_e2e_benchmark_smoke_builds_a_cache(tmp_path, demo_root):
-    recs = bench.main(["e2e", "--pipelines", "torch", "--teacher", "resnet8", "--student", "resnet8", "--data",
+    recs = main(["e2e", "--pipelines", "torch", "--teacher", "resnet8", "--student", "resnet8", "--data",
                        demo_root, "--batch-size", "16", "--steps", "2", "--warmup", "1", "--workers", "0",
                        "--teacher-source", "online,cache", "--device", "cpu", "data.subset=64"])
     assert [(r["pipeline"], r["teacher_source"], r["reference"]) for r in recs] == [

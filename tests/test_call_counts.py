@@ -12,10 +12,10 @@ import os
 
 import pytest
 
+from bench.call_count import calls_per_batch_each
+from bench.loader import loader_iter
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
-from pipelines.call_count import calls_per_batch_each
-from bench import loader_iter
 
 SIZES = (32, 128)
 

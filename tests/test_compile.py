@@ -1,7 +1,7 @@
 """run.compile: the compiled training step is the eager step (same losses, same weights), on the CPU."""
 import torch
 
-from bench_training import SyntheticLoader, random_teacher_ckpt, step_config
+from bench.step_e2e import SyntheticLoader, random_teacher_ckpt, step_config
 from training.loop import Trainer
 
 
@@ -18,7 +18,7 @@ def _run(tmp_path, compiled, steps=2):
     loader = SyntheticLoader(steps, _Args.batch_size, _Args.image_size, _Args.num_classes, torch.device("cpu"), True)
     torch.manual_seed(1)
     tr = Trainer(cfg, torch.device("cpu"), folder, loader, None)
-    losses = [float(tr.train_step(b, c)[0]["loss"].detach()) for b, c in tr.batches(0)]
+    losses = [float(tr.train_step(b, c)[0]["loss"].detach()) for b, c in tr.epoch_batches(0)]
     return tr, losses
 
 

@@ -141,7 +141,7 @@ def test_a_rank_dying_mid_epoch_stops_the_run(demo_root, teacher_ckpt, tmp_path)
 def test_bench_step_under_torchrun_reports_ranks_and_aggregate(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                        f"--master_port={_port()}", os.path.join(ROOT, "bench.py"), "step", "--teacher", "resnet14",
+                        f"--master_port={_port()}", "-m", "bench", "step", "--teacher", "resnet14",
                         "--student", "resnet8", "--num-classes", "10", "--image-size", "16", "--batch-size", "8",
                         "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -1,5 +1,5 @@
-"""scripts/gpu_check.py on the CPU: each comparison can fail, and exit 3 without CUDA (its --cpu-dry-run code paths
-run in tests/test_gpu_run.py, as the first stages of scripts/gpu_run.sh)."""
+"""bench/gpu_check.py on the CPU: each comparison can fail, and exit 3 without CUDA (its --cpu-dry-run code paths
+run in tests/test_gpu_run.py, as the first stages of bench/gpu_run.sh)."""
 import json
 import os
 import subprocess
@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from bench import gpu_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 
 
 def _env(**extra):
@@ -17,12 +18,7 @@ def _env(**extra):
     return env
 
 
-@pytest.fixture
-def gpu_check(script_module):
-    return script_module("gpu_check")
-
-
-def test_augmenter_check_catches_a_mismatch(monkeypatch, gpu_check):
+def test_augmenter_check_catches_a_mismatch(monkeypatch):
     """The comparison can fail: a "device" result off by 2 grey levels in one pixel is caught, its ops named."""
     import torch
 
@@ -44,7 +40,7 @@ def test_augmenter_check_catches_a_mismatch(monkeypatch, gpu_check):
         assert r["max_abs_diff"] == 2 and r["samples_differing"] == 1 and r["ops_in_differing_samples"], r
 
 
-def test_graph_program_check_catches_a_mismatch(monkeypatch, gpu_check):
+def test_graph_program_check_catches_a_mismatch(monkeypatch):
     """The graph-program comparison can fail: one sample's pixels changed on the "device" side is caught."""
     from pipelines import randaugment_static
 
@@ -62,14 +58,14 @@ def test_graph_program_check_catches_a_mismatch(monkeypatch, gpu_check):
 
 
 def test_without_cuda_exits_3_with_message(tmp_path):
-    r = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60, env=_env(CUDA_VISIBLE_DEVICES=""), check=False)
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env=_env(CUDA_VISIBLE_DEVICES=""), check=False)
     assert r.returncode == 3, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "no CUDA device" in lines[0], r.stderr
 
 
-def test_weak_view_check_takes_last_bit_differences_but_not_a_grey_level(monkeypatch, gpu_check, tmp_path):
+def test_weak_view_check_takes_last_bit_differences_but_not_a_grey_level(monkeypatch, tmp_path):
     """The `gpu` route check compares grey levels: a "device" weak view off by one float ulp (a fused multiply-add)
     passes, one pixel off by one grey level fails."""
     import torch
@@ -109,7 +105,7 @@ def test_weak_view_check_takes_last_bit_differences_but_not_a_grey_level(monkeyp
     assert not ok and det["weak_max_grey_levels"] == 1, det
 
 
-def test_prefetcher_check_catches_a_differing_batch(monkeypatch, gpu_check, tmp_path):
+def test_prefetcher_check_catches_a_differing_batch(monkeypatch, tmp_path):
     """The prefetcher comparison can fail: the wrapped loader handing out one changed batch is caught."""
     import torch
 

@@ -1,5 +1,5 @@
-"""The GPU window's tools on the CPU: scripts/gpu_run.sh's dry run (every stage's code path, the summary), and
-scripts/gpu_kit.py's pack -> size check -> unpack round trip on stand-in wheels."""
+"""The GPU window's tools on the CPU: bench/gpu_run.sh's dry run (every stage's code path, the summary), and
+bench/gpu_kit.py's pack -> size check -> unpack round trip on stand-in wheels."""
 import json
 import os
 import subprocess
@@ -7,6 +7,8 @@ import sys
 import zipfile
 
 import pytest
+
+from bench import gpu_kit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["preflight", "correctness", "cifar_data", "cifar_step", "cifar_e2e", "jpeg_data", "r34_step", "r34_e2e_torch",
@@ -21,7 +23,7 @@ def dry_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("gpu_run"), tmp_path_factory.mktemp("gpu_run_work")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "", "WORK": str(work),
            "PYTHON": sys.executable}
-    r = subprocess.run(["bash", "scripts/gpu_run.sh", str(out), "--cpu-dry-run"], cwd=ROOT, capture_output=True,
+    r = subprocess.run(["bash", "bench/gpu_run.sh", str(out), "--cpu-dry-run"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env=env, check=False)
     return out, r
 
@@ -62,16 +64,11 @@ def test_dry_run_records_checks_and_rates(dry_run):
 
 
 def test_usage(tmp_path):
-    r = subprocess.run(["bash", "scripts/gpu_run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["bash", "bench/gpu_run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "usage" in r.stderr
-    r = subprocess.run(["bash", "scripts/gpu_run.sh", str(tmp_path), "--bogus"], cwd=ROOT, capture_output=True,
+    r = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path), "--bogus"], cwd=ROOT, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2 and "--bogus" in r.stderr
-
-
-@pytest.fixture
-def gpu_kit(script_module):
-    return script_module("gpu_kit")
 
 
 def _wheel(folder, name, version, files):
@@ -95,7 +92,7 @@ def _stand_in_wheels(tmp_path):
     return str(tmp_path / "kit")
 
 
-def test_kit_round_trip_and_size_check(tmp_path, gpu_kit):
+def test_kit_round_trip_and_size_check(tmp_path):
     """Parts within the limit, checksummed; unpacked there only once every part has travelled, byte for byte;
     other CPython versions' modules dropped; a part over the call limit named."""
     kit = _stand_in_wheels(tmp_path)
@@ -136,7 +133,7 @@ def test_kit_round_trip_and_size_check(tmp_path, gpu_kit):
     assert done.returncode == 0 and done.stdout.strip() == "2.4.0", done.stderr
 
 
-def test_kit_refuses_a_corrupt_part(tmp_path, gpu_kit):
+def test_kit_refuses_a_corrupt_part(tmp_path):
     kit = _stand_in_wheels(tmp_path)
     m = gpu_kit.build(kit, part_mib=0.1, base_reqs=["omegaconf==2.3.0"], dali_reqs=["nvidia-dali-cuda130==2.4.0"])
     bad = os.path.join(kit, "parts", m["parts"][1]["file"])
@@ -148,8 +145,8 @@ def test_kit_refuses_a_corrupt_part(tmp_path, gpu_kit):
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, ".gpu_kit", "base", "SHA256SUMS")),
-                    reason="no device kit built in this checkout (python scripts/gpu_kit.py build .gpu_kit)")
-def test_built_kit_fits_the_call_limit(gpu_kit):
+                    reason="no device kit built in this checkout (python -m bench.gpu_kit build .gpu_kit)")
+def test_built_kit_fits_the_call_limit():
     """The real kit, where one is built: every GPU call (tree + base + one part) within 64 MiB."""
     sizes = gpu_kit.check(os.path.join(ROOT, ".gpu_kit"))
     assert sizes["largest_call_mib"] <= gpu_kit.CALL_LIMIT_MIB

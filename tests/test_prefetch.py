@@ -1,5 +1,5 @@
 """Batches prepared one step ahead: the order of stream operations, checked with recording streams (the
-CUDA streams themselves need a GPU; scripts/gpu_run.sh runs the real ones)."""
+CUDA streams themselves need a GPU; bench/gpu_run.sh runs the real ones)."""
 import contextlib
 
 import torch

@@ -1,8 +1,8 @@
-"""One-GPU check: environment report (preflight) and correctness on CUDA, the first stages of scripts/gpu_run.sh.
+"""One-GPU check: environment report (preflight) and correctness on CUDA, the first stages of bench/gpu_run.sh.
 
-    python scripts/gpu_check.py OUT_DIR --only env               # preflight: versions, imports, bf16 matmul
-    python scripts/gpu_check.py OUT_DIR --only correctness       # the CUDA paths against the CPU's
-    python scripts/gpu_check.py OUT_DIR --cpu-dry-run            # every code path on the CPU at tiny sizes (tests)
+    python -m bench.gpu_check OUT_DIR --only env               # preflight: versions, imports, bf16 matmul
+    python -m bench.gpu_check OUT_DIR --only correctness       # the CUDA paths against the CPU's
+    python -m bench.gpu_check OUT_DIR --cpu-dry-run            # every code path on the CPU at tiny sizes (tests)
 
 Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md, rewritten after each check (a killed run keeps what it
 got; a failing check records its traceback and the next one runs). Exit 0: every correctness check passed; 1: one
@@ -26,7 +26,7 @@ import numpy
 import PIL
 import torch
 
-from bench_training import matmul_peak_tflops  # the rate bench.py divides by for MFU
+from bench.step_e2e import matmul_peak_tflops  # the rate `python -m bench` divides by for MFU
 from pipelines.augment_spec import STRONG_OPS
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
 from pipelines.view_params import strong_draws
@@ -34,7 +34,7 @@ from training.losses import crld_loss
 from training.models import create_model
 from training.runtime import git_commit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench.py runs from here
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python -m bench` runs from here
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, for MFU; first matching substring wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.6), ("H100", 989.4), ("H200", 989.4),
@@ -42,7 +42,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.6), ("H100", 989.4), 
 OPTIONAL = {"dali": "nvidia.dali", "ffcv": "ffcv", "apex": "apex"}
 # The project's entry points and the modules of the accelerator route, imported in a fresh interpreter: what a
 # bare GPU machine lacks (omegaconf, say) shows here first, with its own error.
-PROJECT = {"project": "train,eval,bench,cache_teacher,demo,training.loop,pipelines.gpu_backend,"
+PROJECT = {"project": "train,eval,bench.__main__,cache_teacher,demo,training.loop,pipelines.gpu_backend,"
                       "pipelines.randaugment_static,pipelines.prefetch",
            "project_dali": "pipelines.dali_backend", "project_ffcv": "pipelines.ffcv_backend"}
 

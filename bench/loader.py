@@ -1,54 +1,30 @@
-"""Benchmarks: loader, training step and end to end, each against a reference measured in the same run.
-
-    python bench.py step --teacher resnet32x4 --student resnet8x4 --image-size 32 \
-        --teacher-source online,cache [--amp off,bf16] [--channels-last on,off] [--json OUT]
-    python bench.py step --teacher imagenet_resnet34 --student imagenet_resnet18 --num-classes 1000 \
-        --image-size 224 --batch-size 256 --teacher-source online,cache --amp bf16 --topk 0 [--compile on,off]
-    python bench.py e2e --pipelines torch,dali --teacher-source online,cache     # demo data at 32x32
-    torchrun --nproc_per_node=8 bench.py step ...                               # per rank + aggregate
-
-    python bench.py loader --pipelines torch,dali --data data/jpeg_bench --image-size 224 \
-        --batch-size 64 --batches 20 [--json OUT]
-    python bench.py loader --pipelines torch,dali --make-data 512   # writes ImageNet-like JPEGs first
-    python bench.py loader --pipelines ffcv,ffcv_two_decode ...     # decode once vs FFCV's two decoders
-    python bench.py loader --pipelines dali,ffcv ... pipeline.route=device   # the accelerator route
-
-Loader mode: two-view samples/s of each data backend on the same data and machine.
-Each backend runs the training loader (both views, strong augmentation included, output on the
-training device, normalised) for `--warmup` batches, then is timed over `--batches` batches; a second,
-short pass counts the Python function calls the training process (all its threads) makes per batch
-(`--count-calls NAMES` picks the pipelines counted; `pipeline.route=device` forces the accelerator route
-on a CPU). One JSON record per pipeline:
-pipeline, samples_per_s, python_calls_per_batch, route, batches, batch_size, image_size, device, ...
-
-Step mode: synthetic device-resident batches through the training step (teacher forward or a real
-on-disk cache read, two student forwards, CRLD loss, backward, optimizer), per-phase times (CUDA
-events on a GPU, wall clock on a CPU), FLOPs per sample, achieved TFLOP/s and, on a GPU, MFU over
-the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache built first for
-`cache`), with the data-wait fraction. Both add the reference configuration of the paper's code
-(fp32, contiguous, online teacher; e2e: `torch` backend) and report ratios to it.
-"""
-import argparse
+"""`python -m bench loader` (flags and the record's fields: bench/__main__.py): each data backend's training
+loader timed on the same data, then the training process's Python calls per batch counted in a fresh one."""
 import functools
 import itertools
-import json
 import os
-import sys
 import time
+import traceback
 
+import numpy as np
 import torch
 
-from bench_report import save_json, run_training_bench
-from bench_training import machine
+from bench.call_count import calls_per_batch
+from bench.records import machine, save_json
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
+from pipelines import build_loaders
+from pipelines.beton_source import beton_paths, check_sidecar
+from pipelines.contract import Normalizer, on_device
 from pipelines.errors import UserError
-from training.cli import run_main
+from pipelines.host_views import finish_pairs
+from pipelines.sources import FolderSource
+from pipelines.view_params import strong_draws
+from training.config import load_config
 
 
 def loader_overrides(data, image_size, batch_size, workers, device, extra=()):
     """The config of a loader measurement: an ImageFolder at `data`, RandomResizedCrop views, CRLD's two views."""
-    from pipelines.sources import FolderSource
     classes = len(FolderSource(os.path.join(data, "train")).classes)
     return ["data.dataset=imagefolder", f"data.root={data}", f"data.num_classes={classes}",
             f"data.image_size={image_size}", "data.train_crop=rrc", f"data.val_resize={image_size}",
@@ -57,7 +33,6 @@ def loader_overrides(data, image_size, batch_size, workers, device, extra=()):
 
 
 def _train_loader(cfg, device):
-    from pipelines import build_loaders
     train, _, src = build_loaders(cfg, device)
     train.set_epoch(0)
     return train, src
@@ -65,10 +40,7 @@ def _train_loader(cfg, device):
 
 def loader_iter(overrides, device, batch_size):
     """The training loader of `overrides` at `batch_size`, epochs back to back (module level, so that
-    `pipelines.call_count.calls_per_batch` can run it in a fresh process)."""
-    import torch
-
-    from training.config import load_config
+    `bench.call_count.calls_per_batch` can run it in a fresh process)."""
     cfg = load_config(None, [*overrides, f"pipeline.batch_size={batch_size}"])
     train = _train_loader(cfg, torch.device(device))[0]
     for epoch in itertools.count():
@@ -77,11 +49,6 @@ def loader_iter(overrides, device, batch_size):
 
 
 def bench_loader(name, cfg_over, args, count_calls=True):
-    import torch
-
-    from pipelines.call_count import calls_per_batch
-    from pipelines.contract import on_device
-    from training.config import load_config
     cfg = load_config(None, cfg_over + [f"pipeline.name={name}"])
     device = torch.device(args.device)
     train, src = _train_loader(cfg, device)
@@ -117,18 +84,11 @@ def bench_loader(name, cfg_over, args, count_calls=True):
 def bench_ffcv_two_decode(over, args):
     """FFCV's stock two-view route for comparison: two PipelineSpec decoders on the same field, so each
     image is decoded twice (FFCV's own RandomResizedCrop), then the same host finishing as `ffcv`."""
-    import numpy as np
-    import torch
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline import PipelineSpec
 
-    from pipelines.contract import Normalizer, on_device
-    from pipelines.ffcv_backend import beton_paths, check_sidecar
-    from pipelines.host_views import finish_pairs
-    from pipelines.view_params import strong_draws
-    from training.config import load_config
     cfg = load_config(None, over + ["pipeline.name=ffcv"])
     path = beton_paths(cfg)[0]
     meta = check_sidecar(path, cfg)
@@ -162,45 +122,8 @@ def bench_ffcv_two_decode(over, args):
         epoch += 1
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__)
-    ap.add_argument("mode", choices=["loader", "step", "e2e"])
-    ap.add_argument("--pipelines", default="torch,dali")
-    ap.add_argument("--data", default="data/jpeg_bench")
-    ap.add_argument("--make-data", type=int, default=0, help="first write this many ImageNet-like JPEGs to --data")
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=1, help="alternate the pipelines this many times; report medians")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json")
-    ap.add_argument("--teacher", default="resnet32x4")
-    ap.add_argument("--student", default="resnet8x4")
-    ap.add_argument("--num-classes", type=int, default=0, help="default: 100 (step), the data's (e2e)")
-    ap.add_argument("--teacher-source", default="online,cache")
-    ap.add_argument("--amp", default="", help="comma list of off|bf16|fp16 (default: bf16 on CUDA, off on CPU)")
-    ap.add_argument("--channels-last", nargs="?", const="on", default="on", help="on | off | on,off")
-    ap.add_argument("--compile", nargs="?", const="on", default="off",
-                    help="on | off | on,off: torch.compile the student and the online teacher (run.compile)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--topk", type=int, default=0, help="step mode: the cache stores the top-k logits")
-    ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
-    ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")
-    ap.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
-    ap.add_argument("--profile", metavar="DIR", help="e2e: 10 more steps of each configuration under torch.profiler, "
-                                                      "top operators into DIR/prof_<pipeline>_<source>_<amp>.txt")
-    ap.add_argument("--count-calls", default="all", metavar="NAMES",
-                    help="loader: the pipelines whose Python calls per batch are counted, a comma list or 'all' "
-                         "(a second, short pass per pipeline, in a fresh process)")
-    ap.add_argument("--no-count-calls", dest="count_calls", action="store_const", const="",
-                    help="loader: count no pipeline's calls")
-    ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.route=device")
-    args = ap.parse_intermixed_args(argv)
-    if args.mode != "loader":
-        return run_training_bench(args, ap)
+def run_loader_bench(args):
+    """`python -m bench loader`: every pipeline of --pipelines, alternating over --repeat rounds."""
     names = [n.strip() for n in args.pipelines.split(",")]
     counted = names if args.count_calls == "all" else [n.strip() for n in args.count_calls.split(",") if n.strip()]
     if set(counted) - set(names):
@@ -227,7 +150,6 @@ def main(argv=None):
             try:
                 runs[name].append(run(over, args))
             except Exception as e:  # noqa: BLE001 - recorded; the other pipelines are still measured
-                import traceback
                 traceback.print_exc()
                 runs[name].append({"pipeline": name, "samples_per_s": 0.0, "error": f"{type(e).__name__}: {e}"[:300]})
             records = _loader_records(names, runs)
@@ -266,6 +188,3 @@ def _loader_records(names, runs):
         records.append(rec)
     return records
 
-
-if __name__ == "__main__":
-    sys.exit(run_main(main))

@@ -2,7 +2,7 @@
 
 The data path's host cost on a GPU machine is Python work in the training process (it competes with
 the step's kernel launches for the interpreter lock), and it is predicted by how that work grows with
-the batch size: `bench.py loader` reports calls per batch, and the tests assert that the device
+the batch size: `python -m bench loader` reports calls per batch, and the tests assert that the device
 route's count does not grow with the batch. The hook covers the installing thread and every thread
 started afterwards (Python 3.12+: all threads), so `calls_per_batch` counts in a fresh interpreter.
 """

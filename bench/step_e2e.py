@@ -1,4 +1,4 @@
-"""Step and end-to-end measurements behind `bench.py step` / `bench.py e2e` (bench_report.py runs and reports them).
+"""Step and end-to-end measurements behind `python -m bench step|e2e` (bench/sweep.py runs and reports them).
 
 Step mode times the training step alone on synthetic device-resident batches (forward, backward,
 optimizer; the teacher online or read from a real on-disk cache); end-to-end mode runs the real
@@ -9,7 +9,6 @@ student forwards; end-to-end also the `torch` PIL backend), so every figure is a
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 from contextlib import contextmanager
@@ -26,17 +25,6 @@ from training.models import create_model
 from training.teacher_cache import EpochWriter, epoch_bytes, file_sha256, fingerprint, write_meta
 
 REFERENCE = {"teacher_source": "online", "amp": "off", "channels_last": False, "compile": False, "pipeline": "torch"}
-
-
-def machine() -> str:
-    """The CPU a record was measured on (core count and model name)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores, {cpu}"
 
 
 class _Timer:

@@ -1,9 +1,9 @@
 """The device kit: what a bare GPU machine (PyTorch + CUDA 13, Python 3.12, no network) lacks to run
-`scripts/gpu_run.sh`, packed to travel in pieces of at most ~60 MiB (a GPU call carries 64 MiB in all).
+`bench/gpu_run.sh`, packed to travel in pieces of at most ~60 MiB (a GPU call carries 64 MiB in all).
 
-    python scripts/gpu_kit.py build .gpu_kit       # here: downloads the cp312 wheels from PyPI, packs them
-    python scripts/gpu_kit.py check .gpu_kit       # here: every piece within the travel limit (also after build)
-    python scripts/gpu_kit.py unpack .gpu_kit /tmp/kit [--parts DIR]   # there: verify, join, unpack
+    python -m bench.gpu_kit build .gpu_kit       # here: downloads the cp312 wheels from PyPI, packs them
+    python -m bench.gpu_kit check .gpu_kit       # here: every piece within the travel limit (also after build)
+    python -m bench.gpu_kit unpack .gpu_kit /tmp/kit [--parts DIR]   # there: verify, join, unpack
 
 Layout of the kit folder (git-ignored):
   base/      the small pure-Python wheels (omegaconf, antlr4), the parts' SHA256SUMS and MANIFEST.{json,md}
@@ -46,7 +46,7 @@ DALI = ["nvidia-dali-cuda130==2.4.0", "nvidia-nvimgcodec-cu13==0.9.0.20", "nvidi
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 PART_PREFIX = "dali-site.tar.xz."
 SITECUSTOMIZE = '''\
-# Written by scripts/gpu_kit.py: DALI unpacked into this folder lives in an `nvidia` package, and the GPU
+# Written by bench/gpu_kit.py: DALI unpacked into this folder lives in an `nvidia` package, and the GPU
 # image's CUDA wheels install one too (a regular package, so the two do not merge by themselves). Joined
 # here, at start-up, so that every interpreter (subprocesses, spawned workers) imports nvidia.dali.
 import os as _os
@@ -181,7 +181,7 @@ def check(kit: str, limit_mib: float = CALL_LIMIT_MIB, tree: int = None) -> dict
     base, parts = os.path.join(kit, "base"), os.path.join(kit, "parts")
     sums = os.path.join(base, "SHA256SUMS")
     if not os.path.isfile(sums):
-        raise KitError(f"{sums}: missing (run `python scripts/gpu_kit.py build {kit}` first)")
+        raise KitError(f"{sums}: missing (run `python -m bench.gpu_kit build {kit}` first)")
     tree = tree_bytes() if tree is None else tree
     base_bytes = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base))
     listed = _read_sums(sums)

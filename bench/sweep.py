@@ -1,17 +1,16 @@
-"""`bench.py step|e2e`: run the configurations, gather them across ranks, print and save the report."""
+"""`python -m bench step|e2e`: run the configurations, gather them across ranks, print and save the report."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+import traceback
 
 import torch
 
 import cache_teacher
-from bench_training import (REFERENCE, bench_step_one, data_overrides, e2e_one, machine, matmul_peak_tflops,
-                            run_overrides)
+from bench.records import machine, save_json
+from bench.step_e2e import REFERENCE, bench_step_one, data_overrides, e2e_one, matmul_peak_tflops, run_overrides
 from pipelines import available_pipelines
-from pipelines.disk_cache import save_atomic
 from training.models import available_models
 from training.runtime import dist_from_env, init_distributed
 
@@ -73,7 +72,7 @@ def run_training_bench(args, ap):
             args.data = "data/demo"
         if args.dataset == "demo" and not os.path.exists(os.path.join(args.data, "meta.json")):
             if d.is_main:
-                # imported here: make_demo pulls in scikit-learn (~3 s), which no other bench.py run needs
+                # imported here: make_demo pulls in scikit-learn (~3 s), which no other benchmark needs
                 from datasets_prep.make_demo import make_demo
                 make_demo(args.data)
             if d.world > 1:
@@ -97,7 +96,6 @@ def run_training_bench(args, ap):
             except Exception as e:  # noqa: BLE001 - one process: recorded, the next configuration still runs
                 if d.world > 1:
                     raise  # the other ranks would wait in the next collective
-                import traceback
                 traceback.print_exc()
                 failed.append(dict(c, error=f"{type(e).__name__}: {e}"[:300]))
                 continue
@@ -133,10 +131,6 @@ def _one(args, c, d, folder):
     if build:
         rec["cache_build"] = build
     return rec
-
-
-def save_json(path, doc):
-    save_atomic(os.path.abspath(path), lambda f: f.write(json.dumps(doc, indent=1).encode()))
 
 
 def _report(args, gathered):

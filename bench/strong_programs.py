@@ -1,7 +1,7 @@
 """The accelerator route's two strong-view programs side by side (`pipeline.strong_program`).
 
-    .venv/bin/python scripts/strong_programs.py [--device cuda] [--batch-size 256] [--size 224]
-                                                [--batches 20] [--repeat 3] [--compile] [--json OUT]
+    .venv/bin/python -m bench.strong_programs [--device cuda] [--batch-size 256] [--size 224]
+                                              [--batches 20] [--repeat 3] [--compile] [--json OUT]
 
 For the same uint8 crops and draws, per batch: the ATen calls the program dispatches (each one a kernel
 launch on a GPU; counted once, after the warm-up batch; none for a compiled program, whose launches are

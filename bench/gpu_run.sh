@@ -4,23 +4,23 @@
 # decisive first:
 #   preflight    GPU, versions, every import in a fresh interpreter (DALI when present), bf16 matmul rate
 #   correctness  CUDA against CPU: the `gpu` route's batches, the prefetcher, one training epoch per backend
-#                present, the graph strong program compiled and captured vs the segmented one (scripts/gpu_check.py)
+#                present, the graph strong program compiled and captured vs the segmented one (bench/gpu_check.py)
 #   cifar        resnet32x4 -> resnet8x4 at 32: step mode, then end to end through `gpu` (online and cache)
 #   r34          ResNet34 -> ResNet18 at 224: step mode (online and cache), end to end through `torch`
 #   dali         (DALI present) the `dali` loader alone vs `torch`, then `dali` end to end (online and cache)
 #   strong       both strong-view programs on the same crops (pipeline.strong_program)
-# e2e/step ratios per configuration land in the summary (scripts/gpu_summary.py).
-#   bash scripts/gpu_run.sh OUT_DIR                          # all stages
-#   STAGES="dali strong" bash scripts/gpu_run.sh OUT_DIR     # a subset
-#   KIT=.gpu_kit bash scripts/gpu_run.sh OUT_DIR             # first install the device kit's wheels and gather
-#                                                            # its DALI parts (scripts/gpu_kit.py, README)
-#   bash scripts/gpu_run.sh OUT_DIR --cpu-dry-run            # every stage's code path on a CPU, tiny sizes
+# e2e/step ratios per configuration land in the summary (bench/gpu_summary.py).
+#   bash bench/gpu_run.sh OUT_DIR                          # all stages
+#   STAGES="dali strong" bash bench/gpu_run.sh OUT_DIR     # a subset
+#   KIT=.gpu_kit bash bench/gpu_run.sh OUT_DIR             # first install the device kit's wheels and gather
+#                                                          # its DALI parts (bench/gpu_kit.py, README)
+#   bash bench/gpu_run.sh OUT_DIR --cpu-dry-run            # every stage's code path on a CPU, tiny sizes
 # Sizes: BATCH (256), STEPS (20 timed), WARMUP (5), N_JPEG (8000: the timed e2e steps cross no epoch boundary),
 # CIFAR_N (50000); BUDGET (seconds, default 540) stops starting stages that cannot finish in time.
 # Exit 0: every stage ran and passed; 1: a stage failed or timed out (see the summary); 2: usage.
 set -uo pipefail
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: bash scripts/gpu_run.sh OUT_DIR [--cpu-dry-run]" >&2
+  echo "usage: bash bench/gpu_run.sh OUT_DIR [--cpu-dry-run]" >&2
   exit 2
 fi
 OUT=$1
@@ -56,7 +56,7 @@ STATUS="$OUT/stages.tsv"
 [ -f "$STATUS" ] || printf 'stage\tstatus\tseconds\n' > "$STATUS"
 
 if [ -n "${KIT:-}" ]; then  # the device kit: base wheels always, DALI once all its parts have travelled
-  if kit_env=$("$PYTHON" scripts/gpu_kit.py unpack "$KIT" "$WORK/kit" --env 2> "$OUT/kit.log"); then
+  if kit_env=$("$PYTHON" -m bench.gpu_kit unpack "$KIT" "$WORK/kit" --env 2> "$OUT/kit.log"); then
     eval "$kit_env"
     echo "$kit_env" | tail -1 | tee -a "$OUT/kit.log"
   else
@@ -86,7 +86,7 @@ stage() {
   tail -n 4 "$OUT/$name.log" | cut -c1-240 | sed 's/^/   | /'
 }
 want() { [[ $STAGES == *" $1 "* ]]; }
-BENCH=("$PYTHON" bench.py)
+BENCH=("$PYTHON" -m bench)
 # every stage's model pair at the run's sizes; the step and e2e runs of a pair share them, so ratios compare
 CIFAR_PAIR=(--teacher "$CIFAR_T" --student "$CIFAR_S" --image-size 32 --batch-size "$BATCH" --steps "$STEPS"
             --warmup "$WARMUP" --amp "$AMP" --teacher-source online,cache --device "$DEVICE")
@@ -97,8 +97,8 @@ JPEG=$WORK/jpeg_$N_JPEG
 CIFAR=$WORK/cifar_$CIFAR_N
 E2E_JPEG=(--data "$JPEG" --dataset imagefolder --workers "$CORES" data.train_crop=rrc "data.val_resize=$IMAGE")
 
-want preflight && stage preflight 120 "$PYTHON" scripts/gpu_check.py "$OUT/preflight" --only env $CHECK_ARGS
-want correctness && stage correctness 240 "$PYTHON" scripts/gpu_check.py "$OUT/correctness" --only correctness \
+want preflight && stage preflight 120 "$PYTHON" -m bench.gpu_check "$OUT/preflight" --only env $CHECK_ARGS
+want correctness && stage correctness 240 "$PYTHON" -m bench.gpu_check "$OUT/correctness" --only correctness \
   --work "$WORK/checks" $CHECK_ARGS
 if want cifar; then
   stage cifar_data 60 "$PYTHON" datasets_prep/make_cifar_like.py --out "$CIFAR" --train "$CIFAR_N" --test 1000
@@ -124,10 +124,10 @@ if want dali; then
     printf 'dali\tskipped: nvidia.dali does not import (KIT parts missing?)\t0\n' >> "$STATUS"
   fi
 fi
-want strong && stage strong 120 "$PYTHON" scripts/strong_programs.py --device "$DEVICE" --batch-size "$BATCH" \
+want strong && stage strong 120 "$PYTHON" -m bench.strong_programs --device "$DEVICE" --batch-size "$BATCH" \
   --size "$STRONG_SIZE" --batches "$STEPS" --json "$OUT/strong_programs.json"
 
-"$PYTHON" scripts/gpu_summary.py "$OUT" > "$OUT/summary.md" 2> "$OUT/summary.log" || cat "$OUT/summary.log" >&2
+"$PYTHON" -m bench.gpu_summary "$OUT" > "$OUT/summary.md" 2> "$OUT/summary.log" || cat "$OUT/summary.log" >&2
 cat "$OUT/summary.md"
 if awk -F'\t' 'NR > 1 && $2 != "ok" && $2 !~ /^skipped/ {bad = 1} END {exit !bad}' "$STATUS"; then
   exit 1

@@ -1,7 +1,7 @@
-"""The summary of a `scripts/gpu_run.sh` output folder, as Markdown on stdout: stages (status, seconds),
+"""The summary of a `bench/gpu_run.sh` output folder, as Markdown on stdout: stages (status, seconds),
 correctness checks, step and end-to-end rates with e2e / step per configuration, loader and strong-program rates.
 
-    python scripts/gpu_summary.py OUT_DIR > OUT_DIR/summary.md
+    python -m bench.gpu_summary OUT_DIR > OUT_DIR/summary.md
 
 Reads whatever the stages left (a stage that failed or never ran is simply missing from its table).
 """

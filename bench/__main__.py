@@ -1,0 +1,85 @@
+"""Benchmarks: loader, training step and end to end, each against a reference measured in the same run.
+
+    python -m bench step --teacher resnet32x4 --student resnet8x4 --image-size 32 \
+        --teacher-source online,cache [--amp off,bf16] [--channels-last on,off] [--json OUT]
+    python -m bench step --teacher imagenet_resnet34 --student imagenet_resnet18 --num-classes 1000 \
+        --image-size 224 --batch-size 256 --teacher-source online,cache --amp bf16 --topk 0 [--compile on,off]
+    python -m bench e2e --pipelines torch,dali --teacher-source online,cache     # demo data at 32x32
+    torchrun --nproc_per_node=8 -m bench step ...                               # per rank + aggregate
+
+    python -m bench loader --pipelines torch,dali --data data/jpeg_bench --image-size 224 \
+        --batch-size 64 --batches 20 [--json OUT]
+    python -m bench loader --pipelines torch,dali --make-data 512   # writes ImageNet-like JPEGs first
+    python -m bench loader --pipelines ffcv,ffcv_two_decode ...     # decode once vs FFCV's two decoders
+    python -m bench loader --pipelines dali,ffcv ... pipeline.route=device   # the accelerator route
+
+Loader mode: two-view samples/s of each data backend on the same data and machine.
+Each backend runs the training loader (both views, strong augmentation included, output on the
+training device, normalised) for `--warmup` batches, then is timed over `--batches` batches; a second,
+short pass counts the Python function calls the training process (all its threads) makes per batch
+(`--count-calls NAMES` picks the pipelines counted; `pipeline.route=device` forces the accelerator route
+on a CPU). One JSON record per pipeline:
+pipeline, samples_per_s, python_calls_per_batch, route, batches, batch_size, image_size, device, ...
+
+Step mode: synthetic device-resident batches through the training step (teacher forward or a real
+on-disk cache read, two student forwards, CRLD loss, backward, optimizer), per-phase times (CUDA
+events on a GPU, wall clock on a CPU), FLOPs per sample, achieved TFLOP/s and, on a GPU, MFU over
+the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache built first for
+`cache`), with the data-wait fraction. Both add the reference configuration of the paper's code
+(fp32, contiguous, online teacher; e2e: `torch` backend) and report ratios to it.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from bench.loader import run_loader_bench
+from bench.sweep import run_training_bench
+from training.cli import run_main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description="benchmarks", epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["loader", "step", "e2e"])
+    ap.add_argument("--pipelines", default="torch,dali")
+    ap.add_argument("--data", default="data/jpeg_bench")
+    ap.add_argument("--make-data", type=int, default=0, help="first write this many ImageNet-like JPEGs to --data")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the pipelines this many times; report medians")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json")
+    ap.add_argument("--teacher", default="resnet32x4")
+    ap.add_argument("--student", default="resnet8x4")
+    ap.add_argument("--num-classes", type=int, default=0, help="default: 100 (step), the data's (e2e)")
+    ap.add_argument("--teacher-source", default="online,cache")
+    ap.add_argument("--amp", default="", help="comma list of off|bf16|fp16 (default: bf16 on CUDA, off on CPU)")
+    ap.add_argument("--channels-last", nargs="?", const="on", default="on", help="on | off | on,off")
+    ap.add_argument("--compile", nargs="?", const="on", default="off",
+                    help="on | off | on,off: torch.compile the student and the online teacher (run.compile)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--topk", type=int, default=0, help="step mode: the cache stores the top-k logits")
+    ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
+    ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
+    ap.add_argument("--profile", metavar="DIR", help="e2e: 10 more steps of each configuration under torch.profiler, "
+                                                      "top operators into DIR/prof_<pipeline>_<source>_<amp>.txt")
+    ap.add_argument("--count-calls", default="all", metavar="NAMES",
+                    help="loader: the pipelines whose Python calls per batch are counted, a comma list or 'all' "
+                         "(a second, short pass per pipeline, in a fresh process)")
+    ap.add_argument("--no-count-calls", dest="count_calls", action="store_const", const="",
+                    help="loader: count no pipeline's calls")
+    ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.route=device")
+    args = ap.parse_intermixed_args(argv)
+    if args.mode == "loader":
+        return run_loader_bench(args)
+    return run_training_bench(args, ap)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
