@@ -138,6 +138,16 @@ def test_a_rank_dying_mid_epoch_stops_the_run(demo_root, teacher_ckpt, tmp_path)
     assert not os.path.exists(tmp_path / "r" / "last.pt")
 
 
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(demo_root, teacher_ckpt, tmp_path):
+    """Rank 1's loss turns NaN at the step before a check while rank 0's stays finite: both stop there,
+    with the reason, rather than rank 0 waiting in the next step's all-reduce."""
+    r = run(2, demo_root, teacher_ckpt, tmp_path, "optim.epochs=1", "run.dist_timeout_s=60",
+            env={"CRLD_TEST_RANK1_NAN_AT_STEP": "1"}, timeout=300)
+    assert r.returncode != 0
+    msg = "non-finite loss in steps 0-1 (epoch 1) in component(s): loss, kd_cv"
+    assert (r.stdout + r.stderr).count(msg) == 2, (r.stdout + r.stderr)[-3000:]
+
+
 def test_bench_step_under_torchrun_reports_ranks_and_aggregate(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -60,8 +60,11 @@ def test_crld_matches_float64_reference(T, ce_w, wv_w, cv_w, tau_w, tau_s, scale
     sw, ss, tw, ts, y = rand_logits(scale=scale, seed=int(T * 10))
     out = crld_loss(*(torch.tensor(a, dtype=torch.float32) for a in (sw, ss, tw, ts)), torch.tensor(y),
                     temperature=T, ce_weight=ce_w, wv_weight=wv_w, cv_weight=cv_w, tau_w=tau_w, tau_s=tau_s)
-    assert set(out) == {"loss", "ce", "kd_wv", "kd_cv"}
+    assert set(out) == {"loss", "ce", "kd_wv", "kd_cv", "mask_w_rate", "mask_s_rate"}
     ref = crld_ref(sw, ss, tw, ts, y, T, ce_w, wv_w, cv_w, tau_w, tau_s)
+    # the pass rates the trainer logs are those of the gates the loss applied
+    for key, t, tau in (("mask_w_rate", tw, tau_w), ("mask_s_rate", ts, tau_s)):
+        assert out[key].item() == pytest.approx((softmax(t).max(1) >= tau).mean(), abs=1e-6)
     for key, r in zip(("loss", "ce", "kd_wv", "kd_cv"), ref):
         assert out[key].dtype == torch.float32
         np.testing.assert_allclose(out[key].item(), r, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ noise (BN would see per-rank batches), and with the deaths a real run meets, dri
   CRLD_TEST_KILL_AFTER_EPOCH=N      the process writing last.pt is killed (SIGKILL, as `kill -9`) right after
                                     epoch N's checkpoint: the kill-and-resume tests
   CRLD_TEST_RANK1_DIES_AT_STEP=S    rank 1 exits at step S (an OOM kill, a node failure)
+  CRLD_TEST_RANK1_NAN_AT_STEP=S     rank 1's loss is NaN at step S (the other ranks' stays finite)
   CRLD_TEST_RANK1_OVERRIDE=KEY=V    rank 1 resolves another config (a node whose files differ)
 """
 import os
@@ -49,6 +50,17 @@ if __name__ == "__main__":
                 os._exit(1)
             return step(self, *a, **k)
         Trainer.train_step = dying_step
+    nan_at = int(os.environ.get("CRLD_TEST_RANK1_NAN_AT_STEP", "-1"))
+    if nan_at >= 0 and os.environ.get("RANK") == "1":
+        forward = Trainer.forward_losses
+
+        def nan_forward(self, *a, **k):
+            losses, s_w = forward(self, *a, **k)
+            if self.step == nan_at:
+                losses["kd_cv"] = losses["kd_cv"] * float("nan")
+                losses["loss"] = losses["loss"] + losses["kd_cv"]
+            return losses, s_w
+        Trainer.forward_losses = nan_forward
     if os.environ.get("RANK") == "1" and os.environ.get("CRLD_TEST_RANK1_OVERRIDE"):
         argv.append(os.environ["CRLD_TEST_RANK1_OVERRIDE"])  # a node whose config differs
     sys.exit(run_main(lambda: train.main(argv)))

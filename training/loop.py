@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipelines.errors import RuntimeConfigError, UserError
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
 from training.hub_weights import weights_path
-from training.losses import crld_masks, method_loss
+from training.losses import method_loss
 from training.models import create_model
 from training.progress import progress
 from training.runtime import autocast_for, rng_state, set_rng_state
@@ -176,14 +176,14 @@ class Trainer:
         t = t.float().clone()  # the clone leaves inference mode, so the loss may save it for backward
         return t.chunk(2) if two_views else (t, None)
 
-    def _forward_losses(self, batch, cached=None):
+    def forward_losses(self, batch, teacher=None):
+        """(loss components and CRLD gate pass rates as device tensors, the student's weak-view logits).
+        `teacher` is the batch's cached (weak, strong) logits; without it the online teacher runs, if any."""
         w, s, y = batch.weak, batch.strong, batch.target
         two_views = self.method.name == "crld"
-        t_w = t_s = None
-        if cached is not None:
-            t_w, t_s = cached if two_views else (cached[0], None)
-        elif self.teacher is not None:
-            t_w, t_s = self.teacher_logits(batch, two_views)
+        if teacher is None and self.teacher is not None:
+            teacher = self.teacher_logits(batch, two_views)
+        t_w, t_s = teacher if teacher is not None else (None, None)
         with self.autocast():
             if not two_views:
                 s_w, s_s = self.student_fwd(w), None
@@ -191,19 +191,15 @@ class Trainer:
                 s_w, s_s = self.student_fwd(torch.cat([w, s])).chunk(2)
             else:
                 s_w, s_s = self.student_fwd(w), self.student_fwd(s)
-        losses = method_loss(self.method, s_w, s_s, t_w, t_s, y, epoch=self.epoch + 1)
-        if two_views:  # pass rates of the confidence gates, for the logs
-            m_w, m_s = crld_masks(t_w, t_s, self.method.tau_w, self.method.tau_s)
-            losses["mask_w_rate"], losses["mask_s_rate"] = m_w.float().mean(), m_s.float().mean()
-        return losses, s_w, t_w, t_s
+        return method_loss(self.method, s_w, s_s, t_w, t_s, y, epoch=self.epoch + 1), s_w
 
-    def train_step(self, batch, cached=None):
+    def train_step(self, batch, teacher=None):
         """One optimisation step at the current `self.step`: (loss components as device tensors, the
         student's weak-view logits, the LR used)."""
         lr = lr_at(self.step, self.steps_per_epoch, self.cfg.optim, self.base_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        losses, s_w, _, _ = self._forward_losses(batch, cached)
+        losses, s_w = self.forward_losses(batch, teacher)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         self.scaler.step(self.opt)
@@ -211,58 +207,38 @@ class Trainer:
         self.step += 1
         return losses, s_w, lr
 
-    def batches(self, view_epoch: int):
-        """(batch, cached teacher logits or None); cache rows for the next batch are read on a
-        background thread while this one trains."""
-        if self.cache is None:
-            yield from ((b, None) for b in self.train_loader)
-            return
-        pending = None
-        for b in self.train_loader:
-            nxt = (b, self.cache.submit(view_epoch, b.index if b.index_host is None else b.index_host))
-            if pending is not None:
-                yield pending[0], self.cache.result(pending[1])
-            pending = nxt
-        if pending is not None:
-            yield pending[0], self.cache.result(pending[1])
-
     def epoch_batches(self, epoch: int):
-        """(batch, cached logits) of training epoch `epoch`. With a cycled cache, epoch e replays augmentation
-        epoch e % E: the loader's views (and order) and the cache's rows both come from that epoch."""
+        """(batch, its cached teacher logits or None) of training epoch `epoch`. With a cycled cache, epoch e
+        replays augmentation epoch e % E: the loader's views (and order) and the cache's rows both come from it."""
         view_epoch = self.cache.view_epoch(epoch) if self.cache is not None else epoch
         self.train_loader.set_epoch(view_epoch)
-        return self.batches(view_epoch)
+        if self.cache is None:
+            return ((b, None) for b in self.train_loader)
+        return self.cache.alongside(self.train_loader, view_epoch)
 
     def train_epoch(self):
         self.model.train()
         names, sums, acc, n_seen = None, None, None, 0
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        bad_comps = None
+        unchecked = self.step  # the first step not yet checked for a non-finite loss
         bar = progress(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
                        disable=not (self.is_main and self.cfg.run.progress), leave=False, dynamic_ncols=True)
         t0, wait = time.perf_counter(), 0.0
         t_fetch = time.perf_counter()
-        for i, (batch, cached) in enumerate(self.epoch_batches(self.epoch)):
+        for i, (batch, teacher) in enumerate(self.epoch_batches(self.epoch)):
             wait += time.perf_counter() - t_fetch
-            losses, s_w, lr = self.train_step(batch, cached)
+            losses, s_w, lr = self.train_step(batch, teacher)
             with torch.no_grad():
                 comps = torch.stack([v.detach().float() for v in losses.values()])
                 if names is None:
-                    names = list(losses)
-                    sums = torch.zeros_like(comps)
+                    names, sums = list(losses), torch.zeros_like(comps)
                     acc = torch.zeros(2, dtype=torch.long, device=self.device)
-                    bad_comps = torch.zeros(len(names), dtype=torch.bool, device=self.device)
                 bs = batch.target.numel()
                 sums += comps * bs
                 acc += accuracy_counts(s_w.detach(), batch.target)
-                finite = torch.isfinite(comps)
-                newly = (first_bad < 0) & ~finite.all()
-                first_bad = torch.where(newly, torch.full_like(first_bad, self.step - 1), first_bad)
-                bad_comps = torch.where(newly, ~finite, bad_comps)
             n_seen += bs
-            last = i + 1 == self.steps_per_epoch
-            if (i + 1) % self.cfg.run.log_every == 0 or last:
-                self._check_finite(first_bad, bad_comps, names)
+            if (i + 1) % self.cfg.run.log_every == 0 or i + 1 == self.steps_per_epoch:
+                self._check_finite(sums, names, unchecked)
+                unchecked = self.step
                 avg = (sums / n_seen).tolist()
                 bar.set_postfix(loss=f"{avg[0]:.3f}", acc=f"{100.0 * acc[0].item() / n_seen:.1f}",
                                 sps=f"{n_seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
@@ -280,21 +256,20 @@ class Trainer:
                      samples_per_s=n_seen / elapsed, data_wait_frac=wait / elapsed, world=self.world)
         return stats
 
-    def _check_finite(self, first_bad, bad_comps, names):
-        if self.world > 1:  # all ranks stop together (at the earliest bad step of any rank)
-            none = torch.iinfo(torch.long).max
-            step = torch.where(first_bad < 0, torch.full_like(first_bad, none), first_bad).view(1)
-            torch.distributed.all_reduce(step, torch.distributed.ReduceOp.MIN)
-            comps = bad_comps.long()
-            torch.distributed.all_reduce(comps, torch.distributed.ReduceOp.MAX)
-            first_bad = torch.where(step[0] == none, torch.full_like(first_bad, -1), step[0])
-            bad_comps = comps.bool()
-        step = int(first_bad.item())
-        if step >= 0:
-            comps = [n for n, b in zip(names, bad_comps.tolist()) if b]
-            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {step // self.steps_per_epoch + 1}) "
-                                f"in component(s): {', '.join(comps)}; stopping "
-                                f"(try a lower optim.lr or run.amp=off)")
+    def _check_finite(self, sums, names, first: int):
+        """Stops the run if a loss component was NaN or infinite in steps `first`..`self.step - 1`: such a
+        value stays in the epoch's running sums, so reading them at the logging sync costs the step nothing.
+        All ranks stop together, at the same check."""
+        bad = (~torch.isfinite(sums)).int()
+        if self.world > 1:
+            torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        comps = [n for n, b in zip(names, bad.tolist()) if b]
+        if comps:
+            last = self.step - 1
+            where = f"at step {last}" if first == last else f"in steps {first}-{last}"
+            hint = "" if first == last else "; run.log_every=1 names the first bad step"
+            raise NonFiniteLoss(f"non-finite loss {where} (epoch {self.epoch + 1}) in component(s): "
+                                f"{', '.join(comps)}; stopping (try a lower optim.lr or run.amp=off{hint})")
 
     def validate(self, model: Optional[torch.nn.Module] = None) -> dict:
         return evaluate(model or self.student, self.val_loader, self.device, self.autocast, self.dist)

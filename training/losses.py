@@ -76,6 +76,7 @@ def crld_loss(student_weak, student_strong, teacher_weak, teacher_strong, target
     kd_cv = cv_weight * mean((kd(s_s, t_w) + kd(s_w, t_s)) * [max softmax(t_s) >= tau_s])
     The means divide by the batch size, not by the number of samples that pass the mask.
     `base='dkd'` swaps the pairwise term for DKD; `base_scale` carries DKD's warm-up factor.
+    Also returns the gates' pass rates (`mask_w_rate`, `mask_s_rate`), which the trainer logs.
     """
     s_w, t_w = _prep(student_weak, teacher_weak, False)
     s_s, t_s = _prep(student_strong, teacher_strong, False)
@@ -97,11 +98,12 @@ def crld_loss(student_weak, student_strong, teacher_weak, teacher_strong, target
         raise ValueError(f"unknown CRLD base loss '{base}' (kd | dkd)")
     kd_wv = wv_weight * base_scale * ((pair(ls_w, lt_w) + pair(ls_s, lt_s)) * mask_w).mean()
     kd_cv = cv_weight * base_scale * ((pair(ls_s, lt_w) + pair(ls_w, lt_s)) * mask_s).mean()
-    return {"loss": ce + kd_wv + kd_cv, "ce": ce, "kd_wv": kd_wv, "kd_cv": kd_cv}
+    return {"loss": ce + kd_wv + kd_cv, "ce": ce, "kd_wv": kd_wv, "kd_cv": kd_cv,
+            "mask_w_rate": mask_w.mean(), "mask_s_rate": mask_s.mean()}
 
 
 def crld_masks(teacher_weak, teacher_strong, tau_w: float, tau_s: float):
-    """The two confidence gates, as bool vectors (for logging pass rates)."""
+    """The two confidence gates, as bool vectors."""
     mask_w = F.softmax(teacher_weak.detach().float(), 1).amax(1) >= tau_w
     mask_s = F.softmax(teacher_strong.detach().float(), 1).amax(1) >= tau_s
     return mask_w, mask_s

@@ -339,6 +339,18 @@ class TeacherCache:
                                                                       rows["fill"], self.c)
         return t[:, 0], t[:, 1]
 
+    def alongside(self, batches, epoch: int):
+        """Each batch of `batches` (augmentation epoch `epoch`) with its (teacher_weak, teacher_strong) logits.
+        The next batch's rows are read on the cache's thread while the caller trains on this one."""
+        pending = None
+        for b in batches:
+            ahead = b, self.submit(epoch, b.index if b.index_host is None else b.index_host)
+            if pending is not None:
+                yield pending[0], self.result(pending[1])
+            pending = ahead
+        if pending is not None:
+            yield pending[0], self.result(pending[1])
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._epochs.clear()
