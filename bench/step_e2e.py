@@ -142,7 +142,7 @@ def flops_per_step(trainer, batch, cached):
     trainer.student_fwd, trainer.teacher_fwd = trainer.model, trainer.teacher
     try:
         with FlopCounterMode(display=False) as fc:
-            losses = trainer._forward_losses(batch, cached)[0]
+            losses = trainer.forward_losses(batch, cached)[0]
             losses["loss"].backward()
     finally:
         trainer.student_fwd, trainer.teacher_fwd = fwd
@@ -207,7 +207,7 @@ def phase_breakdown(trainer, batches, read_cache):
         with tm.span("teacher"):
             cached = read_cache(batch) if trainer.cache is not None else trainer.teacher_logits(batch)
         with tm.span("student_forward"):
-            losses, _, _, _ = trainer._forward_losses(batch, cached)
+            losses, _ = trainer.forward_losses(batch, cached)
         with tm.span("backward"):
             trainer.opt.zero_grad(set_to_none=True)
             trainer.scaler.scale(losses["loss"]).backward()
@@ -236,7 +236,7 @@ def bench_step_one(args, source, amp, channels_last, dist=None, compiled=False):
         loader = SyntheticLoader(steps, args.batch_size, args.image_size, args.num_classes, device, channels_last,
                                  dtype=input_dtype(cfg, device))
         trainer = Trainer(cfg, device, folder, loader, None, dist, train_source=src)
-        n, dt, wait = time_steps(trainer, trainer.batches(0), args.warmup, args.steps)
+        n, dt, wait = time_steps(trainer, trainer.epoch_batches(0), args.warmup, args.steps)
         few = [b for _, b in zip(range(3), loader)]
         read = (lambda b: trainer.cache.logits(0, b.index_host)) if trainer.cache is not None else None
         phases = phase_breakdown(trainer, few, read)
