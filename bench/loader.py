@@ -15,7 +15,7 @@ from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
 from pipelines import build_loaders
 from pipelines.beton_source import beton_paths, check_sidecar
-from pipelines.contract import Normalizer, on_device
+from pipelines.device import Normalizer, on_device
 from pipelines.errors import UserError
 from pipelines.host_views import finish_pairs
 from pipelines.sources import FolderSource

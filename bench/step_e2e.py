@@ -18,7 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines import build_loaders
-from pipelines.contract import Batch, input_dtype
+from pipelines.contract import Batch
+from pipelines.device import input_dtype
 from training.config import load_config
 from training.loop import Trainer
 from training.models import create_model
@@ -60,7 +61,7 @@ class SyntheticLoader:
     def __init__(self, steps, batch, size, num_classes, device, channels_last, distinct=4, dtype=torch.float32):
         g = torch.Generator().manual_seed(0)
         mf = torch.channels_last if channels_last else torch.contiguous_format
-        # dtype: what the real loaders deliver (pipelines.contract.input_dtype: the AMP dtype under run.amp)
+        # dtype: what the real loaders deliver (pipelines.device.input_dtype: the AMP dtype under run.amp)
         self.pool = [(torch.randn(batch, 3, size, size, generator=g).to(device, dtype, memory_format=mf),
                       torch.randn(batch, 3, size, size, generator=g).to(device, dtype, memory_format=mf),
                       torch.randint(0, num_classes, (batch,), generator=g).to(device)) for _ in range(distinct)]

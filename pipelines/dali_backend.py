@@ -1,7 +1,7 @@
 """`dali`: NVIDIA DALI backend. One DALI graph per step: read and decode each image once and cut both
 views from that decode; the strong view then gets the paper's RandAugment + Cutout.
 
-Routes (`pipelines.contract.on_device`, decided once when the loader is built):
+Routes (`pipelines.device.on_device`, decided once when the loader is built):
 - accelerator (`device`, the default on CUDA): DALI reads the files itself (`fn.io.file.read` from a
   table of paths), decodes (nvJPEG `mixed` on a GPU, libjpeg-turbo on a CPU) and cuts both views (crop /
   resized crop + flip) from per-sample boxes; the strong view goes through the batched tensor augmenter
@@ -30,7 +30,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
-from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
+from pipelines.contract import Batch, ValBatch
+from pipelines.device import Normalizer, on_device, to_device
 from pipelines.host_views import strong_views, views_from_decoded
 from pipelines.randaugment_static import strong_program
 from pipelines.sampler import EpochSampler

@@ -34,7 +34,8 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
 from pipelines.beton_source import beton_paths, check_sidecar
-from pipelines.contract import Batch, Normalizer, ValBatch, on_device, to_device
+from pipelines.contract import Batch, ValBatch
+from pipelines.device import Normalizer, on_device, to_device
 from pipelines.host_views import finish_pairs, views_from_decoded
 from pipelines.randaugment_static import strong_program
 from pipelines.sources import DataError

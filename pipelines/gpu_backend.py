@@ -27,7 +27,8 @@ import os
 import numpy as np
 import torch
 
-from pipelines.contract import Batch, Normalizer, ValBatch
+from pipelines.contract import Batch, ValBatch
+from pipelines.device import Normalizer
 from pipelines.disk_cache import save_atomic, user_cache_dir
 from pipelines.errors import UserError
 from pipelines.randaugment_static import strong_program

@@ -1,7 +1,7 @@
 """Views finished for backends that decode with a fast library (ffcv, dali): the strong view's
 augmentation, normalisation, and on the host route the crops too.
 
-The route (`pipelines.contract.on_device`) is decided once by the backend and passed in. Accelerator
+The route (`pipelines.device.on_device`) is decided once by the backend and passed in. Accelerator
 route: uint8 views go to the device in one copy, the strong view through the batched tensor augmenter
 and both through normalisation there; the Python work per batch does not grow with the batch. Host
 route (the fast one on a CPU): per sample on a small thread pool, the strong ops in PIL (pixel-identical
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.contract import to_device
+from pipelines.device import to_device
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
 from pipelines.view_params import STRONG, WEAK, Crop, StrongDraws, ViewBatch

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.contract import Batch, Normalizer, ValBatch
+from pipelines.contract import Batch, ValBatch
+from pipelines.device import Normalizer
 from pipelines.randaugment_pil import apply_strong
 from pipelines.sampler import EpochSampler
 from pipelines.view_params import STRONG, WEAK, Crop, draw_views

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipelines import build_loaders
-from pipelines.contract import Loader, Normalizer
+from pipelines.contract import Loader
+from pipelines.device import Normalizer
 
 META = torch.device("meta")
 

@@ -38,7 +38,7 @@ def epoch_batches(cfg, epoch=0, n=None):
 
 def test_views_equal_the_reference_backend(demo_root, demo_betons):
     ffcv_b, ffcv_val, _ = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"), epoch=2, n=2)
-    from pipelines.contract import Normalizer
+    from pipelines.device import Normalizer
     from pipelines.sources import demo_source
     from pipelines.torch_backend import TwoViewDataset
     cfg = cfg_for(demo_root, demo_betons, "torch")
@@ -59,7 +59,7 @@ def test_views_equal_the_reference_backend(demo_root, demo_betons):
 
 def test_views_drawn_ahead_for_the_next_epoch_are_that_epochs(demo_root, demo_betons):
     """Padded crops: each epoch's boxes are filled in the background during the previous epoch."""
-    from pipelines.contract import Normalizer
+    from pipelines.device import Normalizer
     from pipelines.sources import demo_source
     from pipelines.torch_backend import TwoViewDataset
     cfg = cfg_for(demo_root, demo_betons, "ffcv")

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipelines.contract import on_device
+from pipelines.device import on_device
 from pipelines.beton_source import beton_paths
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
 from pipelines.errors import UserError
