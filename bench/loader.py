@@ -17,7 +17,7 @@ from pipelines import build_loaders
 from pipelines.beton_source import beton_paths, check_sidecar
 from pipelines.device import Normalizer, on_device
 from pipelines.errors import UserError
-from pipelines.host_views import finish_pairs
+from pipelines.finish_views import finish_pairs
 from pipelines.sources import FolderSource
 from pipelines.view_params import strong_draws
 from training.config import load_config

@@ -32,7 +32,7 @@ from PIL import Image
 
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer, on_device, to_device
-from pipelines.host_views import strong_views, views_from_decoded
+from pipelines.finish_views import strong_views, views_from_decoded
 from pipelines.randaugment_static import strong_program
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError, first_readable, image_sizes, read_bytes
@@ -304,7 +304,7 @@ class _DaliTrainLoader(_DaliLoader):
         self.cfg, self.views = cfg, views
         self.strong_program = strong_program(cfg.pipeline.strong_program)
         # the route, fixed when the loader is built: views cut by DALI, or on the host
-        self._views = self._device_views if feeder.device_route else self._host_views
+        self._views = self._device_views if feeder.device_route else self._views_on_host
 
     def _epoch_outputs(self):
         """`steps` batches of this epoch. When the previous iteration ran to its end, DALI is already on
@@ -327,8 +327,8 @@ class _DaliTrainLoader(_DaliLoader):
         return weak, self.normalize(strong_views(_to_torch(outs["strong"], dev), strong, dev, True,
                                                  self.strong_program))
 
-    def _host_views(self, outs, strong):
-        """Views cut from the decoded images on the host (`pipelines.host_views`)."""
+    def _views_on_host(self, outs, strong):
+        """Views cut from the decoded images on the host (`pipelines.finish_views`)."""
         vb = ViewBatch(np.array(outs["boxes"].as_array()), strong)
         return views_from_decoded([np.asarray(im) for im in outs["image"]], vb, self.cfg.data.image_size,
                                   self.views, self.normalize, self.cfg.pipeline.host_threads)

@@ -8,7 +8,7 @@ decoder (`TwoViewDecoder`) also cuts both views there (crop + flip), from boxes 
 inside FFCV but come from `pipelines.view_params` (a pure function of seed, epoch, index, view),
 computed per epoch in Python (the next epoch's in the background) and read through a shared table.
 Resized crops (ImageNet-style): `DecodeOnceDecoder` hands the decoded image over and the host cuts both
-views with torch's antialiased resize (`pipelines.host_views`). Either way the views are replayable and
+views with torch's antialiased resize (`pipelines.finish_views`). Either way the views are replayable and
 equal to the other backends' boxes. The strong view then gets RandAugment + Cutout (PIL on a CPU, the
 batched tensor augmenter on a GPU) and both are normalised on the device.
 """
@@ -36,7 +36,7 @@ from numba.extending import intrinsic
 from pipelines.beton_source import beton_paths, check_sidecar
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer, on_device, to_device
-from pipelines.host_views import finish_pairs, views_from_decoded
+from pipelines.finish_views import finish_pairs, views_from_decoded
 from pipelines.randaugment_static import strong_program
 from pipelines.sources import DataError
 from pipelines.view_params import ViewBatch, draw_views, run_strong_draws
@@ -258,13 +258,13 @@ class _FfcvTrainLoader(_FfcvLoader):
         self.table, self.cfg, self.views, self.device_route = table, cfg, views, device_route
         self.strong_program = strong_program(cfg.pipeline.strong_program)
         # where the views are cut, fixed when the loader is built
-        self._views = self._compiled_views if table.crops_in_pipeline else self._host_views
+        self._views = self._compiled_views if table.crops_in_pipeline else self._views_on_host
 
     def _compiled_views(self, x, idx_cpu, strong):
         """Both views cut in FFCV's compiled decoder: (N, 2, S, S, 3) uint8."""
         return finish_pairs(x, strong, self.normalize, self.views, self.device_route, self.strong_program)
 
-    def _host_views(self, x, idx_cpu, strong):
+    def _views_on_host(self, x, idx_cpu, strong):
         """Host route: the decoded images, cut per sample on the host pool."""
         idx = idx_cpu.numpy()
         images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(self.table.hw[idx].tolist())]

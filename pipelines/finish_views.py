@@ -1,5 +1,5 @@
-"""Views finished for backends that decode with a fast library (ffcv, dali): the strong view's
-augmentation, normalisation, and on the host route the crops too.
+"""Views finished from decoded crops or images, for backends that decode with a fast library (ffcv, dali):
+the strong view's augmentation, normalisation, and on the host route the crops too.
 
 The route (`pipelines.device.on_device`) is decided once by the backend and passed in. Accelerator
 route: uint8 views go to the device in one copy, the strong view through the batched tensor augmenter
