@@ -28,7 +28,7 @@ import torch
 
 from bench.step_e2e import matmul_peak_tflops  # the rate `python -m bench` divides by for MFU
 from pipelines.augment_spec import STRONG_OPS
-from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
 from pipelines.view_params import strong_draws
 from training.losses import crld_loss
 from training.models import create_model
@@ -43,7 +43,7 @@ OPTIONAL = {"dali": "nvidia.dali", "ffcv": "ffcv", "apex": "apex"}
 # The project's entry points and the modules of the accelerator route, imported in a fresh interpreter: what a
 # bare GPU machine lacks (omegaconf, say) shows here first, with its own error.
 PROJECT = {"project": "train,eval,bench.__main__,cache_teacher,demo,training.loop,pipelines.gpu_backend,"
-                      "pipelines.randaugment_static,pipelines.prefetch",
+                      "pipelines.randaugment_graph,pipelines.prefetch",
            "project_dali": "pipelines.dali_backend", "project_ffcv": "pipelines.ffcv_backend"}
 
 
@@ -153,8 +153,8 @@ def check_augment(device, small):
 def check_graph_program(device, small):
     """`pipeline.strong_program=graph` on `device` (compiled, captured in a CUDA graph, then replayed with new
     inputs and draws) against the segmented augmenter on the CPU. Tolerance: the augmenter's against PIL
-    (tests/test_augment_tensor.py), at most 0.2% of pixels differing; the first batch is the capture's."""
-    from pipelines.randaugment_static import StrongGraph
+    (tests/test_augment_segmented.py), at most 0.2% of pixels differing; the first batch is the capture's."""
+    from pipelines.randaugment_graph import StrongGraph
     n, hw = (16, 24) if small else (256, 64)
     gen, program, rows = torch.Generator().manual_seed(1), StrongGraph(), []
     t0 = time.perf_counter()

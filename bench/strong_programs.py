@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipelines.randaugment_static import PROGRAMS, StrongGraph, strong_program
-from pipelines.randaugment_tensor import StrongBatch
+from pipelines.randaugment_graph import PROGRAMS, StrongGraph, strong_program
+from pipelines.randaugment_segmented import StrongBatch
 from pipelines.view_params import strong_draws
 
 

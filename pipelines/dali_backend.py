@@ -5,7 +5,7 @@ Routes (`pipelines.device.on_device`, decided once when the loader is built):
 - accelerator (`device`, the default on CUDA): DALI reads the files itself (`fn.io.file.read` from a
   table of paths), decodes (nvJPEG `mixed` on a GPU, libjpeg-turbo on a CPU) and cuts both views (crop /
   resized crop + flip) from per-sample boxes; the strong view goes through the batched tensor augmenter
-  (`pipelines.randaugment_tensor`) on the device, then normalisation. The training process's Python work
+  (`pipelines.randaugment_segmented`) on the device, then normalisation. The training process's Python work
   per batch is a fixed number of numpy calls, whatever the batch size.
 - host (`host`, the default on a CPU): DALI decodes only the region the two views need, and the host
   cuts them with torch's resize and PIL's ops on a thread pool (faster than DALI's CPU resize and the
@@ -33,7 +33,7 @@ from PIL import Image
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer, on_device, to_device
 from pipelines.finish_views import strong_views, views_from_decoded
-from pipelines.randaugment_static import strong_program
+from pipelines.randaugment_graph import strong_program
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError, first_readable, image_sizes, read_bytes
 from pipelines.view_params import ViewBatch, draw_views, run_strong_draws

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipelines.device import to_device
 from pipelines.randaugment_pil import apply_strong
-from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
 from pipelines.view_params import STRONG, WEAK, Crop, StrongDraws, ViewBatch
 
 _POOLS = {}
@@ -50,7 +50,7 @@ def strong_views(x: torch.Tensor, strong: Optional[StrongDraws], device: torch.d
                  program=apply_strong_batch) -> torch.Tensor:
     """uint8 (N, H, W, 3) strong-view crops (host or device) -> augmented uint8 (N, H, W, 3) on `device`;
     `strong` None: crop and flip only. `program`: the accelerator route's augmenter
-    (`pipelines.randaugment_static.strong_program`)."""
+    (`pipelines.randaugment_graph.strong_program`)."""
     if strong is None:
         return to_device(x, device)
     if on_device:

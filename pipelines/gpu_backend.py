@@ -4,7 +4,7 @@ For datasets of one image size that fit in device memory (CIFAR, Tiny-ImageNet, 
 split is uploaded once, already zero-padded by `data.crop_padding`; each epoch the rank's order and both
 views' crop boxes (`pipelines.view_params`, one vectorised draw for the whole rank-epoch) go to the
 device in one copy. A batch is then a bounded number of tensor calls whatever its size: one gather per
-view, the strong view through the batched tensor augmenter (`pipelines.randaugment_tensor`: a call per
+view, the strong view through the batched tensor augmenter (`pipelines.randaugment_segmented`: a call per
 distinct op drawn), the normaliser. No worker processes, no per-sample Python in the training process.
 
 This backend is the accelerator route whatever `pipeline.route` says: on a CPU it runs the same code
@@ -31,8 +31,8 @@ from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer
 from pipelines.disk_cache import save_atomic, user_cache_dir
 from pipelines.errors import UserError
-from pipelines.randaugment_static import strong_program
-from pipelines.randaugment_tensor import StrongBatch
+from pipelines.randaugment_graph import strong_program
+from pipelines.randaugment_segmented import StrongBatch
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError
 from pipelines.torch_backend import ValDataset

@@ -236,7 +236,7 @@ def test_the_accelerator_route_run_on_the_cpu_matches_the_host_route(demo_root, 
     for a, b in zip(on_host, on_dev):
         assert torch.equal(a.index, b.index) and torch.equal(a.target, b.target)
         assert b.weak.is_contiguous(memory_format=torch.channels_last)
-        if crop == "pad":  # on a CPU the tensor ops equal PIL exactly (test_augment_tensor)
+        if crop == "pad":  # on a CPU the tensor ops equal PIL exactly (test_augment_segmented)
             assert torch.equal(a.weak, b.weak) and torch.equal(a.strong, b.strong)
         else:  # the stated tolerance of FFCV's compiled resize (OpenCV INTER_AREA) against torch's (PIL's filter)
             assert (a.weak - b.weak).abs().mean() * std < 2.0 and (a.strong - b.strong).abs().mean() * std < 3.0

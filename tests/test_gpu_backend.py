@@ -14,7 +14,7 @@ from pipelines.sources import ArraySource, DataError
 from training.config import load_config
 
 CPU = torch.device("cpu")
-# The tensor augmenter's stated tolerance against PIL (tests/test_augment_tensor.py): a small fraction of
+# The tensor augmenter's stated tolerance against PIL (tests/test_augment_segmented.py): a small fraction of
 # pixels may differ by rounding on other devices.
 MAX_FRAC = 0.002
 

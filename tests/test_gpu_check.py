@@ -42,16 +42,16 @@ def test_augmenter_check_catches_a_mismatch(monkeypatch):
 
 def test_graph_program_check_catches_a_mismatch(monkeypatch):
     """The graph-program comparison can fail: one sample's pixels changed on the "device" side is caught."""
-    from pipelines import randaugment_static
+    from pipelines import randaugment_graph
 
-    real = randaugment_static.StrongGraph.__call__
+    real = randaugment_graph.StrongGraph.__call__
 
     def skewed(self, x, params, channels_last_input=False):
         y = real(self, x, params, channels_last_input).clone()
         y[0] = 255 - y[0]
         return y
 
-    monkeypatch.setattr(randaugment_static.StrongGraph, "__call__", skewed)
+    monkeypatch.setattr(randaugment_graph.StrongGraph, "__call__", skewed)
     import torch
     ok, details = gpu_check.check_graph_program(torch.device("cpu"), small=True)
     assert not ok and all(r["samples_differing"] == 1 for r in details["batches"]), details

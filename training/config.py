@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines import available_pipelines
 from pipelines.errors import UserError
 from pipelines.precision import AMP_SETTINGS
-from pipelines.randaugment_static import PROGRAMS as STRONG_PROGRAMS
+from pipelines.randaugment_graph import PROGRAMS as STRONG_PROGRAMS
 from training.models import available_models
 
 
@@ -78,7 +78,7 @@ class PipelineConfig:
     randaug_n: int = within(2, 0, 8)  # ops per strong view (the paper: 2)
     strong_aug: bool = True        # False: the strong view gets only crop + flip (ablation)
     # accelerator route's strong view: segmented (host-planned, per-op slices) or graph (a static-shape
-    # program, compiled and replayed as a CUDA graph on CUDA): the same pixels (pipelines/randaugment_static.py)
+    # program, compiled and replayed as a CUDA graph on CUDA): the same pixels (pipelines/randaugment_graph.py)
     strong_program: str = one_of("segmented", STRONG_PROGRAMS)
     drop_last: bool = True
     host_threads: int = within(0, 0)  # dali CPU mode, ffcv: threads cutting views on the host (0: one per core)

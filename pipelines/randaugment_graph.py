@@ -1,6 +1,6 @@
 """The strong view as a static-shape program, and that program captured in a CUDA graph.
 
-`apply_strong_batch` (pipelines.randaugment_tensor) plans each round on the host and runs every op on
+`apply_strong_batch` (pipelines.randaugment_segmented) plans each round on the host and runs every op on
 the samples that drew it: little device work, but a few hundred launches per batch whose number and
 shapes depend on the draw, so the host dispatches them one by one every batch. This module computes
 the same views with a program whose launches and shapes depend only on the batch's shape: each round
@@ -13,7 +13,7 @@ runs the three op families over the whole batch and keeps, per sample, the famil
 - affine ops (Rotate, Shear, Translate): the coefficient rows picked per sample, one affine sampling.
 
 Every op's arithmetic is the segmented augmenter's own function, so the two agree bit for bit when run
-eagerly (tests/test_augment_static.py). The price is device work: every family runs over every sample.
+eagerly (tests/test_augment_graph.py). The price is device work: every family runs over every sample.
 On CUDA `StrongGraph` compiles the program (fused kernels) and captures it in a CUDA graph once per
 batch shape, so a batch costs the host a copy of its parameters and one replay.
 `pipeline.strong_program` chooses; docs/benchmarks.md has what is measured of each.
@@ -27,10 +27,10 @@ from typing import Optional
 import torch
 
 from pipelines.augment_spec import CUTOUT_FILL
-from pipelines.randaugment_tensor import (AFFINE_COEFFS, OP_INDEX, StrongBatch, _affine, _blend, _gray,
-                                          _histogram, _lut, _to_device, apply_strong_batch, autocontrast_lut,
-                                          contrast_level, cutout, equalize_lut, fill_colour, host_flat,
-                                          posterize_lut, smoothed, solarize_lut)
+from pipelines.randaugment_segmented import (AFFINE_COEFFS, OP_INDEX, StrongBatch, _affine, _blend, _gray,
+                                             _histogram, _lut, _to_device, apply_strong_batch, autocontrast_lut,
+                                             contrast_level, cutout, equalize_lut, fill_colour, host_flat,
+                                             posterize_lut, smoothed, solarize_lut)
 
 PROGRAMS = ("segmented", "graph")
 _LUT_OPS = ("AutoContrast", "Equalize", "Posterize", "Solarize", "Identity")

@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipelines.augment_spec import STRONG_OPS
 from pipelines.randaugment_pil import PIL_OPS, apply_strong
-from pipelines.randaugment_tensor import TENSOR_OPS, StrongBatch, apply_strong_batch
+from pipelines.randaugment_segmented import TENSOR_OPS, StrongBatch, apply_strong_batch
 from pipelines.view_params import StrongDraws, StrongParams, strong_draws
 
 # Measured on CPU with the pinned Pillow: every op is pixel-exact. The tolerance leaves room for

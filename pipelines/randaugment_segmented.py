@@ -1,4 +1,6 @@
-"""Batched, per-sample tensor implementation of the strong view (RandAugment + Cutout).
+"""Batched, per-sample tensor implementation of the strong view (RandAugment + Cutout): the `segmented`
+program of `pipeline.strong_program` (each op runs on the slice of the batch that drew it;
+`pipelines.randaugment_graph` is the static-shape `graph` program built from the same ops).
 
 Works on any torch device on uint8 or float batches, NCHW or NHWC. Each sample gets its own ops and
 magnitudes (`StrongBatch`, built from `pipelines.view_params`, so a view is replayable). Every op

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipelines.augment_spec import STRONG_OPS
-from pipelines.randaugment_static import StrongGraph, apply_strong_static, strong_program
-from pipelines.randaugment_tensor import StrongBatch, apply_strong_batch
+from pipelines.randaugment_graph import StrongGraph, apply_strong_static, strong_program
+from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
 from pipelines.view_params import StrongDraws, StrongParams, strong_draws
 
 META = torch.device("meta")
@@ -130,7 +130,7 @@ def test_the_capture_runs_with_garbage_collection_off(monkeypatch, enabled_befor
     import gc
     from contextlib import contextmanager, nullcontext
 
-    from pipelines import randaugment_static
+    from pipelines import randaugment_graph
     seen = []
 
     @contextmanager
@@ -153,7 +153,7 @@ def test_the_capture_runs_with_garbage_collection_off(monkeypatch, enabled_befor
     (gc.enable if enabled_before else gc.disable)()
     try:
         x = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
-        randaugment_static._Captured.__new__(randaugment_static._Captured)._capture(program, x, 2, True)
+        randaugment_graph._Captured.__new__(randaugment_graph._Captured)._capture(program, x, 2, True)
         assert gc.isenabled() == enabled_before
     finally:
         gc.enable()
