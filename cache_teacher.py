@@ -25,7 +25,7 @@ import time
 import torch
 
 from pipelines import get_backend
-from pipelines.beton_source import open_split
+from pipelines.splits import open_split
 from training.checkpoint import CheckpointError
 from training.cli import run_main
 from training.config import ConfigError, load_config

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from pipelines import get_backend
-from pipelines.beton_source import open_split
+from pipelines.splits import open_split
 from training.checkpoint import load_model_weights
 from training.cli import run_main
 from training.config import load_config

@@ -14,11 +14,11 @@ from bench.records import machine, save_json
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
 from pipelines import build_loaders
-from pipelines.beton_source import beton_paths, check_sidecar
 from pipelines.device import Normalizer, on_device
 from pipelines.errors import UserError
 from pipelines.finish_views import finish_pairs
 from pipelines.sources import FolderSource
+from pipelines.splits import beton_paths, check_sidecar
 from pipelines.view_params import strong_draws
 from training.config import load_config
 

@@ -5,9 +5,9 @@ ffcv) register only when their library imports; `gpu` needs only torch.
 import importlib
 import importlib.util
 
-from pipelines.beton_source import open_split
 from pipelines.errors import UserError
 from pipelines.prefetch import prefetched
+from pipelines.splits import open_split
 
 _BACKENDS = {"torch": "pipelines.torch_backend", "gpu": "pipelines.gpu_backend"}
 # name -> (module, library it needs)

@@ -33,12 +33,12 @@ from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
-from pipelines.beton_source import beton_paths, check_sidecar
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer, on_device, to_device
 from pipelines.finish_views import finish_pairs, views_from_decoded
 from pipelines.randaugment_graph import strong_program
 from pipelines.sources import DataError
+from pipelines.splits import beton_paths, check_sidecar
 from pipelines.view_params import ViewBatch, draw_views, run_strong_draws
 
 log = logging.getLogger(__name__)

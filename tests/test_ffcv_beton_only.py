@@ -12,7 +12,7 @@ pytest.importorskip("ffcv")
 import cache_teacher  # noqa: E402
 import eval as eval_entry  # noqa: E402
 import train  # noqa: E402
-from pipelines.beton_source import BetonSource, open_split  # noqa: E402
+from pipelines.splits import BetonSource, open_split  # noqa: E402
 from pipelines.sources import DataError, demo_source  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.teacher_cache import dataset_digest  # noqa: E402

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipelines.device import on_device
-from pipelines.beton_source import beton_paths
+from pipelines.splits import beton_paths
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
 from pipelines.errors import UserError
 from pipelines.precision import amp_dtype
@@ -60,7 +60,7 @@ def dataset_digest(source) -> str:
     """Labels plus pixels (array datasets) or relative file names and byte sizes (folders): a cache built on
     other data of the same size cannot be paired with this one, nor one built on a re-encoded or resized copy
     of the same tree (other image sizes mean other crop boxes). Hashing every image would read the dataset.
-    A .beton split (`pipelines.beton_source.BetonSource`) carries this digest of its source, taken at conversion."""
+    A .beton split (`pipelines.splits.BetonSource`) carries this digest of its source, taken at conversion."""
     if getattr(source, "digest", None):
         return source.digest
     h = hashlib.sha256(np.ascontiguousarray(source.labels).tobytes())
