@@ -25,6 +25,7 @@ import time
 import torch
 
 from pipelines import get_backend
+from pipelines.device import on_device
 from pipelines.splits import open_split
 from training.checkpoint import CheckpointError
 from training.cli import run_main
@@ -136,13 +137,13 @@ def build(args, cfg, src, fp, device):
 
     teacher = frozen_teacher(cfg, device)
     autocast, _, _ = autocast_for(cfg.run.amp, device)
-    backend = get_backend(cfg.pipeline.name)
+    backend, route = get_backend(cfg.pipeline.name), on_device(cfg, device)
     if not args.no_eval and "teacher_val_top1" not in meta:
         val_src = open_split(cfg, train=False, train_classes=src.classes)
-        meta["teacher_val_top1"] = evaluate(teacher, backend.build_val(val_src, cfg, device), device,
-                                            autocast)["val_top1"]
+        val = backend.build_val(val_src, cfg, device, device_route=route)
+        meta["teacher_val_top1"] = evaluate(teacher, val, device, autocast)["val_top1"]
         log.info("teacher %s: val top-1 %.2f", cfg.teacher.name, meta["teacher_val_top1"])
-    loader = backend.build_train(src, cfg, device, 0, 1, views=2)
+    loader = backend.build_train(src, cfg, device, 0, 1, views=2, device_route=route)
     per_epoch = epoch_bytes(len(src), c, args.precision, args.topk)
     first = meta["epochs"]
     t_start = time.perf_counter()

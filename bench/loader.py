@@ -16,7 +16,7 @@ from datasets_prep.prep_ffcv import main as prep
 from pipelines import build_loaders
 from pipelines.device import Normalizer, on_device
 from pipelines.errors import UserError
-from pipelines.finish_views import finish_pairs
+from pipelines.finish_views import pair_finisher
 from pipelines.sources import FolderSource
 from pipelines.splits import beton_paths, check_sidecar
 from pipelines.view_params import strong_draws
@@ -101,6 +101,7 @@ def bench_ffcv_two_decode(over, args):
     device = torch.device(args.device)  # the same device as the other pipelines: GPU finishing on a GPU
     norm = Normalizer(tuple(map(tuple, meta["mean_std"])), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    finish = pair_finisher(on_device(cfg, device))
     n, t0, epoch = 0, None, 0
     while True:
         for b, outs in enumerate(loader):
@@ -110,7 +111,7 @@ def bench_ffcv_two_decode(over, args):
                 t0 = time.perf_counter()
             x = torch.from_numpy(np.stack([w, s], 1))
             strong = strong_draws(0, epoch, np.arange(len(w)) + b * args.batch_size)
-            finish_pairs(x, strong, norm, 2, on_device(cfg, device))
+            finish(x, strong, norm, 2)
             if t0 is not None:
                 n += len(w)
                 if n >= args.batches * args.batch_size:

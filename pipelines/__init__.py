@@ -1,10 +1,13 @@
-"""Data backends. Each registers a module with `build_train(source, cfg, device, rank, world, views)` and
-`build_val(...)` returning loaders that follow `pipelines.contract`. Optional backends (dali,
+"""Data backends. Each registers a module with `build_train(source, cfg, device, rank, world, views, *,
+device_route)` and `build_val(source, cfg, device, rank, world, *, device_route)` returning loaders that
+follow `pipelines.contract`. `device_route` is the route (`pipelines.device.on_device`), decided once by the
+caller; a backend with routes picks its code for it when the loader is built. Optional backends (dali,
 ffcv) register only when their library imports; `gpu` needs only torch.
 """
 import importlib
 import importlib.util
 
+from pipelines.device import on_device
 from pipelines.errors import UserError
 from pipelines.prefetch import prefetched
 from pipelines.splits import open_split
@@ -36,6 +39,7 @@ def build_loaders(cfg, device, rank: int = 0, world: int = 1):
     val_src = open_split(cfg, train=False, train_classes=train_src.classes)
     backend = get_backend(cfg.pipeline.name)
     views = 2 if cfg.method.name == "crld" else 1  # single-view methods skip the strong view
+    route = on_device(cfg, device)  # decided once, here, for both loaders
     # on CUDA each batch is prepared one step ahead on a side stream (pipelines.prefetch)
-    return (prefetched(backend.build_train(train_src, cfg, device, rank, world, views), device),
-            prefetched(backend.build_val(val_src, cfg, device, rank, world), device), train_src)
+    return (prefetched(backend.build_train(train_src, cfg, device, rank, world, views, device_route=route), device),
+            prefetched(backend.build_val(val_src, cfg, device, rank, world, device_route=route), device), train_src)

@@ -1,7 +1,7 @@
 """`dali`: NVIDIA DALI backend. One DALI graph per step: read and decode each image once and cut both
 views from that decode; the strong view then gets the paper's RandAugment + Cutout.
 
-Routes (`pipelines.device.on_device`, decided once when the loader is built):
+Routes (`pipelines.device.on_device`, decided once by `pipelines.build_loaders` and passed in):
 - accelerator (`device`, the default on CUDA): DALI reads the files itself (`fn.io.file.read` from a
   table of paths), decodes (nvJPEG `mixed` on a GPU, libjpeg-turbo on a CPU) and cuts both views (crop /
   resized crop + flip) from per-sample boxes; the strong view goes through the batched tensor augmenter
@@ -31,8 +31,8 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 from pipelines.contract import Batch, ValBatch
-from pipelines.device import Normalizer, on_device, to_device
-from pipelines.finish_views import strong_views, views_from_decoded
+from pipelines.device import Normalizer, to_device
+from pipelines.finish_views import strong_on_device, views_from_decoded
 from pipelines.randaugment_graph import strong_program
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError, first_readable, image_sizes, read_bytes
@@ -76,6 +76,8 @@ class _Feeder:
                 f"{v}_{k}" for v in ("weak", "strong")[:views] for k in ("box", "flip"))
         else:
             self.fields = ("data", "label", "index", "boxes") + (("roi_anchor", "roi_shape") if self.roi else ())
+        # the route's form of a training batch's boxes (cut in DALI's graph, or by the host), fixed here
+        self._boxes = self._boxes_for_graph if device_route else self._boxes_for_host
 
     def start(self, epoch):
         self.epoch, self.keys, self.pos = epoch, None, 0
@@ -109,19 +111,21 @@ class _Feeder:
             if self.encoded:
                 out["resize"], out["anchor"] = _val_geometry(self.sizes[src], self.size, self.val_resize)
             return [out[f] for f in self.fields]
-        boxes = draw_views(self.seed, self.epoch, idx, self.sizes[src], **self.view_kw).boxes
-        if self.device_route:
-            for k, v in enumerate(("weak", "strong")[:self.views]):
-                out[f"{v}_box"] = np.ascontiguousarray(boxes[:, k, :4], dtype=np.float32)
-                out[f"{v}_flip"] = np.ascontiguousarray(boxes[:, k, 4])
-        else:
-            if self.roi:  # decode only the region both views need; boxes become relative to it
-                y0, x0, y1, x1 = _roi(self.sizes[src], boxes[:, :self.views])
-                out["roi_anchor"], out["roi_shape"] = np.stack([y0, x0], 1), np.stack([y1 - y0, x1 - x0], 1)
-                boxes[:, :, 0] -= y0[:, None]
-                boxes[:, :, 1] -= x0[:, None]
-            out["boxes"] = boxes
+        self._boxes(out, draw_views(self.seed, self.epoch, idx, self.sizes[src], **self.view_kw).boxes, src)
         return [out[f] for f in self.fields]
+
+    def _boxes_for_graph(self, out, boxes, src):
+        for k, v in enumerate(("weak", "strong")[:self.views]):
+            out[f"{v}_box"] = np.ascontiguousarray(boxes[:, k, :4], dtype=np.float32)
+            out[f"{v}_flip"] = np.ascontiguousarray(boxes[:, k, 4])
+
+    def _boxes_for_host(self, out, boxes, src):
+        if self.roi:  # decode only the region both views need; boxes become relative to it
+            y0, x0, y1, x1 = _roi(self.sizes[src], boxes[:, :self.views])
+            out["roi_anchor"], out["roi_shape"] = np.stack([y0, x0], 1), np.stack([y1 - y0, x1 - x0], 1)
+            boxes[:, :, 0] -= y0[:, None]
+            boxes[:, :, 1] -= x0[:, None]
+        out["boxes"] = boxes
 
 
 def _roi(hw, boxes, align=16):
@@ -324,8 +328,7 @@ class _DaliTrainLoader(_DaliLoader):
         weak = self.normalize(_to_torch(outs["weak"], dev))
         if self.views == 1:
             return weak, None
-        return weak, self.normalize(strong_views(_to_torch(outs["strong"], dev), strong, dev, True,
-                                                 self.strong_program))
+        return weak, self.normalize(strong_on_device(_to_torch(outs["strong"], dev), strong, dev, self.strong_program))
 
     def _views_on_host(self, outs, strong):
         """Views cut from the decoded images on the host (`pipelines.finish_views`)."""
@@ -377,9 +380,8 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _build(source, cfg, device, rank, world, train, views):
+def _build(source, cfg, device, rank, world, train, views, device_route):
     pc = cfg.pipeline
-    device_route = on_device(cfg, device)
     dec = "mixed" if device_route and device.type == "cuda" else "cpu"
     batch = pc.batch_size // world if train else pc.val_batch_size
     sampler = EpochSampler(len(source), seed=cfg.run.seed if train else 0, shuffle=train, rank=rank,
@@ -400,9 +402,9 @@ def _build(source, cfg, device, rank, world, train, views):
     return _DaliTrainLoader(feeder, pipe, steps, norm, cfg, views) if train else _DaliValLoader(feeder, pipe, steps, norm)
 
 
-def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
-    return _build(source, cfg, device, rank, world, True, views)
+def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2, *, device_route: bool):
+    return _build(source, cfg, device, rank, world, True, views, device_route)
 
 
-def build_val(source, cfg, device, rank: int = 0, world: int = 1):
-    return _build(source, cfg, device, rank, world, False, 1)
+def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_route: bool):
+    return _build(source, cfg, device, rank, world, False, 1, device_route)

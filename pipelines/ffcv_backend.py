@@ -34,8 +34,8 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
 from pipelines.contract import Batch, ValBatch
-from pipelines.device import Normalizer, on_device, to_device
-from pipelines.finish_views import finish_pairs, views_from_decoded
+from pipelines.device import Normalizer, to_device
+from pipelines.finish_views import pair_finisher, views_from_decoded
 from pipelines.randaugment_graph import strong_program
 from pipelines.sources import DataError
 from pipelines.splits import beton_paths, check_sidecar
@@ -255,14 +255,14 @@ class _FfcvLoader:
 class _FfcvTrainLoader(_FfcvLoader):
     def __init__(self, loader, table, normalize, cfg, views, device_route):
         super().__init__(loader, normalize)
-        self.table, self.cfg, self.views, self.device_route = table, cfg, views, device_route
-        self.strong_program = strong_program(cfg.pipeline.strong_program)
-        # where the views are cut, fixed when the loader is built
+        self.table, self.cfg, self.views = table, cfg, views
+        # where the views are cut and how they are finished, fixed when the loader is built
+        self._finish = pair_finisher(device_route, strong_program(cfg.pipeline.strong_program))
         self._views = self._compiled_views if table.crops_in_pipeline else self._views_on_host
 
     def _compiled_views(self, x, idx_cpu, strong):
         """Both views cut in FFCV's compiled decoder: (N, 2, S, S, 3) uint8."""
-        return finish_pairs(x, strong, self.normalize, self.views, self.device_route, self.strong_program)
+        return self._finish(x, strong, self.normalize, self.views)
 
     def _views_on_host(self, x, idx_cpu, strong):
         """Host route: the decoded images, cut per sample on the host pool."""
@@ -312,7 +312,7 @@ def _loader(path, cfg, batch, image_pipe, train, world):
                   pipelines={"image": image_pipe, "label": [LabelIndexDecoder()]})
 
 
-def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
+def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2, *, device_route: bool):
     if cfg.data.subset:
         raise DataError("data.subset is not supported by the ffcv pipeline: convert the subset instead")
     path = beton_paths(cfg)[0]
@@ -323,7 +323,6 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     # slices) on either. Resized crops on the host route: decoded in FFCV, resized on the host with torch's
     # antialiased filter, closer to the reference's PIL resize and cheaper than FFCV's OpenCV INTER_AREA
     # resize on a CPU (docs/benchmarks.md).
-    device_route = on_device(cfg, device)
     compiled = device_route or cfg.data.train_crop == "pad"
     table = ViewTable(reader.metadata["f0"], cfg.data, cfg.run.seed, compiled)
     decoder = TwoViewDecoder(cfg.data.image_size, table) if compiled else DecodeOnceDecoder(table)
@@ -331,7 +330,7 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     return _FfcvTrainLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), cfg, views, device_route)
 
 
-def build_val(source, cfg, device, rank: int = 0, world: int = 1):
+def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_route: bool):
     path = beton_paths(cfg)[1]
     meta = check_sidecar(path, cfg, source, "val")
     size, resize = cfg.data.image_size, cfg.data.val_resize

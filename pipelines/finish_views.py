@@ -1,7 +1,8 @@
 """Views finished from decoded crops or images, for backends that decode with a fast library (ffcv, dali):
 the strong view's augmentation, normalisation, and on the host route the crops too.
 
-The route (`pipelines.device.on_device`) is decided once by the backend and passed in. Accelerator
+The route (`pipelines.device.on_device`) is decided once by `pipelines.build_loaders` and passed to the
+backend, which picks its finishing functions when it is built (`pair_finisher`). Accelerator
 route: uint8 views go to the device in one copy, the strong view through the batched tensor augmenter
 and both through normalisation there; the Python work per batch does not grow with the batch. Host
 route (the fast one on a CPU): per sample on a small thread pool, the strong ops in PIL (pixel-identical
@@ -10,6 +11,7 @@ release the GIL.
 """
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -46,44 +48,43 @@ def strong_pil(view: torch.Tensor, params) -> torch.Tensor:
     return torch.from_numpy(np.array(apply_strong(pil, params)))
 
 
-def strong_views(x: torch.Tensor, strong: Optional[StrongDraws], device: torch.device, on_device: bool,
-                 program=apply_strong_batch) -> torch.Tensor:
-    """uint8 (N, H, W, 3) strong-view crops (host or device) -> augmented uint8 (N, H, W, 3) on `device`;
-    `strong` None: crop and flip only. `program`: the accelerator route's augmenter
-    (`pipelines.randaugment_graph.strong_program`)."""
+def strong_on_device(x: torch.Tensor, strong: Optional[StrongDraws], device: torch.device,
+                     program=apply_strong_batch) -> torch.Tensor:
+    """Accelerator route: uint8 (N, H, W, 3) strong-view crops (host or device) -> augmented uint8
+    (N, H, W, 3) on `device` through the batched tensor augmenter `program`
+    (`pipelines.randaugment_graph.strong_program`); `strong` None: crop and flip only."""
+    x = to_device(x, device)
     if strong is None:
-        return to_device(x, device)
-    if on_device:
-        return program(to_device(x, device), StrongBatch.from_draws(strong), channels_last_input=True)
-    out = torch.empty_like(x)
-
-    def work(j):
-        out[j] = strong_pil(x[j], strong.params(j))
-
-    list(pool().map(work, range(len(x))))
-    return out
+        return x
+    return program(x, StrongBatch.from_draws(strong), channels_last_input=True)
 
 
-def finish_pairs(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int, on_device: bool,
-                 program=apply_strong_batch):
-    """uint8 (N, 2, H, W, 3) weak/strong crops on the host -> normalised (weak, strong) NCHW channels-last.
+def finish_pairs_on_device(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int,
+                           program=apply_strong_batch):
+    """Accelerator route: uint8 (N, 2, H, W, 3) weak/strong crops on the host -> normalised (weak, strong)
+    NCHW channels-last: one copy to the device, batched tensor augmenter, batched normalisation."""
+    x = to_device(x, normalize.device)
+    weak = normalize(x[:, 0])
+    if views == 1:
+        return weak, None
+    return weak, normalize(strong_on_device(x[:, 1], strong, normalize.device, program))
 
-    Accelerator route: one copy to the device, batched tensor augmenter, batched normalisation. Host
-    route: per sample on the host pool (contiguous per-sample slices normalise faster than the
-    strided batch, and the PIL ops run beside them)."""
-    if on_device:
-        x = to_device(x, normalize.device)
-        weak = normalize(x[:, 0])
-        if views == 1:
-            return weak, None
-        return weak, normalize(strong_views(x[:, 1], strong, normalize.device, True, program))
 
+def finish_pairs_on_host(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int):
+    """Host route: the same, per sample on the host pool (contiguous per-sample slices normalise faster
+    than the strided batch, and the PIL ops run beside them)."""
     def pair(j):
         if views == 1:
             return x[j, 0], None
         return x[j, 0], x[j, 1] if strong is None else strong_pil(x[j, 1], strong.params(j))
 
     return _normalised_on_host(x.shape[0], x.shape[2:4], views, normalize, pair)
+
+
+def pair_finisher(device_route: bool, program=apply_strong_batch):
+    """The route's `finish(x, strong, normalize, views)` for uint8 (N, 2, H, W, 3) crop pairs, picked once
+    when a loader is built (no per-batch branch on the route)."""
+    return functools.partial(finish_pairs_on_device, program=program) if device_route else finish_pairs_on_host
 
 
 def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):

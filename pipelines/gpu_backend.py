@@ -289,9 +289,10 @@ class GpuValLoader:
             yield ValBatch(self.normalize(self.data[sl]), self.labels[sl], self.index[sl])
 
 
-def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
+def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2, *, device_route: bool):
+    # always the device route: the data is resident on the training device
     return GpuTrainLoader(source, cfg, device, rank, world, views)
 
 
-def build_val(source, cfg, device, rank: int = 0, world: int = 1):
+def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_route: bool):
     return GpuValLoader(source, cfg, device, rank, world)

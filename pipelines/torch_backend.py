@@ -129,7 +129,8 @@ def _loader(dataset, sampler, pipe_cfg, device, per_rank_batch, drop_last, seed)
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2):
+def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2, *, device_route: bool):
+    # no route: DataLoader workers cut and augment every view (the reference)
     per_rank = cfg.pipeline.batch_size // world
     sampler = EpochSampler(len(source), seed=cfg.run.seed, shuffle=True, rank=rank, world=world)
     ds = TwoViewDataset(source, cfg.data, cfg.pipeline, cfg.run.seed, views)
@@ -137,7 +138,7 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     return _TrainLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device))
 
 
-def build_val(source, cfg, device, rank: int = 0, world: int = 1):
+def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_route: bool):
     sampler = EpochSampler(len(source), seed=0, shuffle=False, rank=rank, world=world, pad=False)
     dl = _loader(ValDataset(source, cfg.data), sampler, cfg.pipeline, device,
                  cfg.pipeline.val_batch_size, False, 0)

@@ -80,7 +80,7 @@ def test_two_ranks_shard_the_epoch_as_the_reference_does(cfg, first_batches):
 
 
 def test_without_drop_last_the_last_batch_is_short(cfg):
-    loader = gpu_backend.build_train(random_source(40), cfg("gpu", "pipeline.drop_last=false"), CPU)
+    loader = gpu_backend.build_train(random_source(40), cfg("gpu", "pipeline.drop_last=false"), CPU, device_route=True)
     assert [len(b.index) for b in loader] == [16, 16, 8] and len(loader) == 3
 
 
@@ -95,7 +95,7 @@ def test_python_calls_per_batch_do_not_grow_with_the_batch(cfg):
     calls = {}
     for bs in (32, 128):
         with CallCounter() as c:
-            loader = gpu_backend.build_train(src, cfg("gpu", f"pipeline.batch_size={bs}"), CPU)
+            loader = gpu_backend.build_train(src, cfg("gpu", f"pipeline.batch_size={bs}"), CPU, device_route=True)
             it = iter(loader)
             next(it)
             with c.window():
