@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+import report
 import train
 from datasets_prep.make_demo import make_demo, make_demo_subset
 from datasets_prep.prep_ffcv import main as prep
@@ -76,7 +77,6 @@ def main(argv=None):
     table = os.path.join(args.out, "demo_table.json")
     doc = {"teacher": teacher["best_top1"], **results, "seeds": seeds, "epochs": epochs}
     save_atomic(table, lambda f: f.write(json.dumps(doc, indent=1).encode()))
-    import report  # matplotlib
     runs = [os.path.join(args.out, n) for n in ["teacher"] + [f"{m}_seed{s}" for s in range(seeds) for m in results]]
     report.main([*runs, "--out", os.path.join(args.out, "report"), "--title", "demo: digits 32x32, resnet8 student"])
     return results

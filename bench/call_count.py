@@ -8,9 +8,13 @@ started afterwards (Python 3.12+: all threads), so `calls_per_batch` counts in a
 """
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import os
 import sys
 import threading
+import time
+import traceback
 
 
 class CallCounter:
@@ -67,7 +71,6 @@ def calls_per_batch_each(make_iters, batch_sizes, warmup: int = 2, batches: int 
     spawned interpreter, so that its start-up (torch's and the backends' imports) is paid once. Each count
     still starts from a fresh iterator; between two make_iters the previous one's iterators are closed and
     collected and its leftover threads must fall quiet (`_settle`) before the next one is counted."""
-    import multiprocessing
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_report, args=(send, list(make_iters), list(batch_sizes), warmup, batches))
@@ -87,7 +90,6 @@ def _report(send, make_iters, batch_sizes, warmup, batches):
     try:
         send.send((True, _count_in_this_process(make_iters, batch_sizes, warmup, batches)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
-        import traceback
         send.send((False, "".join(traceback.format_exception(e))[-2000:]))
     send.close()
     # Leave without finalising the interpreter: loaders stopped mid-epoch still have native threads
@@ -121,8 +123,6 @@ def _settle(counter, previous, quiet_s: float = 0.1, timeout_s: float = 10.0):
     """Collect what `previous` left and wait until its leftover threads make no Python calls for `quiet_s`
     (idle pool workers are fine); raises if they keep calling for `timeout_s`, as those calls would land in
     the next make_iter's windows."""
-    import gc
-    import time
     gc.collect()
     deadline = time.monotonic() + timeout_s
     while True:

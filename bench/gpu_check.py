@@ -26,10 +26,15 @@ import numpy
 import PIL
 import torch
 
+import train
 from bench.step_e2e import matmul_peak_tflops  # the rate `python -m bench` divides by for MFU
+from datasets_prep.make_cifar_like import make_cifar_like
+from pipelines import available_pipelines, build_loaders
 from pipelines.augment_spec import STRONG_OPS
+from pipelines.randaugment_graph import StrongGraph
 from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
 from pipelines.view_params import strong_draws
+from training.config import load_config
 from training.losses import crld_loss
 from training.models import create_model
 from training.runtime import git_commit
@@ -154,7 +159,6 @@ def check_graph_program(device, small):
     """`pipeline.strong_program=graph` on `device` (compiled, captured in a CUDA graph, then replayed with new
     inputs and draws) against the segmented augmenter on the CPU. Tolerance: the augmenter's against PIL
     (tests/test_augment_segmented.py), at most 0.2% of pixels differing; the first batch is the capture's."""
-    from pipelines.randaugment_graph import StrongGraph
     n, hw = (16, 24) if small else (256, 64)
     gen, program, rows = torch.Generator().manual_seed(1), StrongGraph(), []
     t0 = time.perf_counter()
@@ -181,13 +185,10 @@ def _grey_levels(x: torch.Tensor, mean_std) -> torch.Tensor:
 
 
 def _demo_loaders(folder, small):
-    from datasets_prep.make_cifar_like import make_cifar_like
     return make_cifar_like(os.path.join(folder, "cifar_like"), train=512 if small else 4096, test=64)
 
 
 def _gpu_route(root, dev):
-    from pipelines import build_loaders
-    from training.config import load_config
     cfg = load_config(None, ["data.dataset=cifar100", f"data.root={root}", "pipeline.name=gpu", "run.amp=off",
                              "pipeline.batch_size=128", "pipeline.route=device", f"run.device={dev}"])
     return build_loaders(cfg, torch.device(dev))
@@ -250,8 +251,7 @@ def check_prefetcher(device, small, folder):
 def check_train_step(device, small, folder, pipeline):
     """train.py for one short CRLD epoch through `pipeline` on `device` (demo data, a random resnet8 teacher):
     the run finishes, its loss is finite and validation ran."""
-    import train
-    from datasets_prep.make_demo import make_demo
+    from datasets_prep.make_demo import make_demo  # scikit-learn: only this check needs it
     root = make_demo(os.path.join(folder, "demo"))
     teacher = os.path.join(folder, "teacher_resnet8.pt")
     if not os.path.exists(teacher):
@@ -352,7 +352,6 @@ def main(argv=None):
         run("augmenter_device_vs_cpu", "correctness", check_augment, device, small)
         run("gpu_pipeline_device_vs_cpu", "correctness", check_gpu_pipeline, device, small, work)
         run("prefetcher_vs_unwrapped", "correctness", check_prefetcher, device, small, work)
-        from pipelines import available_pipelines
         for pipeline in [p for p in ("torch", "gpu", "dali") if p in available_pipelines()]:
             run(f"train_step_{pipeline}", "correctness", check_train_step, device, small, work, pipeline)
         # last: compiling the graph program takes the longest (Inductor), and its capture is the newest code

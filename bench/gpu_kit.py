@@ -20,6 +20,7 @@ DEST/site. It prints the PYTHONPATH and LD_LIBRARY_PATH entries to add. README "
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import io
 import json
@@ -242,7 +243,6 @@ def build(kit: str, part_mib: float = PART_MIB, base_reqs=BASE, dali_reqs=DALI) 
 def unpack(kit: str, dest: str, parts_dir: str = None) -> dict:
     """There: base wheels into DEST/site; the parts carried so far gathered into `parts_dir`; once all are
     present and verified, DALI unpacked into DEST/dali (idempotent). A corrupt part is removed and named."""
-    import glob
     parts_dir = parts_dir or os.path.join(dest, "parts")
     os.makedirs(parts_dir, exist_ok=True)
     site = os.path.join(dest, "site")

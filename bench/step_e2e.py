@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines import build_loaders
@@ -175,7 +176,6 @@ def time_steps(trainer, pairs, warmup, steps):
 def profile_steps(trainer, pairs, steps, path):
     """`steps` steady-state steps under torch.profiler: the top operators by self CPU and by self device time,
     and the time spent waiting for the loader, into the text file `path` (where a slow e2e run's time goes)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
     cuda = trainer.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from pipelines.disk_cache import atomic_folder
+from pipelines.sources import demo_source, subset
 
 
 def render(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -54,8 +55,6 @@ def make_demo_subset(src: str, out: str, n: int) -> str:
     same evenly strided selection, in the same order); the test split and meta.json's class names and mean/std
     (those of the whole training split, as a run with data.subset normalises with) are unchanged. For a backend
     that reads a converted file whole: ffcv refuses data.subset. An existing copy of the same subset is reused."""
-    from pipelines.sources import subset
-    from pipelines.sources import demo_source
     meta_path = os.path.join(out, "meta.json")
     if all(os.path.isfile(os.path.join(out, f)) for f in ("train.npz", "test.npz", "meta.json")):
         with open(meta_path) as f:

@@ -23,19 +23,17 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from io import BytesIO
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from PIL import Image
 
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer, to_device
 from pipelines.finish_views import strong_on_device, views_from_decoded
 from pipelines.randaugment_graph import strong_program
 from pipelines.sampler import EpochSampler
-from pipelines.sources import DataError, first_readable, image_sizes, read_bytes
+from pipelines.sources import DataError, check_decodable, first_readable, image_sizes
 from pipelines.view_params import ViewBatch, draw_views, run_strong_draws
 
 log = logging.getLogger(__name__)
@@ -88,7 +86,7 @@ class _Feeder:
         if not (self.encoded and self.skip_bad):
             return idx
         for i in idx[self.substitute[idx] < 0].tolist():
-            self.substitute[i] = first_readable(self.source.files, i, _check_decodable)[0]
+            self.substitute[i] = first_readable(self.source.files, i, check_decodable)[0]
         return self.substitute[idx]
 
     def __call__(self):
@@ -151,19 +149,6 @@ def _val_geometry(hw, size, resize):
         nw, nh = np.full_like(w, size), np.full_like(h, size)
     anchor = np.stack([(nh - size) // 2, (nw - size) // 2], 1).astype(np.int32)
     return np.stack([nh, nw], 1).astype(np.float32), anchor
-
-
-def _check_decodable(path: str) -> None:
-    """Skip mode's test, once per file per run: whether PIL (the reference) decodes it. A JPEG is decoded
-    at 1/8 scale (`draft`): the entropy decoding, where a corrupt file fails, runs in full, for a fraction
-    of a full decode (docs/benchmarks.md). A header check alone lets a bad Huffman table through to DALI,
-    which then stops the run."""
-    try:
-        with Image.open(BytesIO(read_bytes(path).tobytes())) as im:
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def _inputs(feeder, encoded_layout=None):
@@ -367,12 +352,10 @@ def _translate(e: RuntimeError, feeder) -> DataError:
     if feeder.encoded:
         for src in reversed(feeder.recent):
             for j in src.tolist():
-                path = feeder.source.files[j]
                 try:
-                    with Image.open(path) as im:
-                        im.load()
-                except Exception as pe:  # noqa: BLE001 - PIL raises many types for corrupt data
-                    return DataError(f"{path}: cannot decode image ({type(pe).__name__}: {pe}; DALI: {first[:200]})")
+                    check_decodable(feeder.source.files[j])
+                except DataError as de:
+                    return DataError(f"{de}; DALI: {first[:200]}")
     return DataError(f"DALI pipeline failed: {first[:300]}")
 
 

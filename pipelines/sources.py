@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -218,6 +219,19 @@ def first_readable(files: Sequence[str], i: int, read):
         except DataError as e:
             log.warning("skipping unreadable image: %s", e)
     raise DataError("no readable image in the dataset")
+
+
+def check_decodable(path: str) -> None:
+    """Skip mode's test, once per file per run: whether PIL (the reference) decodes it. A JPEG is decoded
+    at 1/8 scale (`draft`): the entropy decoding, where a corrupt file fails, runs in full, for a fraction
+    of a full decode (docs/benchmarks.md). A header check alone lets a bad Huffman table through to DALI,
+    which then stops the run."""
+    try:
+        with Image.open(BytesIO(read_bytes(path).tobytes())) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def _unpickle(path: str):

@@ -4,7 +4,8 @@ Layers, lowest first: `pipelines/` (data backends; also the user-error base and 
 needs), `training/` (config, models, losses, loop, cache), `datasets_prep/` (conversion programs), the entry
 points at the root (train.py, cache_teacher.py, ...), then `bench/` (measurement: it may drive any of them, and
 nothing but the tests imports it). A module imports only from its own layer or lower ones; every import
-statement counts, at module level and inside functions.
+statement counts, at module level and inside functions, and no chain of them comes back to where it started.
+An import inside a function is only for an optional or heavy dependency (LAZY_OK).
 """
 import ast
 import os
@@ -83,9 +84,7 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     assert imports(str(f)) == [(2, "training.loop")] and layer("training.loop") > layer("pipelines.x")
 
 
-def test_no_import_cycles_at_module_level():
-    graph = {m: {t for _, t in imports(p, top_level_only=True) if t in MODULES and t != m}
-             for m, p in MODULES.items()}
+def _cycles(graph):
     state, cycles = {}, []
 
     def visit(m, stack):
@@ -100,7 +99,59 @@ def test_no_import_cycles_at_module_level():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+    return cycles
+
+
+def test_no_import_cycles_at_any_level():
+    """An import inside a function closes a circle as surely as one at the top of the file."""
+    graph = {m: {t for _, t in imports(p) if t in MODULES and t != m} for m, p in MODULES.items()}
+    cycles = _cycles(graph)
     assert not cycles, "\n".join(cycles)
+
+
+def test_the_cycle_check_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a -> b -> c -> a"]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# Imported inside a function, and only these: optional dependencies (a missing one must cost only the
+# feature that needs it) and heavy ones whose import would slow every CLI start and spawned test process.
+LAZY_OK = {"ffcv": "optional", "nvidia": "optional (DALI)", "apex": "optional", "matplotlib": "heavy",
+           "torchvision": "heavy (pulls in torch._dynamo)", "sklearn": "heavy"}
+
+
+def _top_names(node):
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return [node.module] if isinstance(node, ast.ImportFrom) else []
+
+
+def _wraps_lazy_dep(module):
+    """A project module that imports one of LAZY_OK at its top (report -> matplotlib): importing it late is
+    importing that dependency late."""
+    tree = ast.parse(open(MODULES[module], encoding="utf-8").read())
+    return any(n.split(".")[0] in LAZY_OK for node in tree.body for n in _top_names(node))
+
+
+def late_imports(path):
+    """(line, module) for every import statement inside a function of the file."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    return [(node.lineno, name) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(fn) for name in _top_names(node)]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_inside_functions_only_for_optional_or_heavy_dependencies(module):
+    path = MODULES[module]
+    bad = [f"{os.path.relpath(path, ROOT)}:{line} imports {name} inside a function" for line, name in late_imports(path)
+           if name.split(".")[0] not in LAZY_OK and not (name in MODULES and _wraps_lazy_dep(name))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_late_import_check_sees_them(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def late():\n    import json\n    from ffcv.loader import Loader\n")
+    assert late_imports(str(f)) == [(2, "json"), (3, "ffcv.loader")]
 
 
 def _py_files():

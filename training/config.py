@@ -20,6 +20,7 @@ from pipelines import available_pipelines
 from pipelines.errors import UserError
 from pipelines.precision import AMP_SETTINGS
 from pipelines.randaugment_graph import PROGRAMS as STRONG_PROGRAMS
+from training.hub_weights import HubWeightsError, hub_weights, is_hub_spec
 from training.models import available_models
 
 
@@ -307,7 +308,6 @@ def validate(cfg) -> None:
 def _check_hub_specs(cfg) -> None:
     """`torchvision:<member>` checkpoints name a real weights member of the architecture, with the
     configured class count; checked here, before any data is read or any file is fetched."""
-    from training.hub_weights import HubWeightsError, hub_weights, is_hub_spec
     wanted = [("model.ckpt", cfg.model.ckpt, cfg.model.name)]
     if cfg.method.name != "ce":
         wanted.append(("teacher.ckpt", cfg.teacher.ckpt, cfg.teacher.name))

@@ -17,7 +17,10 @@ import sys
 from typing import Optional
 from urllib.parse import urlparse
 
+import torch
+
 from pipelines.errors import CheckpointError
+from training.models.imagenet import TORCHVISION_NAMES
 
 PREFIX = "torchvision:"
 
@@ -32,9 +35,8 @@ def is_hub_spec(spec) -> bool:
 
 def hub_weights(spec: str, arch: str, num_classes: Optional[int] = None, key: str = "teacher.ckpt"):
     """The torchvision weights enum member `spec` names for our model `arch` (no file access)."""
-    import torchvision
+    import torchvision  # lazily: see training/models/imagenet.py
 
-    from training.models.imagenet import TORCHVISION_NAMES
     member = spec[len(PREFIX):]
     tv_name = TORCHVISION_NAMES.get(arch)
     if tv_name is None:
@@ -55,7 +57,6 @@ def hub_weights(spec: str, arch: str, num_classes: Optional[int] = None, key: st
 
 def cached_file(weights) -> str:
     """Where torch.hub keeps (and looks for) this weights file: the path a user can place it at."""
-    import torch
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
 
 
