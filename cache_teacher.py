@@ -141,7 +141,7 @@ def build(args, cfg, src, fp, device):
     if not args.no_eval and "teacher_val_top1" not in meta:
         val_src = open_split(cfg, train=False, train_classes=src.classes)
         val = backend.build_val(val_src, cfg, device, device_route=route)
-        meta["teacher_val_top1"] = evaluate(teacher, val, device, autocast)["val_top1"]
+        meta["teacher_val_top1"] = evaluate([teacher], val, device, autocast)[0]["val_top1"]
         log.info("teacher %s: val top-1 %.2f", cfg.teacher.name, meta["teacher_val_top1"])
     loader = backend.build_train(src, cfg, device, 0, 1, views=2, device_route=route)
     per_epoch = epoch_bytes(len(src), c, args.precision, args.topk)

@@ -57,7 +57,7 @@ def main(argv=None):
     src = open_split(cfg, train=False)
     val = get_backend(cfg.pipeline.name).build_val(src, cfg, device, device_route=on_device(cfg, device))
     model.to(device, memory_format=torch.channels_last)
-    metrics = evaluate(model, val, device, autocast_for(cfg.run.amp, device)[0])
+    metrics = evaluate([model], val, device, autocast_for(cfg.run.amp, device)[0])[0]
     print(f"{cfg.model.name} on {cfg.data.dataset} ({len(src)} images): top-1 {metrics['val_top1']:.2f}  "
           f"top-5 {metrics['val_top5']:.2f}  loss {metrics['val_loss']:.4f}")
     if args.json:

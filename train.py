@@ -7,22 +7,33 @@
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 train.py --config ...              # multi-node (same on each node)
     python train.py --config ... teacher.source=cache teacher.cache=caches/X   # see cache_teacher.py
+    python train.py --config configs/demo/crld.yaml \
+        --student 'model.name=resnet14' --student 'method.name=kd' --student 'method.name=ce'
+                                      # a group: four students from one data pass and one teacher pass
 
 Writes runs/<run.name>/: config.yaml (resolved), run_info.json (git commit, argv, versions),
-metrics.jsonl (one line per epoch), best.pt / last.pt (atomic), summary.json.
+metrics.jsonl (one line per epoch), best.pt / last.pt (atomic), summary.json. A group (`--student`, or a
+`students:` list in the YAML; student 0 is the base config) writes the same per student in
+runs/<run.name>/student<k>/, whose config.yaml trains that student alone, and group.json (each student's
+overrides and final figures). Each student's weights equal its solo run's (views, teacher logits and its
+random stream are its solo run's); a student whose loss turns non-finite stops, the others go on, and the
+exit code is then 2.
 """
 import argparse
+import json
 import logging
 import os
 import shutil
 import sys
 
 import torch
+from omegaconf import OmegaConf
 
-from pipelines import build_loaders
+from pipelines import build_loaders, views_needed
+from pipelines.disk_cache import save_atomic
 from pipelines.errors import UserError
 from training.cli import run_main
-from training.config import load_config, to_yaml
+from training.config import load_group, to_yaml
 from training.loop import Trainer
 from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
                               seed_everything, write_run_info)
@@ -35,51 +46,101 @@ def parse_args(argv=None):
     ap.add_argument("--pipeline", help="data backend (shorthand for pipeline.name=...)")
     ap.add_argument("--resume", action="store_true", help="continue from runs/<name>/last.pt")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    ap.add_argument("--student", action="append", default=[], metavar="'KEY=V ...'",
+                    help="one more student trained from the same data pass: dotted overrides of the base "
+                         "config (model.*, method.*, optim.*), several separated by spaces")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 method.name=kd")
     return ap.parse_intermixed_args(argv)
 
 
+def _own_keys(cfg, base) -> dict:
+    """A student's settings that differ from student 0's (what its overrides changed)."""
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    mine, theirs = (dict(leaves(OmegaConf.to_container(c))) for c in (cfg, base))
+    return {k: v for k, v in mine.items() if v != theirs[k] and k != "run.name"}
+
+
+def write_group(run_dir, cfgs, summaries=None) -> None:
+    doc = {"students": [{"dir": f"student{k}", "model": c.model.name, "method": c.method.name,
+                         "overrides": _own_keys(c, cfgs[0]), "summary": (summaries or {}).get(k)}
+                        for k, c in enumerate(cfgs)]}
+    save_atomic(os.path.join(run_dir, "group.json"), lambda f: f.write(json.dumps(doc, indent=1).encode()))
+
+
 def main(argv=None):
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
-    cfg = load_config(args.config, overrides)
+    cfgs = load_group(args.config, overrides, args.student)
+    cfg, group = cfgs[0], len(cfgs) > 1
     if args.print_config:
-        print(to_yaml(cfg))
+        print("\n---\n".join(to_yaml(c) for c in cfgs))
         return None
     dist = dist_from_env()
     check_world(cfg, dist)
     device = resolve_device(cfg.run.device, dist)
     init_distributed(dist, device, cfg.run.dist_timeout_s)
-    check_same_config(to_yaml(cfg), dist)
+    check_same_config("".join(to_yaml(c) for c in cfgs), dist)
     name = cfg.run.name or f"{cfg.method.name}_{cfg.model.name}"
     run_dir = os.path.join(cfg.run.out_dir, name)
-    last = os.path.join(run_dir, "last.pt")
-    if args.resume and not os.path.isfile(last):
-        raise UserError(f"--resume: no checkpoint at {last}")
-    if not args.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+    dirs = [os.path.join(run_dir, f"student{k}") for k in range(len(cfgs))] if group else [run_dir]
+    lasts = [os.path.join(d, "last.pt") for d in dirs]
+    if args.resume and not any(os.path.isfile(p) for p in lasts):
+        raise UserError(f"--resume: no checkpoint at {lasts[0]}" + (" or in the other students' folders" if group else ""))
+    held = [os.path.join(d, "metrics.jsonl") for d in dirs] + [os.path.join(run_dir, f) for f in ("metrics.jsonl", "group.json")]
+    if not args.resume and any(os.path.exists(p) for p in held):
         if not args.overwrite:  # every rank sees the same folder, so every rank stops here
-            raise UserError(f"{run_dir} already holds a run; use --resume, --overwrite "
-                                  f"or another run.name")
+            raise UserError(f"{run_dir} already holds a run; use --resume, --overwrite or another run.name")
         if dist.is_main:
             shutil.rmtree(run_dir)
     if dist.world > 1:
         torch.distributed.barrier()
     seed_everything(cfg.run.seed + dist.rank, cfg.run.deterministic)
     if dist.is_main:
-        write_run_info(run_dir, to_yaml(cfg), device)
-    train_loader, val_loader, train_src = build_loaders(cfg, device, dist.rank, dist.world)
-    trainer = Trainer(cfg, device, run_dir, train_loader, val_loader, dist, train_source=train_src)
+        for c, d in zip(cfgs, dirs):
+            write_run_info(d, to_yaml(c), device)
+        if group:
+            write_group(run_dir, cfgs)
+    views = max(views_needed(c.method.name) for c in cfgs)
+    train_loader, val_loader, train_src = build_loaders(cfg, device, dist.rank, dist.world, views)
+    trainer = Trainer(cfg, device, run_dir, train_loader, val_loader, dist, train_source=train_src,
+                      students=list(zip(cfgs, dirs)))
     if args.resume:
-        trainer.resume(last)
-        logging.info("resumed %s at epoch %d", last, trainer.epoch)
-    summary = trainer.fit()
+        for st, last in zip(trainer.students, lasts):
+            if _failed_before(st.run_dir):
+                st.failed = _failed_before(st.run_dir)
+            elif os.path.isfile(last):  # a group killed before a student's first checkpoint restarts it
+                st.resume(last)
+                logging.info("resumed %s at epoch %d", last, st.epoch)
+    summaries = trainer.fit()
     if dist.is_main:
-        print(f"done: best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
-              f"last top-1 {summary['last_top1']:.2f}, {summary['wall_time_s']:.0f}s -> {run_dir}")
+        for k, s in enumerate(summaries):
+            tag = f"student {k} ({s['model']}, {s['method']}): " if group else ""
+            if "failed" in s:
+                print(f"{tag}stopped: {s['failed']}")
+            else:
+                print(f"{tag}done: best top-1 {s['best_top1']:.2f} (epoch {s['best_epoch']}), "
+                      f"last top-1 {s['last_top1']:.2f}, {s['wall_time_s']:.0f}s -> {dirs[k]}")
+        if group:
+            write_group(run_dir, cfgs, dict(enumerate(summaries)))
     if dist.world > 1:
         torch.distributed.destroy_process_group()
-    return summary
+    failed = [k for k, s in enumerate(summaries) if "failed" in s]
+    if failed:
+        raise UserError(f"student(s) {', '.join(map(str, failed))} of {len(cfgs)} stopped (non-finite loss); "
+                        f"the others finished: {os.path.join(run_dir, 'group.json')}")
+    return summaries[0] if not group else summaries
+
+
+def _failed_before(student_dir: str):
+    """Why a group's student stopped in an earlier attempt (its summary.json), or None."""
+    path = os.path.join(student_dir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("failed")
 
 
 if __name__ == "__main__":

@@ -140,15 +140,18 @@ def step_config(args, source, amp, channels_last, folder, extra=(), cache_dir=No
 def flops_per_step(trainer, batch, cached):
     """FLOPs of one training step (teacher forward included when online), counted by PyTorch on the eager
     modules (a compiled graph runs kernels the counter cannot see)."""
-    fwd = trainer.student_fwd, trainer.teacher_fwd
-    trainer.student_fwd, trainer.teacher_fwd = trainer.model, trainer.teacher
+    st = trainer.students[0]
+    fwd = st.student_fwd, trainer.teacher_fwd
+    st.student_fwd, trainer.teacher_fwd = st.model, trainer.teacher
     try:
         with FlopCounterMode(display=False) as fc:
-            losses = trainer.forward_losses(batch, cached)[0]
+            if cached is None and trainer.teacher is not None:
+                cached = trainer.teacher_logits(batch)
+            losses = st.forward_losses(batch, cached)[0]
             losses["loss"].backward()
     finally:
-        trainer.student_fwd, trainer.teacher_fwd = fwd
-    trainer.opt.zero_grad(set_to_none=True)
+        st.student_fwd, trainer.teacher_fwd = fwd
+    st.opt.zero_grad(set_to_none=True)
     return fc.get_total_flops()
 
 
@@ -203,18 +206,18 @@ def profile_steps(trainer, pairs, steps, path):
 def phase_breakdown(trainer, batches, read_cache):
     """Where a step's time goes: teacher (forward, or cache read), student forward + loss, backward,
     optimizer. Phases are timed apart, so their sum slightly exceeds the fused step."""
-    tm = _Timer(trainer.device)
+    tm, st = _Timer(trainer.device), trainer.students[0]
     for batch in batches:
         with tm.span("teacher"):
             cached = read_cache(batch) if trainer.cache is not None else trainer.teacher_logits(batch)
         with tm.span("student_forward"):
-            losses, _ = trainer.forward_losses(batch, cached)
+            losses, _ = st.forward_losses(batch, cached)
         with tm.span("backward"):
-            trainer.opt.zero_grad(set_to_none=True)
-            trainer.scaler.scale(losses["loss"]).backward()
+            st.opt.zero_grad(set_to_none=True)
+            st.scaler.scale(losses["loss"]).backward()
         with tm.span("optimizer"):
-            trainer.scaler.step(trainer.opt)
-            trainer.scaler.update()
+            st.scaler.step(st.opt)
+            st.scaler.update()
     return tm.ms()
 
 

@@ -33,12 +33,18 @@ def get_backend(name: str):
     raise UserError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
 
 
-def build_loaders(cfg, device, rank: int = 0, world: int = 1):
-    """(train_loader, val_loader, train_source) for the configured dataset and backend."""
+def views_needed(method: str) -> int:
+    """Views a method trains on: single-view methods skip the strong view (its weak view is the same)."""
+    return 2 if method == "crld" else 1
+
+
+def build_loaders(cfg, device, rank: int = 0, world: int = 1, views: int = 0):
+    """(train_loader, val_loader, train_source) for the configured dataset and backend. `views`: 1 (weak only)
+    or 2 (weak and strong); 0 takes it from cfg.method (a group of students passes the most any needs)."""
     train_src = open_split(cfg, train=True)
     val_src = open_split(cfg, train=False, train_classes=train_src.classes)
     backend = get_backend(cfg.pipeline.name)
-    views = 2 if cfg.method.name == "crld" else 1  # single-view methods skip the strong view
+    views = views or views_needed(cfg.method.name)
     route = on_device(cfg, device)  # decided once, here, for both loaders
     # on CUDA each batch is prepared one step ahead on a side stream (pipelines.prefetch)
     return (prefetched(backend.build_train(train_src, cfg, device, rank, world, views, device_route=route), device),

@@ -18,16 +18,17 @@ def _run(tmp_path, compiled, steps=2):
     loader = SyntheticLoader(steps, _Args.batch_size, _Args.image_size, _Args.num_classes, torch.device("cpu"), True)
     torch.manual_seed(1)
     tr = Trainer(cfg, torch.device("cpu"), folder, loader, None)
-    losses = [float(tr.train_step(b, c)[0]["loss"].detach()) for b, c in tr.epoch_batches(0)]
+    losses = [float(tr.train_step(b, c)[0][0]["loss"].detach()) for b, c in tr.epoch_batches(0)]
     return tr, losses
 
 
 def test_compiled_step_equals_eager(tmp_path):
     eager, l_eager = _run(tmp_path / "e", False)
     comp, l_comp = _run(tmp_path / "c", True)
-    assert isinstance(comp.student_fwd, torch._dynamo.eval_frame.OptimizedModule)
+    st = comp.students[0]
+    assert isinstance(st.student_fwd, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(comp.teacher_fwd, torch._dynamo.eval_frame.OptimizedModule)
-    assert comp.student_fwd is not comp.student  # checkpoints and validation keep the plain module
+    assert st.student_fwd is not st.student  # checkpoints and validation keep the plain module
     torch.testing.assert_close(l_comp, l_eager, rtol=1e-4, atol=1e-5)
-    for (name, a), b in zip(eager.student.state_dict().items(), comp.student.state_dict().values()):
+    for (name, a), b in zip(eager.students[0].student.state_dict().items(), st.student.state_dict().values()):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-4, msg=name)

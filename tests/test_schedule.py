@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from training.config import load_config
-from training.loop import build_optimizer
+from training.student import build_optimizer
 from training.runtime import RuntimeConfigError
 from training.schedule import lr_at
 

@@ -53,13 +53,13 @@ def step_losses(demo_root, teacher_ckpt, tmp_path, *extra):
     seed_everything(cfg.run.seed, False)
     tl, vl, src = build_loaders(cfg, torch.device("cpu"))
     tr = Trainer(cfg, torch.device("cpu"), str(tmp_path), tl, vl, train_source=src)
-    losses = []
+    losses, st = [], tr.students[0]
     for epoch in range(cfg.optim.epochs):
-        tr.epoch = epoch
+        st.epoch = epoch
         for batch, cached in tr.epoch_batches(epoch):
-            out, _, _ = tr.train_step(batch, cached)
+            out, _, _ = tr.train_step(batch, cached)[0]
             losses.append({k: float(v.detach()) for k, v in out.items()})
-    return losses, tr.student.state_dict()
+    return losses, st.student.state_dict()
 
 
 def test_fp32_cache_gives_the_online_loss_at_every_step(demo_root, teacher_ckpt, fp32_cache, tmp_path):
@@ -98,9 +98,11 @@ def test_fp16_cache_difference_is_small(demo_root, teacher_ckpt, fp32_cache, tmp
 
 def test_train_cli_from_cache_never_builds_the_teacher(demo_root, teacher_ckpt, fp32_cache, tmp_path, monkeypatch):
     import training.loop as loop
+    import training.student as student
     real = loop.create_model
     built = []
-    monkeypatch.setattr(loop, "create_model", lambda name, nc: built.append(name) or real(name, nc))
+    for module in (loop, student):
+        monkeypatch.setattr(module, "create_model", lambda name, nc: built.append(name) or real(name, nc))
     summary = train.main(["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), *overrides(
         demo_root, "", f"run.out_dir={tmp_path}", "teacher.source=cache", f"teacher.cache={fp32_cache}")])
     assert built == ["resnet8"]  # the student only
@@ -149,16 +151,17 @@ def test_short_cache_errors_or_cycles_with_its_views(demo_root, teacher_ckpt, fp
     from training.loop import frozen_teacher
     teacher, real_step, checked = frozen_teacher(cfg, torch.device("cpu")), tr.train_step, []
 
-    def checking_step(batch, cached):
+    def checking_step(batch, cached, students):
         with torch.no_grad():
             want = teacher(torch.cat([batch.weak, batch.strong])).chunk(2)
         for got, w in zip(cached, want):
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
-        checked.append(tr.epoch)
-        return real_step(batch, cached)
+        checked.append(students[0].epoch)
+        return real_step(batch, cached, students)
     tr.train_step = checking_step
-    for tr.epoch in range(3):
-        tr.train_epoch()
+    for epoch in range(3):
+        tr.students[0].epoch = epoch
+        tr.train_epoch(epoch, tr.students)
     assert checked == [0] * 3 + [1] * 3 + [2] * 3
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import train
 from training import models
 from training.cli import run_main
-from training.loop import Trainer
+from training.student import Student
 
 
 def resnet8_gn(num_classes):
@@ -34,25 +34,25 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     kill_after = int(os.environ.get("CRLD_TEST_KILL_AFTER_EPOCH", "0"))
     if kill_after:
-        save = Trainer.save
+        save = Student.save
 
         def save_then_die(self, name):
             save(self, name)
             if name == "last.pt" and self.epoch == kill_after and self.is_main:
                 os.kill(os.getpid(), signal.SIGKILL)
-        Trainer.save = save_then_die
+        Student.save = save_then_die
     die_at = int(os.environ.get("CRLD_TEST_RANK1_DIES_AT_STEP", "0"))
     if die_at and os.environ.get("RANK") == "1":  # a rank lost mid-epoch (OOM kill, node failure)
-        step = Trainer.train_step
+        step = Student.train_step
 
         def dying_step(self, *a, **k):
             if self.step == die_at:
                 os._exit(1)
             return step(self, *a, **k)
-        Trainer.train_step = dying_step
+        Student.train_step = dying_step
     nan_at = int(os.environ.get("CRLD_TEST_RANK1_NAN_AT_STEP", "-1"))
     if nan_at >= 0 and os.environ.get("RANK") == "1":
-        forward = Trainer.forward_losses
+        forward = Student.forward_losses
 
         def nan_forward(self, *a, **k):
             losses, s_w = forward(self, *a, **k)
@@ -60,7 +60,7 @@ if __name__ == "__main__":
                 losses["kd_cv"] = losses["kd_cv"] * float("nan")
                 losses["loss"] = losses["loss"] + losses["kd_cv"]
             return losses, s_w
-        Trainer.forward_losses = nan_forward
+        Student.forward_losses = nan_forward
     if os.environ.get("RANK") == "1" and os.environ.get("CRLD_TEST_RANK1_OVERRIDE"):
         argv.append(os.environ["CRLD_TEST_RANK1_OVERRIDE"])  # a node whose config differs
     sys.exit(run_main(lambda: train.main(argv)))

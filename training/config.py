@@ -2,13 +2,16 @@
 
 A run's config is `defaults <- YAML file (optionally chaining `_base_`) <- CLI overrides`.
 Unknown keys, wrong types and impossible values raise `ConfigError` naming the key (and the
-nearest valid name where one exists).
+nearest valid name where one exists). A group run (several students from one data pass, `load_group`)
+adds for each further student `<- its own overrides` (the file's `students:` list, then `--student`),
+which may change only what a student owns: model.*, method.* and optim.* except optim.epochs.
 """
 from __future__ import annotations
 
 import difflib
 import os
 import re
+import shlex
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
@@ -97,6 +100,7 @@ class PipelineConfig:
 class ModelConfig:
     name: str = one_of("resnet8x4", available_models)
     ckpt: str = ""                 # optional initial weights for the student
+    init_seed: Optional[int] = None  # seed of the weight initialisation (None: run.seed)
 
 
 @dataclass
@@ -187,7 +191,7 @@ def _keys(node, prefix=""):
 def _check_keys(diff: dict, where: str, schema: dict, prefix: str = ""):
     """Reject unknown keys with the nearest valid one, before OmegaConf's terser error."""
     for k, v in diff.items():
-        if k == "_base_" and not prefix:
+        if k in ("_base_", "students") and not prefix:
             continue
         if k not in schema:
             full = prefix + str(k)
@@ -235,21 +239,28 @@ def _parse_override(item: str) -> tuple:
     return key.strip(), parsed
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Build, merge and validate a config; returns an OmegaConf structured `Config`."""
-    cfg = OmegaConf.structured(Config)
-    layers = []
-    if path:
-        layers.append((path, _read_yaml(path)))
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        nested: dict = {}
-        cur = nested
+def _leaves(diff: dict, prefix=""):
+    for k, v in diff.items():
+        key = prefix + str(k)
+        if isinstance(v, dict):
+            yield from _leaves(v, key + ".")
+        else:
+            yield key, v
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        cur = out
         parts = key.split(".")
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
-        cur[parts[-1]] = value
-        layers.append((f"override '{item}'", nested))
+        cur[parts[-1]] = v
+    return out
+
+
+def _merge(layers, name_from: Optional[str]):
+    cfg = OmegaConf.structured(Config)
     for where, diff in layers:
         _check_keys(diff, where, schema_root_cache)
         try:
@@ -258,13 +269,64 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             key = getattr(e, "full_key", "") or "?"
             msg = str(e).splitlines()[0]
             raise ConfigError(f"{where}: bad value for '{key}': {msg}") from None
-    if path and not cfg.run.name:
-        cfg.run.name = os.path.splitext(os.path.basename(path))[0]
+    if name_from and not cfg.run.name:
+        cfg.run.name = os.path.splitext(os.path.basename(name_from))[0]
+    if cfg.model.init_seed is None:
+        cfg.model.init_seed = cfg.run.seed
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
+def _base_layers(path, overrides):
+    """(layers of the base config, the file's `students:` list)."""
+    layers, students = [], []
+    if path:
+        diff = _read_yaml(path)
+        students = diff.pop("students", None) or []
+        if not isinstance(students, list) or not all(isinstance(s, dict) for s in students):
+            raise ConfigError(f"{path}: 'students' must be a list of override mappings, e.g. "
+                              f"[{{model.name: resnet14}}, {{method.name: kd}}]")
+        layers.append((path, diff))
+    layers += [(f"override '{item}'", _nest(dict([_parse_override(item)]))) for item in overrides or []]
+    return layers, students
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Build, merge and validate a config; returns an OmegaConf structured `Config`. For a group file this
+    is its student 0 (what the group shares is the same for every student)."""
+    return _merge(_base_layers(path, overrides)[0], path)
+
+
+# What a student of a group may set for itself; the rest (data, pipeline and so the views, the data order's
+# seed, teacher, batch size, epochs, device, AMP) is one per group.
+STUDENT_KEYS = ("model.", "method.", "optim.")
+SHARED_STUDENT_KEYS = ("optim.epochs",)
+
+
+def load_group(path: Optional[str] = None, overrides: Optional[List[str]] = None, students=()) -> list:
+    """The configs of a run's students: student 0 is the base (`load_config`), then one per entry of the
+    file's `students:` list (override mappings) and one per `students` string (dotted overrides separated by
+    spaces, as on the command line). A group's students share run.name's folder, each in student<k>/; a
+    student's own config names the folder a solo run of it would write (`<run.name>-student<k>`)."""
+    layers, in_file = _base_layers(path, overrides)
+    extra = [(f"{path}: students[{i}]", dict(_leaves(d))) for i, d in enumerate(in_file)]
+    for i, text in enumerate(students):
+        try:
+            items = shlex.split(text)
+        except ValueError as e:
+            raise ConfigError(f"--student '{text}': {e}") from None
+        extra.append((f"--student '{text}'", dict(_parse_override(item) for item in items)))
+    base = _merge(layers, path)
+    group = [base]
+    for k, (where, flat) in enumerate(extra, start=1):
+        for key in flat:
+            if not key.startswith(STUDENT_KEYS) or key in SHARED_STUDENT_KEYS:
+                raise ConfigError(f"{where}: '{key}' is shared by the group and may not differ per student "
+                                  f"(a student sets model.*, method.*, optim.* except optim.epochs)")
+        name = {"run": {"name": f"{base.run.name or 'group'}-student{k}"}}
+        group.append(_merge(layers + [(where, _nest(flat)), ("group", name)], path))
+    return group
 def _declared_problem(value, meta) -> Optional[str]:
     """What is wrong with `value` against its field's declaration (`one_of` / `within`), or None."""
     if "one_of" in meta:
