@@ -4,7 +4,8 @@
     .venv/bin/python report.py runs/kd runs/crld --out reports/kd_vs_crld --title "KD vs CRLD"
 
 A RUN_DIR is a run folder (one holding metrics.jsonl) or any folder above several; each run is labelled by its
-path relative to the runs' common parent. Writes OUT/curves.png (val top-1, training loss with its components
+path relative to the runs' common parent. A group run's folder (train.py --student) gives one row and one curve
+per student, labelled with the overrides its group.json lists (and "stopped" for a student that stopped). Writes OUT/curves.png (val top-1, training loss with its components
 dashed, LR, samples/s, per epoch) and OUT/summary.md (one row per run). summary.json is used where present
 (it is missing while a run is still going); otherwise the figures come from metrics.jsonl and config.yaml.
 Bad input (missing folder, no metrics.jsonl, empty or malformed line) -> one line on stderr, exit code 2,
@@ -86,7 +87,18 @@ def load_run(run_dir, label):
         for key in ("model", "method"):
             section = cfg.get(key)
             summary.setdefault(key, section.get("name") if isinstance(section, dict) else None)
-    return {"label": label, "metrics": metrics, "summary": summary}
+    return {"label": label + group_note(run_dir, summary), "metrics": metrics, "summary": summary}
+
+
+def group_note(run_dir, summary):
+    """' (model.name=resnet14)' for a student of a group run: its overrides from the group's group.json."""
+    doc = read_optional(os.path.join(os.path.dirname(run_dir), "group.json"), json.load)
+    mine = [s for s in doc.get("students", []) if isinstance(s, dict) and s.get("dir") == os.path.basename(run_dir)]
+    if not mine:
+        return ""
+    parts = [f"{k}={v}" for k, v in (mine[0].get("overrides") or {}).items()]
+    parts += ["stopped"] if summary.get("failed") else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def series(metrics, key):

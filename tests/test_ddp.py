@@ -53,8 +53,8 @@ def one_process(demo_root, teacher_ckpt, tmp_path_factory):
     return out
 
 
-def _metrics(out):
-    return [json.loads(x) for x in open(os.path.join(out, "r", "metrics.jsonl"))]
+def _metrics(out, student=""):
+    return [json.loads(x) for x in open(os.path.join(out, "r", student, "metrics.jsonl"))]
 
 
 def test_two_ranks_match_one_process(demo_root, teacher_ckpt, one_process, tmp_path):
@@ -87,6 +87,22 @@ def test_resume_under_ddp(demo_root, teacher_ckpt, tmp_path):
     again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert [m["epoch"] for m in _metrics(tmp_path)] == [1, 2]
+
+
+def test_a_group_on_two_ranks_matches_one_process(demo_root, teacher_ckpt, tmp_path):
+    """Each student of a group is its own DDP module: 2 ranks train every student as 1 process does."""
+    group = ["--student", "method.name=kd", "--student", "method.name=ce model.init_seed=4"]
+    one = run(1, demo_root, teacher_ckpt, tmp_path / "one", *group)
+    two = run(2, demo_root, teacher_ckpt, tmp_path / "two", *group)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    for k in range(3):
+        a, b = (_metrics(out, f"student{k}") for out in (tmp_path / "one", tmp_path / "two"))
+        assert [m["world"] for m in b] == [2, 2]
+        for x, y in zip(a, b):
+            for key in ("train_loss", "train_top1", "val_loss"):
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (k, key)
+    assert sorted(os.listdir(tmp_path / "two" / "r")) == ["group.json", "student0", "student1", "student2"]
 
 
 def test_more_ranks_than_batch_and_uneven_batch(monkeypatch):

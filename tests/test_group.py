@@ -161,3 +161,14 @@ def test_a_students_random_stream_is_its_own(demo_cfg):
     torch.manual_seed(456)
     b = draws([5, 1, 7])
     assert torch.equal(a, b)
+
+
+def test_report_draws_every_student_of_a_group_in_one_figure_and_table(group_run, tmp_path):
+    import report
+    run_dir, _ = group_run
+    report.main([str(run_dir), "--out", str(tmp_path / "rep")])
+    rows = [ln for ln in open(tmp_path / "rep" / "summary.md") if ln.startswith("| student")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| student0", "| student1 (model.name=resnet14)", "| student2 (method.name=kd)",
+        "| student3 (model.init_seed=7, method.name=ce, optim.lr=0.02)"]
+    assert os.path.getsize(tmp_path / "rep" / "curves.png") > 0
