@@ -5,8 +5,9 @@
     python demo.py --quick            # smoke version used by the tests
 
 Materialises scikit-learn's digits as 32x32 RGB images, trains a resnet20 teacher with CE (12 epochs), then
-trains the same resnet8 student with CE, KD and CRLD from that teacher (10 epochs; --seeds N repeats them) and
-prints top-1 on the held-out split (mean over seeds). A smoke demonstration, not the paper's benchmark.
+trains the same resnet8 student with CE, KD and CRLD from that teacher as one group run (configs/demo/study.yaml:
+one data and teacher pass for the three; 10 epochs; --seeds N repeats the group) and prints top-1 on the
+held-out split (mean over seeds). A smoke demonstration, not the paper's benchmark.
 --quick: one epoch, one seed, on a 256-image training subset with every backend (data.subset=256; ffcv, which
 reads whole .beton files, converts a copy of the demo set holding that subset, in DATA/subset256).
 """
@@ -60,12 +61,11 @@ def main(argv=None):
                           "optim.epochs=%d" % (epochs if args.quick else epochs + 2)] + common[:-1])
     ckpt = os.path.join(args.out, "teacher", "best.pt")
     results = {m: [] for m in ("ce", "kd", "crld")}
-    for seed in range(seeds):
-        for m in results:
-            extra = [] if m == "ce" else [f"teacher.ckpt={ckpt}"]
-            s = train.main(["--config", f"configs/demo/{m}.yaml", "--overwrite", f"run.name={m}_seed{seed}",
-                            f"run.seed={seed}"] + extra + common)
-            results[m].append(s["best_top1"])
+    for seed in range(seeds):  # the three students as one group: one data pass, one teacher pass
+        group = train.main(["--config", "configs/demo/study.yaml", "--overwrite", f"run.name=students_seed{seed}",
+                            f"run.seed={seed}", f"teacher.ckpt={ckpt}"] + common)
+        for s in group:
+            results[s["method"]].append(s["best_top1"])
     rows = [("teacher resnet20 (ce)", [teacher["best_top1"]])]
     rows += [(f"student resnet8 ({m})", v) for m, v in results.items()]
     lines = ["", f"Demo: sklearn digits 32x32 RGB, pipeline {args.pipeline}, {seeds} seed(s), {epochs} epochs, "
@@ -77,7 +77,7 @@ def main(argv=None):
     table = os.path.join(args.out, "demo_table.json")
     doc = {"teacher": teacher["best_top1"], **results, "seeds": seeds, "epochs": epochs}
     save_atomic(table, lambda f: f.write(json.dumps(doc, indent=1).encode()))
-    runs = [os.path.join(args.out, n) for n in ["teacher"] + [f"{m}_seed{s}" for s in range(seeds) for m in results]]
+    runs = [os.path.join(args.out, n) for n in ["teacher"] + [f"students_seed{s}" for s in range(seeds)]]
     report.main([*runs, "--out", os.path.join(args.out, "report"), "--title", "demo: digits 32x32, resnet8 student"])
     return results
 

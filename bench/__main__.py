@@ -5,6 +5,7 @@
     python -m bench step --teacher imagenet_resnet34 --student imagenet_resnet18 --num-classes 1000 \
         --image-size 224 --batch-size 256 --teacher-source online,cache --amp bf16 --topk 0 [--compile on,off]
     python -m bench e2e --pipelines torch,dali --teacher-source online,cache     # demo data at 32x32
+    python -m bench e2e --pipelines torch --students 1,4     # a group of 4 students against 4 solo runs
     torchrun --nproc_per_node=8 -m bench step ...                               # per rank + aggregate
 
     python -m bench loader --pipelines torch,dali --data data/jpeg_bench --image-size 224 \
@@ -63,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--compile", nargs="?", const="on", default="off",
                     help="on | off | on,off: torch.compile the student and the online teacher (run.compile)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--students", default="1", help="e2e: comma list of group sizes K (K copies of the student "
+                    "trained from one data pass); K>1 reports student-samples/s against K solo runs")
     ap.add_argument("--topk", type=int, default=0, help="step mode: the cache stores the top-k logits")
     ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
     ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")

@@ -271,15 +271,16 @@ def matmul_peak_tflops(device, dtype=torch.bfloat16, n=8192, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=None, compiled=False):
-    """Real loader + trainer for `--steps` steps after `--warmup` (epochs wrap as needed)."""
+def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=None, compiled=False, students=1):
+    """Real loader + trainer for `--steps` steps after `--warmup` (epochs wrap as needed); `students` copies of
+    the student trained from each batch (a group run)."""
     device = torch.device(args.device)
     extra = [*data_overrides(args, pipeline), "optim.epochs=1000"]
     if source == "cache":
         extra += ["teacher.cache_cycle=true"]
     cfg = step_config(args, source, amp, channels_last, folder, extra, cache_dir=cache_dir, compiled=compiled)
     train, _, src = build_loaders(cfg, device, dist.rank if dist else 0, dist.world if dist else 1)
-    trainer = Trainer(cfg, device, folder, train, None, dist, train_source=src)
+    trainer = Trainer(cfg, device, folder, train, None, dist, train_source=src, students=[(cfg, folder)] * students)
 
     def stream():  # epochs back to back, each with its own views (and cache rows)
         epoch = 0
@@ -292,5 +293,6 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
         profile_steps(trainer, pairs, 10, os.path.join(args.profile, f"prof_{pipeline}_{source}_{amp}.txt"))
     return {"mode": "e2e", "pipeline": pipeline, "teacher": args.teacher, "student": args.student,
             "image_size": args.image_size, "teacher_source": source, "amp": amp, "channels_last": channels_last,
-            "compile": compiled, "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt,
+            "compile": compiled, "students": students, "batch_size": args.batch_size, "steps": args.steps,
+            "samples_per_s": n / dt,
             "data_wait_frac": wait / dt, "peak_memory_mib": peak_memory_mib(device), "device": str(device)}

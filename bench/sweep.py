@@ -15,7 +15,7 @@ from training.models import available_models
 from training.runtime import dist_from_env, init_distributed
 
 
-KEYS = ("pipeline", "teacher_source", "amp", "channels_last", "compile")
+KEYS = ("pipeline", "teacher_source", "amp", "channels_last", "compile", "students")
 
 
 def _list(text):
@@ -29,17 +29,19 @@ def _configs(args):
     layouts = [onoff[x] for x in _list(args.channels_last)]
     compiles = [onoff[x] for x in _list(args.compile)]
     pipes = _list(args.pipelines) if args.mode == "e2e" else ["-"]
+    groups = [int(k) for k in _list(args.students)] if args.mode == "e2e" else [1]
     out = [] if args.no_reference else [dict(REFERENCE, pipeline=REFERENCE["pipeline"] if args.mode == "e2e" else "-",
-                                             reference=True)]
+                                             students=1, reference=True)]
     for p in pipes:
         for src in _list(args.teacher_source):
             for amp in amps:
                 for cl in layouts:
                     for comp in compiles:
-                        c = {"pipeline": p, "teacher_source": src, "amp": amp, "channels_last": cl, "compile": comp,
-                             "reference": False}
-                        if not any(all(o[k] == c[k] for k in KEYS) for o in out):
-                            out.append(c)
+                        for k in groups:
+                            c = {"pipeline": p, "teacher_source": src, "amp": amp, "channels_last": cl,
+                                 "compile": comp, "students": k, "reference": False}
+                            if not any(all(o[key] == c[key] for key in KEYS) for o in out):
+                                out.append(c)
     return out
 
 
@@ -127,7 +129,7 @@ def _one(args, c, d, folder):
                               compiled=c["compile"])
     cache_dir, build = _build_cache(args, folder, c["amp"]) if c["teacher_source"] == "cache" else (None, None)
     rec = e2e_one(args, c["pipeline"], c["teacher_source"], c["amp"], c["channels_last"], cache_dir, folder,
-                  d if d.world > 1 else None, compiled=c["compile"])
+                  d if d.world > 1 else None, compiled=c["compile"], students=c["students"])
     if build:
         rec["cache_build"] = build
     return rec
@@ -148,6 +150,12 @@ def _report(args, gathered):
         peak = matmul_peak_tflops(torch.device(args.device))
     for r in agg:
         r["vs_reference"] = r["samples_per_s"] / base["samples_per_s"] if base else None
+        k = r.get("students", 1)
+        r["student_samples_per_s"] = k * r["samples_per_s"]
+        # K solo runs, one after another, deliver the solo configuration's samples/s in student-samples/s
+        solo = next((s for s in agg if s.get("students", 1) == 1 and not s["reference"]
+                     and all(s.get(key) == r.get(key) for key in KEYS if key != "students")), None)
+        r["vs_solo_runs"] = r["student_samples_per_s"] / solo["samples_per_s"] if solo and k > 1 else None
         if peak and "achieved_tflops" in r and r["amp"] in ("bf16", "fp16"):  # per rank: its FLOP/s over its card
             r["matmul_peak_tflops"], r["mfu"] = peak, r["achieved_tflops"] / peak
     batch = (f"batch {args.batch_size} per rank" if args.mode == "step" else
@@ -159,13 +167,17 @@ def _report(args, gathered):
           "phases ms (teacher/fwd/bwd/opt)")
     for r in agg:
         name = (f"{'REFERENCE ' if r['reference'] else ''}{r.get('pipeline', '-')}/{r['teacher_source']}/"
-                f"amp={r['amp']}/{'cl' if r['channels_last'] else 'nchw'}{'/compiled' if r.get('compile') else ''}")
+                f"amp={r['amp']}/{'cl' if r['channels_last'] else 'nchw'}{'/compiled' if r.get('compile') else ''}"
+                f"{'/students=%d' % r['students'] if r.get('students', 1) > 1 else ''}")
         ph = r.get("phases_ms", {})
         phs = "/".join(f"{ph[k]:.1f}" for k in ("teacher", "student_forward", "backward", "optimizer") if k in ph)
         ratio = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
         mem = f"{r['peak_memory_mib']:>9.0f}" if r["peak_memory_mib"] is not None else f"{'-':>9}"
         print(f"{name:<51} {r['samples_per_s']:>10.1f} {ratio:>7} {r['data_wait_frac']:>6.1%} "
               f"{mem}  {phs}" + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
+        if r.get("vs_solo_runs"):
+            print(f"    {r['students']} students: {r['student_samples_per_s']:.1f} student-samples/s, "
+                  f"{r['vs_solo_runs']:.2f}x {r['students']} solo runs")
         if world > 1:
             print("    per rank: " + ", ".join(f"{x:.1f}" for x in r["per_rank_samples_per_s"]))
         if r.get("cache_build"):

@@ -52,3 +52,15 @@ def test_e2e_benchmark_smoke_builds_a_cache(tmp_path, demo_root):
     assert [(r["pipeline"], r["teacher_source"], r["reference"]) for r in recs] == [
         ("torch", "online", True), ("torch", "online", False), ("torch", "cache", False)]
     assert recs[2]["cache_build"]["samples_per_s"] > 0 and all(0 <= r["data_wait_frac"] <= 1 for r in recs)
+
+
+def test_e2e_benchmark_measures_a_group_against_solo_runs(tmp_path, demo_root):
+    recs = main(["e2e", "--pipelines", "torch", "--teacher", "resnet8", "--student", "resnet8", "--data",
+                 demo_root, "--batch-size", "16", "--steps", "2", "--warmup", "1", "--workers", "0",
+                 "--teacher-source", "online", "--students", "1,3", "--no-reference", "--device", "cpu",
+                 "data.subset=64"])
+    solo, group = recs
+    assert (solo["students"], group["students"]) == (1, 3)
+    assert group["student_samples_per_s"] == pytest.approx(3 * group["samples_per_s"])
+    assert group["vs_solo_runs"] == pytest.approx(group["student_samples_per_s"] / solo["samples_per_s"])
+    assert solo["vs_solo_runs"] is None

@@ -180,6 +180,9 @@ def test_demo_quick_mode(tmp_path):
     assert "| student resnet8 (crld) |" in r.stdout and "| teacher resnet20 (ce) |" in r.stdout
     table = json.load(open(tmp_path / "runs" / "demo_table.json"))
     assert set(table) >= {"teacher", "ce", "kd", "crld"}
+    group = json.load(open(tmp_path / "runs" / "students_seed0" / "group.json"))  # the students: one group run
+    assert [(s["method"], s["summary"]["best_top1"]) for s in group["students"]] == [
+        (m, table[m][0]) for m in ("crld", "kd", "ce")]
 
 
 def test_corrupt_image_from_a_worker_is_one_line(tmp_path, jpeg_folder):
