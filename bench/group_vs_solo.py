@@ -1,6 +1,6 @@
 """A group run against the same students trained as solo runs, one process each (as a user runs them).
 
-    python -m bench.group_vs_solo [--epochs 3] [--pipeline torch] [--json docs/results/group_vs_solo_X.json]
+    python -m bench.group_vs_solo [--epochs 3] [--pipeline torch] [--workers N] [--json docs/results/X.json]
 
 Demo data, a random resnet20 teacher (weights do not change the cost), online teacher, deterministic. The group
 is CRLD resnet8 (student 0), CRLD resnet14, KD resnet8 and CE resnet8; each solo run trains its student from the
@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--pipeline", default="torch")
     ap.add_argument("--data", default="data/demo")
+    ap.add_argument("--workers", type=int, default=-1, help="pipeline.num_workers (default: the config's)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     data = make_demo(args.data)
@@ -52,7 +53,7 @@ def main(argv=None):
         torch.save({"model": create_model("resnet20", 10).state_dict()}, teacher)
         base = ["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), f"data.root={data}", f"run.out_dir={out}",
                 "run.name=g", f"optim.epochs={args.epochs}", f"pipeline.name={args.pipeline}",
-                "pipeline.num_workers=0", "run.progress=false", f"teacher.ckpt={teacher}", "run.deterministic=true"]
+                *([f"pipeline.num_workers={args.workers}"] if args.workers >= 0 else []), "run.progress=false", f"teacher.ckpt={teacher}", "run.deterministic=true"]
         group_s = _timed(base + [a for s in STUDENTS for a in ("--student", s)], env)
         solo_s, equal = [], []
         for k in range(len(STUDENTS) + 1):
@@ -61,7 +62,7 @@ def main(argv=None):
             alone = os.path.join(out, "solo", f"g-student{k}" if k else "g")
             a, b = (safe_load(os.path.join(d, "last.pt"))["model"] for d in (mine, alone))
             equal.append(all(torch.equal(a[n], b[n]) for n in a))
-    rec = {"epochs": args.epochs, "pipeline": args.pipeline, "students": ["crld resnet8"] + STUDENTS,
+    rec = {"epochs": args.epochs, "pipeline": args.pipeline, "num_workers": args.workers if args.workers >= 0 else "config", "students": ["crld resnet8"] + STUDENTS,
            "group_wall_s": group_s, "solo_wall_s": solo_s, "solo_sum_s": sum(solo_s),
            "group_over_solo": group_s / sum(solo_s), "weights_equal": equal, "machine": machine()}
     print(f"group of {len(solo_s)}: {group_s:.1f} s; solo runs: {' + '.join(f'{s:.1f}' for s in solo_s)} = "

@@ -109,6 +109,22 @@ def test_train_cli_from_cache_never_builds_the_teacher(demo_root, teacher_ckpt, 
     assert summary["epochs"] == 2 and "teacher_top1" in summary
 
 
+def test_a_group_reads_the_cache_once_and_each_student_equals_its_solo_cached_run(demo_root, teacher_ckpt, fp32_cache,
+                                                                                  tmp_path, monkeypatch):
+    from training.teacher_cache import TeacherCache
+    reads, real = [], TeacherCache._read
+    monkeypatch.setattr(TeacherCache, "_read", lambda self, *a: reads.append(1) or real(self, *a))
+    argv = ["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), *overrides(
+        demo_root, teacher_ckpt, f"run.out_dir={tmp_path}", "run.name=g", "teacher.source=cache",
+        f"teacher.cache={fp32_cache}")]
+    train.main(argv + ["--student", "method.name=kd", "--student", "method.name=ce"])
+    assert len(reads) == 2 * 3  # one read per batch for the three students: 2 epochs of 3 batches
+    train.main(argv + ["method.name=kd", "run.name=kd_alone"])
+    a = torch.load(tmp_path / "g" / "student1" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "kd_alone" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("extra, field", [("run.seed=1", "'seed'"), ("data.subset=64", "'num_samples'"),
                                           ("pipeline.randaug_n=1", "'randaug_n'"),
                                           ("teacher.name=resnet14", "'teacher'")])
