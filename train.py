@@ -18,6 +18,10 @@ runs/<run.name>/student<k>/, whose config.yaml trains that student alone, and gr
 overrides and final figures). Each student's weights equal its solo run's (views, teacher logits and its
 random stream are its solo run's); a student whose loss turns non-finite stops, the others go on, and the
 exit code is then 2.
+
+Preemption: SIGTERM or SIGUSR1 finishes the current step, writes last.pt there (every student's) and exits with
+code 75 (training.preemption.EXIT_PREEMPTED); `--resume` continues from that step with the same batches, views
+and teacher logits. `last.pt` is also written mid-epoch every run.save_every_min minutes.
 """
 import argparse
 import json
@@ -32,11 +36,14 @@ from omegaconf import OmegaConf
 from pipelines import build_loaders, views_needed
 from pipelines.disk_cache import save_atomic
 from pipelines.errors import UserError
+from training.checkpoint import safe_load
 from training.cli import run_main
 from training.config import load_group, to_yaml
 from training.loop import Trainer
+from training.preemption import Preempted, StopRequest
 from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
                               seed_everything, write_run_info)
+from training.student import check_resumable
 
 
 def parse_args(argv=None):
@@ -95,14 +102,13 @@ def main(argv=None):
             raise UserError(f"{run_dir} already holds a run; use --resume, --overwrite or another run.name")
         if dist.is_main:
             shutil.rmtree(run_dir)
+    if args.resume:  # before any data or model is built: a checkpoint of another run is refused at once
+        for c, last in zip(cfgs, lasts):
+            if os.path.isfile(last):
+                check_resumable(last, safe_load(last, mmap=True).get("config"), c)
     if dist.world > 1:
         torch.distributed.barrier()
     seed_everything(cfg.run.seed + dist.rank, cfg.run.deterministic)
-    if dist.is_main:
-        for c, d in zip(cfgs, dirs):
-            write_run_info(d, to_yaml(c), device)
-        if group:
-            write_group(run_dir, cfgs)
     views = max(views_needed(c.method.name) for c in cfgs)
     train_loader, val_loader, train_src = build_loaders(cfg, device, dist.rank, dist.world, views)
     trainer = Trainer(cfg, device, run_dir, train_loader, val_loader, dist, train_source=train_src,
@@ -114,7 +120,20 @@ def main(argv=None):
             elif os.path.isfile(last):  # a group killed before a student's first checkpoint restarts it
                 st.resume(last)
                 logging.info("resumed %s at epoch %d", last, st.epoch)
-    summaries = trainer.fit()
+    if dist.is_main:  # only now: a run refused above (data, teacher, a checkpoint of another config) writes nothing
+        for c, d in zip(cfgs, dirs):
+            write_run_info(d, to_yaml(c), device)
+        if group:
+            write_group(run_dir, cfgs)
+    trainer.stop = StopRequest().install()  # SIGTERM / SIGUSR1: a checkpoint at the next step, then EXIT_PREEMPTED
+    try:
+        summaries = trainer.fit()
+    except Preempted:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+        raise
+    finally:
+        trainer.stop.uninstall()
     if dist.is_main:
         for k, s in enumerate(summaries):
             tag = f"student {k} ({s['model']}, {s['method']}): " if group else ""

@@ -3,7 +3,8 @@
 FFCV 1.0.2's `_write_common` waits for a shared "samples done" counter and then for one allocation
 list per worker; a worker that dies (a full disk while it flushes a page: ENOSPC, or SIGBUS on a
 mapped page) stops both, and the parent waits forever. This subclass runs the same steps and checks
-the workers' exit codes while it waits, so `prep_ffcv.py` can remove its temp file and say why.
+the workers' exit codes while it waits, so `prep_ffcv.py` can remove its temp file and say why; and it forks
+them safely after DALI has run in this process (`pipelines.forking`).
 """
 import ctypes
 import queue
@@ -13,6 +14,7 @@ from time import sleep
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
+from pipelines.forking import fork_safely
 from training.progress import progress
 
 
@@ -34,8 +36,9 @@ class CheckedDatasetWriter(DatasetWriter):
         args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
                 *extra_worker_args)
         procs = [Process(target=work_fn, args=args) for _ in range(self.num_workers)]
-        for p in procs:
-            p.start()
+        with fork_safely():
+            for p in procs:
+                p.start()
         try:
             with progress(total=num_samples, desc="writing", unit="img") as bar:
                 while bar.n < num_samples:

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.disk_cache import atomic_path, save_atomic
+from pipelines.forking import fork_safely
 from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source, header_hw
 from training.cli import run_main
 from training.teacher_cache import dataset_digest
@@ -72,7 +73,7 @@ class _Samples:
             return np.zeros((8, 8, 3), dtype=np.uint8), label
 
 
-def open_split(fmt, src, split, num_classes=None, skip_bad=False):
+def open_split(fmt, src, split, num_classes=None, skip_bad=False, allow_empty=False):
     if not os.path.isdir(src) or not os.listdir(src):
         raise DataError(f"--src {src}: missing or empty folder")
     train = split == "train"
@@ -80,7 +81,7 @@ def open_split(fmt, src, split, num_classes=None, skip_bad=False):
         sub = os.path.join(src, split)
         if not os.path.isdir(sub):
             raise DataError(f"{sub}: missing split folder (expected {src}/train and {src}/val)")
-        return FolderSource(sub, skip_bad=skip_bad, name="imagefolder")
+        return FolderSource(sub, skip_bad=skip_bad, name="imagefolder", allow_empty=allow_empty)
     if fmt == "cifar":
         if num_classes is None:  # from the pickles present: a folder name like cifar-100-python contains "10"
             num_classes = cifar_classes_in(src)
@@ -93,7 +94,7 @@ def open_split(fmt, src, split, num_classes=None, skip_bad=False):
 
 def _prescan(source, workers):
     """--skip-bad-images: decode everything once, in parallel, and keep the readable ones."""
-    with ProcessPoolExecutor(max(1, workers)) as ex:
+    with fork_safely(), ProcessPoolExecutor(max(1, workers)) as ex:
         ok = list(ex.map(_readable, source.files, chunksize=64))
     bad = [f for f, good in zip(source.files, ok) if not good]
     for f in bad:
@@ -144,7 +145,8 @@ def convert(args) -> dict:
         raise DataError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
     for stale in glob.glob(out + ".tmp-*"):  # left by a killed conversion
         os.remove(stale)
-    source = open_split(args.format, args.src, args.split, args.num_classes, args.skip_bad_images)
+    source = open_split(args.format, args.src, args.split, args.num_classes, args.skip_bad_images,
+                        args.allow_empty_classes)
     keep, skipped = list(range(len(source))), list(getattr(source, "skipped", []))  # non-image files
     if args.skip_bad_images and hasattr(source, "files"):
         keep, undecodable = _prescan(source, args.num_workers)
@@ -234,6 +236,7 @@ def parse(argv=None):
     ap.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--chunk-size", type=int, default=100)
     ap.add_argument("--skip-bad-images", action="store_true")
+    ap.add_argument("--allow-empty-classes", action="store_true", help="convert although a class folder is empty")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     res, mode = DEFAULTS[args.format]

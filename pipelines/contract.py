@@ -39,12 +39,13 @@ class ValBatch(NamedTuple):
 class Loader(Protocol):
     """What a backend's `build_train` / `build_val` returns (and `pipelines.prefetch` wraps): `len` batches
     per epoch; `set_epoch(e)` before iterating selects epoch e's order and views (a pure function of seed,
-    epoch, index, view, so any epoch can be asked for, in any order); iterating yields `Batch`es (training
-    loaders) or `ValBatch`es (validation loaders). Leaving an iteration early is allowed: the next one
-    starts the asked-for epoch afresh."""
+    epoch, index, view, so any epoch can be asked for, in any order), and `set_epoch(e, start=b)` makes the
+    next iteration begin at that epoch's batch b (a run resumed mid-epoch: the same batches as from the
+    start, the first b left out); iterating yields `Batch`es (training loaders) or `ValBatch`es (validation
+    loaders). Leaving an iteration early is allowed: the next one starts the asked-for epoch afresh."""
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
 
     def __iter__(self) -> Iterator[Union[Batch, ValBatch]]: ...

@@ -29,6 +29,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.contract import Batch, ValBatch
+from pipelines.cpus import host_threads
 from pipelines.device import Normalizer, to_device
 from pipelines.finish_views import strong_on_device, views_from_decoded
 from pipelines.randaugment_graph import strong_program
@@ -77,8 +78,8 @@ class _Feeder:
         # the route's form of a training batch's boxes (cut in DALI's graph, or by the host), fixed here
         self._boxes = self._boxes_for_graph if device_route else self._boxes_for_host
 
-    def start(self, epoch):
-        self.epoch, self.keys, self.pos = epoch, None, 0
+    def start(self, epoch, pos: int = 0):
+        self.epoch, self.keys, self.pos = epoch, None, pos
 
     def _resolve(self, idx: np.ndarray) -> np.ndarray:
         """Skip mode: the first readable sample from i on (the torch backend substitutes the same); each
@@ -231,10 +232,10 @@ class _DaliLoader:
     def __init__(self, feeder, pipe, steps, normalize, outputs):
         self.feeder, self.pipe, self.steps, self.normalize, self.outputs = feeder, pipe, steps, normalize, outputs
         # the epoch whose first batch is next out of DALI (the feeder followed into it), None when stopped
-        self.epoch, self._live, self._flowing = 0, None, None
+        self.epoch, self.start, self._live, self._flowing = 0, 0, None, None
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
 
     def __len__(self):
         return self.steps
@@ -298,12 +299,12 @@ class _DaliTrainLoader(_DaliLoader):
     def _epoch_outputs(self):
         """`steps` batches of this epoch. When the previous iteration ran to its end, DALI is already on
         this epoch's batches (the feeder followed into them); otherwise it starts here."""
-        if self._flowing != self.epoch:
+        if self._flowing != self.epoch or self.start:
             if self._flowing is not None:
                 self._drain()
-            self.feeder.start(self.epoch)
+            self.feeder.start(self.epoch, self.start * self.feeder.batch)
         self._flowing = None
-        for _ in range(self.steps):
+        for _ in range(self.start, self.steps):
             yield self._run()
         self._flowing = self.epoch + 1
 
@@ -371,7 +372,7 @@ def _build(source, cfg, device, rank, world, train, views, device_route):
                            world=world, pad=train)
     drop_last = train and pc.drop_last
     feeder = _Feeder(source, sampler, batch, cfg, views, train, drop_last, device_route)
-    kw = dict(batch_size=batch, num_threads=pc.dali_threads or max(1, os.cpu_count() or 1),
+    kw = dict(batch_size=batch, num_threads=host_threads(pc.dali_threads),
               device_id=_device_index(device) if dec == "mixed" else None,
               prefetch_queue_depth=pc.dali_prefetch, seed=cfg.run.seed, exec_dynamic=True)
     if train:

@@ -34,6 +34,7 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
 from pipelines.contract import Batch, ValBatch
+from pipelines.cpus import loader_workers
 from pipelines.device import Normalizer, to_device
 from pipelines.finish_views import pair_finisher, views_from_decoded
 from pipelines.randaugment_graph import strong_program
@@ -235,10 +236,10 @@ class LabelIndexDecoder(IntDecoder):
 
 class _FfcvLoader:
     def __init__(self, loader, normalize):
-        self.loader, self.normalize, self.epoch = loader, normalize, 0
+        self.loader, self.normalize, self.epoch, self.start = loader, normalize, 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start: int = 0):
+        self.epoch, self.start = epoch, start
 
     def __len__(self):
         return len(self.loader)
@@ -275,7 +276,9 @@ class _FfcvTrainLoader(_FfcvLoader):
         # only this rank's samples of this epoch (FFCV's own order, sharded when distributed)
         order = self.loader.traversal_order.sample_order
         self.table.start(self.epoch, order(self.epoch), order(self.epoch + 1))
-        for x, y, i, idx_cpu in self._epoch():
+        for b, (x, y, i, idx_cpu) in enumerate(self._epoch()):
+            if b < self.start:  # FFCV's order cannot start mid-epoch: the first batches are decoded, not used
+                continue
             strong = run_strong_draws(self.cfg, self.epoch, idx_cpu.numpy(), self.views)
             yield Batch(*self._views(x, idx_cpu, strong), y, i, idx_cpu)
 
@@ -306,7 +309,7 @@ def _loader(path, cfg, batch, image_pipe, train, world):
         log.warning("pipeline.ffcv_order=quasi_random pays off with pipeline.ffcv_os_cache=false (datasets larger "
                     "than memory); over the OS page cache it only costs randomness")
     order = OrderOption.QUASI_RANDOM if quasi else OrderOption.RANDOM
-    return Loader(path, batch_size=batch, num_workers=max(1, pc.num_workers),
+    return Loader(path, batch_size=batch, num_workers=loader_workers(pc.num_workers, at_least=1),
                   order=order if train else OrderOption.SEQUENTIAL, os_cache=pc.ffcv_os_cache,
                   distributed=world > 1, seed=cfg.run.seed, drop_last=train and pc.drop_last,
                   pipelines={"image": image_pipe, "label": [LabelIndexDecoder()]})

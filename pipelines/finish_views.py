@@ -12,7 +12,6 @@ release the GIL.
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.cpus import usable_cpus
 from pipelines.device import to_device
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
@@ -34,7 +34,7 @@ def pool(threads: int = 0) -> ThreadPoolExecutor:
     docs/benchmarks.md); each keeps a single
     intra-op torch thread (a per-thread OpenMP setting) so nested parallel regions do not
     oversubscribe the cores."""
-    threads = threads or min(16, len(os.sched_getaffinity(0)))
+    threads = threads or min(16, usable_cpus())
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="views",
                                              initializer=torch.set_num_threads, initargs=(1,))

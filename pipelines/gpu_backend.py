@@ -207,6 +207,7 @@ class GpuTrainLoader:
         self.flat = self.data.view(-1, 3)  # pixels in (image, row, column) order: one gather cuts a view
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.sampler = EpochSampler(len(labels), seed=self.seed, shuffle=True, rank=rank, world=world)
+        self.start = 0  # the first batch of the next iteration (set_epoch)
         self.normalize = Normalizer.for_run(source.mean_std, cfg, device)
         s = torch.arange(self.size, device=self.device)
         row_stride = self.data.shape[2]
@@ -215,8 +216,9 @@ class GpuTrainLoader:
         self._cols_flipped = (self.size - 1 - s).view(1, 1, -1)     # and mirrored
         self._planner, self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpu-epoch-plan"), None
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int, start: int = 0):
         self.sampler.set_epoch(epoch)
+        self.start = start
 
     def __len__(self):
         n = len(self.sampler)
@@ -253,7 +255,7 @@ class GpuTrainLoader:
 
     def __iter__(self):
         order, index, target, start, flip, strong = self._epoch()
-        for b in range(len(self)):
+        for b in range(self.start, len(self)):
             sl = slice(b * self.batch, (b + 1) * self.batch)
             weak = self.normalize(self._cut(start[sl, 0], flip[sl, 0]))
             if self.views == 1:
@@ -277,7 +279,7 @@ class GpuValLoader:
         self.index = torch.from_numpy(keep).to(self.device)
         self.normalize = Normalizer.for_run(source.mean_std, cfg, device)
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int, start: int = 0):
         pass  # no augmentation, one fixed order
 
     def __len__(self):

@@ -55,8 +55,8 @@ class Prefetched:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
-    def set_epoch(self, epoch: int):
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.loader.set_epoch(epoch, start)
 
     def _fetch(self, it):
         self.streams.side_waits_for_main()

@@ -19,10 +19,12 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
 class EpochSampler(Sampler):
     def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1, pad: bool = True):
         self.n, self.seed, self.shuffle, self.rank, self.world, self.pad = n, seed, shuffle, rank, world, pad
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0):
+        """`skip`: leave out the rank's first `skip` samples when iterated (a run resumed mid-epoch);
+        `indices()` stays the whole epoch."""
+        self.epoch, self.skip = epoch, skip
 
     def indices(self):
         order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
@@ -31,9 +33,8 @@ class EpochSampler(Sampler):
         return order[self.rank::self.world].tolist()
 
     def __len__(self):
-        if self.pad:
-            return -(-self.n // self.world)
-        return len(range(self.rank, self.n, self.world))
+        n = -(-self.n // self.world) if self.pad else len(range(self.rank, self.n, self.world))
+        return max(0, n - self.skip)
 
     def __iter__(self):
-        return iter([(self.epoch, i) for i in self.indices()])
+        return iter([(self.epoch, i) for i in self.indices()[self.skip:]])

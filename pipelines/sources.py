@@ -161,7 +161,7 @@ class FolderSource:
     """ImageFolder layout: root/<class>/<image>, classes and files in sorted order."""
 
     def __init__(self, root: str, classes: Optional[List[str]] = None, skip_bad: bool = False,
-                 mean_std=NORMALIZATION["imagenet"], name: str = "imagefolder"):
+                 mean_std=NORMALIZATION["imagenet"], name: str = "imagefolder", allow_empty: bool = False):
         found = sorted(d.name for d in os.scandir(root) if d.is_dir())
         if not found:
             raise DataError(f"{root}: no class folders (expected root/<class>/<image>)")
@@ -189,6 +189,11 @@ class FolderSource:
         if not self.files:
             raise DataError(f"{root}: no images found")
         self.labels = np.asarray(labels, dtype=np.int64)
+        empty = [cls for c, cls in enumerate(found) if not np.any(self.labels == c)]
+        if empty and not allow_empty:  # as torchvision's ImageFolder: a class that never appears is a mistake
+            raise DataError(f"{root}: {len(empty)} class folder(s) hold no images: {', '.join(empty[:5])}"
+                            f"{' ...' if len(empty) > 5 else ''} (an interrupted extraction?); "
+                            f"data.allow_empty_classes=true (prep_ffcv.py: --allow-empty-classes) keeps them")
 
     def __len__(self):
         return len(self.files)
@@ -309,7 +314,8 @@ def open_source(data_cfg, train: bool, train_classes: Optional[List[str]] = None
         if not os.path.isdir(split):
             raise DataError(f"{split}: missing split folder (expected {root}/train and {root}/val)")
         src = FolderSource(split, classes=train_classes, skip_bad=data_cfg.skip_bad_images,
-                           mean_std=NORMALIZATION.get(ds, NORMALIZATION["imagenet"]), name=ds)
+                           mean_std=NORMALIZATION.get(ds, NORMALIZATION["imagenet"]), name=ds,
+                           allow_empty=data_cfg.allow_empty_classes)
     if len(src.classes) != data_cfg.num_classes:
         raise DataError(f"{root}: dataset has {len(src.classes)} classes but data.num_classes="
                         f"{data_cfg.num_classes}")

@@ -12,7 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.contract import Batch, ValBatch
+from pipelines.cpus import loader_workers
 from pipelines.device import Normalizer
+from pipelines.forking import fork_safely
 from pipelines.randaugment_pil import apply_strong
 from pipelines.sampler import EpochSampler
 from pipelines.view_params import STRONG, WEAK, Crop, draw_views
@@ -96,17 +98,24 @@ class _DeviceLoader:
     def __init__(self, loader, sampler, normalize):
         self.loader, self.sampler, self.normalize = loader, sampler, normalize
 
-    def set_epoch(self, epoch: int):
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.sampler.set_epoch(epoch, skip=start * self.loader.batch_size)
 
     def __len__(self):
         return len(self.loader)
+
+    def _host_batches(self):
+        """The DataLoader's iterator; its worker processes (started here, once) fork safely."""
+        if self.loader.num_workers == 0:
+            return iter(self.loader)
+        with fork_safely():
+            return iter(self.loader)
 
 
 class _TrainLoader(_DeviceLoader):
     def __iter__(self):
         dev = self.normalize.device
-        for cols in self.loader:
+        for cols in self._host_batches():
             w, s, y, i = cols if len(cols) == 4 else (cols[0], None, *cols[1:])  # single view: no strong column
             yield Batch(self.normalize(w), None if s is None else self.normalize(s),
                         y.to(dev, non_blocking=True), i.to(dev, non_blocking=True), i)
@@ -115,12 +124,12 @@ class _TrainLoader(_DeviceLoader):
 class _ValLoader(_DeviceLoader):
     def __iter__(self):
         dev = self.normalize.device
-        for x, y, i in self.loader:
+        for x, y, i in self._host_batches():
             yield ValBatch(self.normalize(x), y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
 
 
 def _loader(dataset, sampler, pipe_cfg, device, per_rank_batch, drop_last, seed):
-    workers = pipe_cfg.num_workers
+    workers = loader_workers(pipe_cfg.num_workers)
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,

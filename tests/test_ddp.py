@@ -31,12 +31,16 @@ def teacher_ckpt(random_teacher):
     return random_teacher("resnet14", seed=3)
 
 
-def run(nproc, demo_root, teacher_ckpt, out, *extra, env=None, timeout=400):
-    argv = ["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), f"data.root={demo_root}", f"run.out_dir={out}",
+def _argv(demo_root, teacher_ckpt, out, *extra):
+    return ["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), f"data.root={demo_root}", f"run.out_dir={out}",
             "run.name=r", "data.subset=128", "pipeline.batch_size=32", "pipeline.val_batch_size=64",
             "pipeline.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", "run.progress=false",
             "model.name=resnet8_gn", "teacher.name=resnet14", f"teacher.ckpt={teacher_ckpt}", "run.device=cpu",
             "run.log_every=2", "optim.lr=0.01", *extra]
+
+
+def run(nproc, demo_root, teacher_ckpt, out, *extra, env=None, timeout=400):
+    argv = _argv(demo_root, teacher_ckpt, out, *extra)
     launch = [sys.executable, WORKER] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
         f"--master_port={_port()}", WORKER]
@@ -87,6 +91,45 @@ def test_resume_under_ddp(demo_root, teacher_ckpt, tmp_path):
     again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert [m["epoch"] for m in _metrics(tmp_path)] == [1, 2]
+
+
+def run_two_nodes(demo_root, teacher_ckpt, out, *extra, env=None, timeout=400):
+    """Two torchrun "nodes" on this machine, one gloo process each, meeting through a c10d rendezvous on
+    localhost (node 0 hosts it): the launch of a multi-node job."""
+    port, procs = _port(), []
+    for node in (0, 1):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                  "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                  "--rdzv-id=crld-test", f"--rdzv-conf=is_host={int(node == 0)}", WORKER]
+        procs.append(subprocess.Popen(launch + _argv(demo_root, teacher_ckpt, out, *extra), cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}))
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done
+
+
+def test_two_nodes_match_one_process_write_once_and_resume(demo_root, teacher_ckpt, one_process, tmp_path):
+    nodes = run_two_nodes(demo_root, teacher_ckpt, tmp_path / "two")
+    assert all(n.returncode == 0 for n in nodes), [n.stderr[-1500:] for n in nodes]
+    a, b = _metrics(one_process), _metrics(tmp_path / "two")
+    assert [m["world"] for m in b] == [2, 2]  # one line per epoch: rank 0 alone wrote
+    for x, y in zip(a, b):
+        for k in ("train_loss", "train_top1", "val_loss"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+    assert sorted(os.listdir(tmp_path / "two" / "r")) == sorted(os.listdir(one_process / "r"))
+    killed = run_two_nodes(demo_root, teacher_ckpt, tmp_path / "k", "run.dist_timeout_s=60",
+                           env={"CRLD_TEST_KILL_AFTER_EPOCH": "1"})
+    assert all(n.returncode != 0 for n in killed) and len(_metrics(tmp_path / "k")) == 1
+    again = run_two_nodes(demo_root, teacher_ckpt, tmp_path / "k", "--resume")
+    assert all(n.returncode == 0 for n in again), [n.stderr[-1500:] for n in again]
+    assert [m["epoch"] for m in _metrics(tmp_path / "k")] == [1, 2]
+    wa = torch.load(one_process / "r" / "last.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "k" / "r" / "last.pt", weights_only=False)["model"]
+    assert all(((wb[k] - v).norm() / v.norm().clamp_min(1e-12)).item() < 1e-3 for k, v in wa.items()
+               if v.is_floating_point())
 
 
 def test_a_group_on_two_ranks_matches_one_process(demo_root, teacher_ckpt, tmp_path):

@@ -117,7 +117,12 @@ def test_the_cycle_check_finds_a_circle():
 # Imported inside a function, and only these: optional dependencies (a missing one must cost only the
 # feature that needs it) and heavy ones whose import would slow every CLI start and spawned test process.
 LAZY_OK = {"ffcv": "optional", "nvidia": "optional (DALI)", "apex": "optional", "matplotlib": "heavy",
-           "torchvision": "heavy (pulls in torch._dynamo)", "sklearn": "heavy"}
+           "torchvision": "heavy (pulls in torch._dynamo)", "sklearn": "heavy",
+           "torch.utils.tensorboard": "heavy (the tensorboard package), only with run.tensorboard"}
+
+
+def _lazy_ok(name):
+    return any(name == k or name.startswith(k + ".") for k in LAZY_OK)
 
 
 def _top_names(node):
@@ -130,7 +135,7 @@ def _wraps_lazy_dep(module):
     """A project module that imports one of LAZY_OK at its top (report -> matplotlib): importing it late is
     importing that dependency late."""
     tree = ast.parse(open(MODULES[module], encoding="utf-8").read())
-    return any(n.split(".")[0] in LAZY_OK for node in tree.body for n in _top_names(node))
+    return any(_lazy_ok(n) for node in tree.body for n in _top_names(node))
 
 
 def late_imports(path):
@@ -144,7 +149,7 @@ def late_imports(path):
 def test_imports_inside_functions_only_for_optional_or_heavy_dependencies(module):
     path = MODULES[module]
     bad = [f"{os.path.relpath(path, ROOT)}:{line} imports {name} inside a function" for line, name in late_imports(path)
-           if name.split(".")[0] not in LAZY_OK and not (name in MODULES and _wraps_lazy_dep(name))]
+           if not _lazy_ok(name) and not (name in MODULES and _wraps_lazy_dep(name))]
     assert not bad, "\n".join(bad)
 
 

@@ -3,6 +3,9 @@ BatchNorm -> GroupNorm), so a 2-rank DDP run and a 1-process run over the same g
 noise (BN would see per-rank batches), and with the deaths a real run meets, driven by the environment:
   CRLD_TEST_KILL_AFTER_EPOCH=N      the process writing last.pt is killed (SIGKILL, as `kill -9`) right after
                                     epoch N's checkpoint: the kill-and-resume tests
+  CRLD_TEST_KILL_AT_STEP=S          SIGKILL when a student is about to take step S (kill -9 mid-epoch)
+  CRLD_TEST_SLOW_STEP_S=T           every training step sleeps T seconds first (a signal lands mid-step), after
+                                    writing its step number to the file CRLD_TEST_STEP_FILE if that is set
   CRLD_TEST_RANK1_DIES_AT_STEP=S    rank 1 exits at step S (an OOM kill, a node failure)
   CRLD_TEST_RANK1_NAN_AT_STEP=S     rank 1's loss is NaN at step S (the other ranks' stays finite)
   CRLD_TEST_RANK1_OVERRIDE=KEY=V    rank 1 resolves another config (a node whose files differ)
@@ -10,6 +13,7 @@ noise (BN would see per-rank batches), and with the deaths a real run meets, dri
 import os
 import signal
 import sys
+import time
 
 import torch.nn as nn
 
@@ -41,6 +45,19 @@ if __name__ == "__main__":
             if name == "last.pt" and self.epoch == kill_after and self.is_main:
                 os.kill(os.getpid(), signal.SIGKILL)
         Student.save = save_then_die
+    kill_at, slow = int(os.environ.get("CRLD_TEST_KILL_AT_STEP", "-1")), float(os.environ.get("CRLD_TEST_SLOW_STEP_S", 0))
+    if kill_at >= 0 or slow:
+        plain_step = Student.train_step
+
+        def hooked_step(self, *a, **k):
+            if self.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get("CRLD_TEST_STEP_FILE"):
+                with open(os.environ["CRLD_TEST_STEP_FILE"], "w") as f:
+                    f.write(str(self.step))
+            time.sleep(slow)
+            return plain_step(self, *a, **k)
+        Student.train_step = hooked_step
     die_at = int(os.environ.get("CRLD_TEST_RANK1_DIES_AT_STEP", "0"))
     if die_at and os.environ.get("RANK") == "1":  # a rank lost mid-epoch (OOM kill, node failure)
         step = Student.train_step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from typing import Dict
 
 import torch
@@ -22,11 +23,25 @@ def atomic_save(obj, path: str) -> None:
     save_atomic(path, lambda f: torch.save(obj, f), fsync=True)
 
 
-def safe_load(path: str, map_location="cpu"):
+def _check_container(path: str) -> None:
+    """A torch.save file is a zip archive (or, from old PyTorch, a pickle): anything else gets one short line
+    here instead of torch's weights_only explanation."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (an interrupted copy or download?)")
+    elif head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
+
+
+def safe_load(path: str, map_location="cpu", mmap: bool = False):
+    """torch.load with weights_only=True; `mmap`: tensors are mapped, not read (a look at the metadata)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
+    _check_container(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: refused to load (weights_only=True: it contains objects "

@@ -6,6 +6,7 @@ import os
 import sys
 
 from pipelines.errors import UserError
+from training.preemption import EXIT_PREEMPTED, Preempted
 
 
 def one_line(exc: UserError) -> str:
@@ -47,6 +48,9 @@ def run_main(main) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Preempted as e:
+        print(f"preempted: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UserError as e:
         if os.environ.get("CRLD_TRACEBACK"):
             raise

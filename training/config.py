@@ -68,6 +68,7 @@ class DataConfig:
     val_resize: int = 0            # 0: no resize (CIFAR); else resize shorter side, centre-crop image_size
     subset: int = within(0, 0)     # >0: an evenly strided N-sample training subset (quick runs, tests)
     skip_bad_images: bool = False  # log and skip unreadable images instead of failing
+    allow_empty_classes: bool = False  # imagefolder: train although a class folder holds no image
 
 
 @dataclass
@@ -78,7 +79,7 @@ class PipelineConfig:
     route: str = one_of("auto", ("auto", "host", "device"))
     batch_size: int = within(64, 1)  # global batch (split over ranks under DDP)
     val_batch_size: int = within(256, 1)
-    num_workers: int = within(2, 0)
+    num_workers: str = "auto"      # loader workers: auto (the CPUs this rank may use, less one) or a number
     randaug_n: int = within(2, 0, 8)  # ops per strong view (the paper: 2)
     strong_aug: bool = True        # False: the strong view gets only crop + flip (ablation)
     # accelerator route's strong view: segmented (host-planned, per-op slices) or graph (a static-shape
@@ -160,6 +161,8 @@ class RunConfig:
     log_every: int = within(50, 1)  # steps between host syncs for the progress bar
     progress: bool = True
     save_every: int = within(1, 1)  # epochs between `last.pt` checkpoints
+    save_every_min: float = within(10.0, 0)  # also mid-epoch, this often (minutes; 0: epoch ends only)
+    tensorboard: bool = False      # also write metrics.jsonl's scalars as TensorBoard events (RUN_DIR/tensorboard)
     dist_timeout_s: int = within(600, 1)  # DDP: a collective waiting longer (a dead or hung rank) is an error
 
 
@@ -354,6 +357,8 @@ def validate(cfg) -> None:
         for f in fields(section.default_factory()):
             problem = _declared_problem(getattr(cfg[section.name], f.name), f.metadata)
             need(problem is None, f"{section.name}.{f.name}", problem)
+    need(cfg.pipeline.num_workers == "auto" or cfg.pipeline.num_workers.isdigit(), "pipeline.num_workers",
+         f"must be auto or a number >= 0, got '{cfg.pipeline.num_workers}'")
     need(cfg.teacher.source != "cache" or bool(cfg.teacher.cache), "teacher.cache",
          "teacher.source=cache needs teacher.cache=PATH (a directory made by cache_teacher.py)")
     _check_hub_specs(cfg)

@@ -23,6 +23,7 @@ from pipelines.errors import RuntimeConfigError, UserError
 from training.checkpoint import CheckpointError, load_model_weights
 from training.hub_weights import weights_path
 from training.models import create_model
+from training.preemption import Preempted, StopRequest
 from training.progress import progress
 from training.runtime import autocast_for
 from training.student import Student, accuracy_counts
@@ -116,6 +117,8 @@ class Trainer:
                 self.teacher = frozen_teacher(cfg, device)
                 self.teacher_fwd = torch.compile(self.teacher) if cfg.run.compile else self.teacher
         self.teacher_metrics = None
+        self.stop = StopRequest()  # train.py installs its signal handlers; without them no signal is seen
+        self.last_save, self.stopping = time.monotonic(), False
 
     def resume(self, paths) -> None:
         """Each student from its last.pt (a path per student; one path for a solo run)."""
@@ -139,35 +142,47 @@ class Trainer:
             teacher = self.teacher_logits(batch, max(views_needed(st.method.name) for st in students) == 2)
         return [st.train_step(batch, teacher if st.method.name != "ce" else None) for st in students]
 
-    def epoch_batches(self, epoch: int):
-        """(batch, its cached teacher logits or None) of training epoch `epoch`. With a cycled cache, epoch e
-        replays augmentation epoch e % E: the loader's views (and order) and the cache's rows both come from it."""
+    def epoch_batches(self, epoch: int, start: int = 0):
+        """(batch, its cached teacher logits or None) of training epoch `epoch`, from its batch `start` on. With a
+        cycled cache, epoch e replays augmentation epoch e % E: the loader's views (and order) and the cache's
+        rows both come from it."""
         view_epoch = self.cache.view_epoch(epoch) if self.cache is not None else epoch
-        self.train_loader.set_epoch(view_epoch)
+        self.train_loader.set_epoch(view_epoch, *([start] if start else []))
         if self.cache is None:
             return ((b, None) for b in self.train_loader)
         return self.cache.alongside(self.train_loader, view_epoch)
 
     def train_epoch(self, epoch: int, students) -> dict:
-        """Epoch `epoch` for `students` (all at that epoch); their running sums are in each Student. Returns
-        the epoch's shared figures (time, samples/s, data wait)."""
+        """Epoch `epoch` for `students` (all in that epoch), from the first step any of them still needs: a
+        student resumed mid-epoch, or ahead of the others, sits out the batches it already has. Their running
+        sums are in each Student. Returns the epoch's shared figures (time, samples/s, data wait)."""
+        first = epoch * self.steps_per_epoch
         for st in students:
-            st.begin_epoch()
-        lead = students[0]
-        bar = progress(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
+            st.model.train()
+            if st.step == first:
+                st.begin_epoch()
+        start = min(st.position() for st in students)
+        bar = progress(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
                        disable=not (self.is_main and self.cfg.run.progress), leave=False, dynamic_ncols=True)
         t0, wait, n_seen = time.perf_counter(), 0.0, 0
         t_fetch = time.perf_counter()
-        for i, (batch, cached) in enumerate(self.epoch_batches(epoch)):
+        for i, (batch, cached) in enumerate(self.epoch_batches(epoch, start), start=start):
             wait += time.perf_counter() - t_fetch
-            live = [st for st in students if st.failed is None]
-            self.train_step(batch, cached, live)
+            self.train_step(batch, cached, [st for st in students if st.failed is None and st.step == first + i])
             n_seen += batch.target.numel()
-            if (i + 1) % self.cfg.run.log_every == 0 or i + 1 == self.steps_per_epoch:
-                self._check_finite(live)
+            stop_now = self.stop.signal is not None and self.world == 1  # one process: no need to agree
+            if stop_now or (i + 1) % self.cfg.run.log_every == 0 or i + 1 == self.steps_per_epoch:
+                stop = self._check_finite([st for st in students if st.failed is None and st.unchecked < st.step])
                 students = [st for st in students if st.failed is None]
                 if not students:
                     break
+                if i + 1 == self.steps_per_epoch:
+                    self.stopping = stop  # the epoch ends anyway: its checkpoint, then the stop (fit)
+                elif stop or self._save_due():
+                    self._save_mid_epoch(students)
+                    if stop:
+                        raise Preempted(f"stopped by {self.stop.signal or 'a signal on another rank'} after step "
+                                        f"{i + 1} of epoch {epoch + 1}; last.pt written, --resume continues there")
                 lead = students[0]
                 avg = (lead.sums / lead.n_seen).tolist()
                 bar.set_postfix(loss=f"{avg[0]:.3f}", acc=f"{100.0 * lead.acc[0].item() / lead.n_seen:.1f}",
@@ -191,13 +206,26 @@ class Trainer:
         stats.update(train_top1=100.0 * acc[0].item() / n_seen, lr=st.lr)
         return stats
 
-    def _check_finite(self, students) -> None:
+    def _save_due(self) -> bool:
+        """Whether run.save_every_min has passed since the last checkpoint (rank 0 writes; no agreement needed)."""
+        every = self.cfg.run.save_every_min
+        return every > 0 and time.monotonic() - self.last_save > 60 * every
+
+    def _save_mid_epoch(self, students) -> None:
+        for st in students:
+            st.save("last.pt")
+        self.last_save = time.monotonic()
+
+    def _check_finite(self, students) -> bool:
         """Stops a student whose loss component was NaN or infinite since its last check: such a value stays in
         the epoch's running sums, so reading them at the logging sync costs the step nothing. One reduction for
-        all students, so every rank stops the same students at the same check. A solo run raises."""
-        bad = torch.cat([(~torch.isfinite(st.sums)).int() for st in students])
+        all students and the stop signal, so every rank stops the same students, and the run, at the same step.
+        A solo run raises. Returns whether any rank was asked to stop."""
+        asked = torch.tensor([int(self.stop.signal is not None)], device=self.device)
+        bad = torch.cat([(~torch.isfinite(st.sums)).int() for st in students] + [asked.int()])
         if self.world > 1:
             torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        bad, stop = bad[:-1], bool(bad[-1].item())
         for st, row in zip(students, bad.split([len(st.names) for st in students])):
             comps = [n for n, b in zip(st.names, row.tolist()) if b]
             first, last = st.unchecked, st.step - 1
@@ -211,6 +239,7 @@ class Trainer:
                     raise NonFiniteLoss(st.failed)
                 log.warning("%s: %s", st.run_dir, st.failed)
                 st.summary(0.0, self._teacher_top1())
+        return stop
 
     def validate(self, models=None) -> list:
         models = models if models is not None else [st.student for st in self.students]
@@ -244,12 +273,15 @@ class Trainer:
             stats = [self._epoch_stats(st) for st in active]
             for st, s, v in zip(active, stats, self.validate([st.student for st in active])):
                 s.update(shared, **v)
-                st.end_epoch(s, epochs)
+                st.end_epoch(s, epochs, force_save=self.stopping)
             if self.is_main:
                 parts = [f"{self._tag(st)}loss {s['train_loss']:.4f}  val top-1 {s['val_top1']:.2f}  "
                          f"top-5 {s['val_top5']:.2f}" for st, s in zip(active, stats)]
                 tqdm.write(f"epoch {epoch + 1}/{epochs}  " + "  ".join(parts)
                            + f"  {shared['samples_per_s']:.0f} samples/s")
+            if self.stopping and any(st.epoch < epochs for st in self.students if st.failed is None):
+                raise Preempted(f"stopped by {self.stop.signal or 'a signal on another rank'} at the end of epoch "
+                                f"{epoch + 1}; last.pt written, --resume continues there")
         wall = time.perf_counter() - t_start
         return [st.summary(wall, self._teacher_top1()) for st in self.students]
 

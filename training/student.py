@@ -59,6 +59,35 @@ def _set_stream_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+# What may differ between a run and the run it resumes: the length of training (extending a run), logging and
+# checkpoint cadence, where files go, and how many workers and threads prepare the same batches.
+RESUME_MAY_CHANGE = ("optim.epochs", "run.progress", "run.log_every", "run.save_every", "run.save_every_min",
+                     "run.dist_timeout_s", "run.out_dir", "run.name", "run.device", "run.compile",
+                     "run.deterministic", "run.tensorboard", "pipeline.num_workers", "pipeline.host_threads",
+                     "pipeline.dali_threads", "pipeline.dali_prefetch", "pipeline.val_batch_size", "data.root",
+                     "teacher.cache")
+
+
+def _flat(node, prefix=""):
+    for k, v in node.items():
+        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+
+def check_resumable(path: str, saved_yaml, cfg) -> None:
+    """Refuses, naming the keys, to continue a checkpoint under a config that trains something else (another
+    model, method, data subset...): only RESUME_MAY_CHANGE may differ. Keys the checkpoint predates are not
+    compared."""
+    if not saved_yaml:
+        return
+    saved = dict(_flat(OmegaConf.to_container(OmegaConf.create(saved_yaml))))
+    now = dict(_flat(OmegaConf.to_container(cfg)))
+    diff = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    if diff:
+        shown = ", ".join(f"{k} ({saved[k]!r} -> {now[k]!r})" for k in diff[:4]) + (" ..." if len(diff) > 4 else "")
+        raise CheckpointError(f"{path}: --resume under another config: {shown}; only optim.epochs, run.* logging "
+                              f"keys, paths and worker counts may change (start a new run.name instead)")
+
+
 class Student:
     def __init__(self, cfg, device: torch.device, run_dir: str, steps_per_epoch: int, autocast, use_scaler: bool,
                  dist=None):
@@ -87,6 +116,7 @@ class Student:
         self.base_lr = base_lr(cfg.optim, cfg.pipeline.batch_size)
         self.epoch, self.step, self.best_top1 = 0, 0, -1.0
         self.history, self.failed = [], None  # failed: why the student stopped (a non-finite loss)
+        self.writer = None  # TensorBoard, opened at the first epoch's end when run.tensorboard
         self.begin_epoch()
 
     @contextmanager
@@ -142,9 +172,12 @@ class Student:
 
     def begin_epoch(self):
         """Zero the epoch's running sums (device tensors, read only at the logging syncs)."""
-        self.model.train()
         self.names, self.sums, self.acc, self.n_seen = None, None, None, 0
         self.unchecked = self.step  # the first step not yet checked for a non-finite loss
+
+    def position(self) -> int:
+        """Steps done in the current epoch (0 at an epoch boundary)."""
+        return self.step - self.epoch * self.steps_per_epoch
 
     # ---- files -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -152,7 +185,10 @@ class Student:
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "best_top1": self.best_top1, "lr": self.opt.param_groups[0]["lr"],
                 "model_name": self.cfg.model.name, "config": OmegaConf.to_yaml(self.cfg),
-                "rng": self.rng, "history": json.dumps(self.history)}
+                "rng": self.rng, "history": json.dumps(self.history),
+                # mid-epoch: the epoch's running sums, so that its logged means come out as uninterrupted
+                "epoch_sums": {"names": json.dumps(self.names), "sums": self.sums, "acc": self.acc,
+                               "n_seen": self.n_seen, "unchecked": self.unchecked}}
 
     def save(self, name: str):
         if self.is_main:
@@ -164,6 +200,7 @@ class Student:
             if key not in ck:
                 raise CheckpointError(f"{path}: not a training checkpoint (no '{key}'); "
                                       f"use model.ckpt to start from weights")
+        check_resumable(path, ck.get("config"), self.cfg)
         self.student.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -173,8 +210,12 @@ class Student:
         if self.device.type == "cuda" and isinstance(self.rng.get("cuda"), list):  # one state per device
             self.rng["cuda"] = self.rng["cuda"][self.device.index or 0]
         self.begin_epoch()
+        sums = ck.get("epoch_sums")
+        if self.position() and sums and sums["sums"] is not None:
+            self.names, self.n_seen, self.unchecked = json.loads(sums["names"]), sums["n_seen"], sums["unchecked"]
+            self.sums, self.acc = sums["sums"].to(self.device), sums["acc"].to(self.device)
 
-    def end_epoch(self, stats: dict, epochs: int) -> None:
+    def end_epoch(self, stats: dict, epochs: int, force_save: bool = False) -> None:
         """Record a finished epoch: history, metrics.jsonl, best.pt / last.pt."""
         self.epoch += 1
         stats["epoch"] = self.epoch
@@ -185,10 +226,23 @@ class Student:
         if self.is_main:
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(stats) + "\n")
+            if self.cfg.run.tensorboard:
+                self._tensorboard(stats)
         if is_best:
             self.save("best.pt")
-        if self.epoch % self.cfg.run.save_every == 0 or self.epoch == epochs:
+        if self.epoch % self.cfg.run.save_every == 0 or self.epoch == epochs or force_save:
             self.save("last.pt")
+
+    def _tensorboard(self, stats: dict) -> None:
+        """The epoch's metrics.jsonl scalars as TensorBoard events: train/*, val/*, and the rest under run/."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # the tensorboard package, only when asked for
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        for key, v in stats.items():
+            if isinstance(v, (int, float)) and key != "epoch":
+                section, _, name = key.partition("_") if key.startswith(("train_", "val_")) else ("run", "", key)
+                self.writer.add_scalar(f"{section}/{name}", v, self.epoch)
+        self.writer.flush()
 
     def summary(self, wall_s: float, teacher_top1=None) -> dict:
         out = {"model": self.cfg.model.name, "method": self.method.name, "epochs": self.epoch,
