@@ -5,8 +5,9 @@
 
 A RUN_DIR is a run folder (one holding metrics.jsonl) or any folder above several; each run is labelled by its
 path relative to the runs' common parent. A group run's folder (train.py --student) gives one row and one curve
-per student, labelled with the overrides its group.json lists (and "stopped" for a student that stopped). Writes OUT/curves.png (val top-1, training loss with its components
-dashed, LR, samples/s, per epoch) and OUT/summary.md (one row per run). summary.json is used where present
+per student, labelled with the overrides its group.json lists (and "stopped" for a student that stopped).
+Writes OUT/curves.png (val top-1, training loss with its components dashed, LR, samples/s, per epoch) and
+OUT/summary.md (one row per run). summary.json is used where present
 (it is missing while a run is still going); otherwise the figures come from metrics.jsonl and config.yaml.
 Bad input (missing folder, no metrics.jsonl, empty or malformed line) -> one line on stderr, exit code 2,
 and nothing written.

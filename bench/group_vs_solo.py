@@ -53,7 +53,8 @@ def main(argv=None):
         torch.save({"model": create_model("resnet20", 10).state_dict()}, teacher)
         base = ["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), f"data.root={data}", f"run.out_dir={out}",
                 "run.name=g", f"optim.epochs={args.epochs}", f"pipeline.name={args.pipeline}",
-                *([f"pipeline.num_workers={args.workers}"] if args.workers >= 0 else []), "run.progress=false", f"teacher.ckpt={teacher}", "run.deterministic=true"]
+                *([f"pipeline.num_workers={args.workers}"] if args.workers >= 0 else []), "run.progress=false",
+                f"teacher.ckpt={teacher}", "run.deterministic=true"]
         group_s = _timed(base + [a for s in STUDENTS for a in ("--student", s)], env)
         solo_s, equal = [], []
         for k in range(len(STUDENTS) + 1):
@@ -62,7 +63,8 @@ def main(argv=None):
             alone = os.path.join(out, "solo", f"g-student{k}" if k else "g")
             a, b = (safe_load(os.path.join(d, "last.pt"))["model"] for d in (mine, alone))
             equal.append(all(torch.equal(a[n], b[n]) for n in a))
-    rec = {"epochs": args.epochs, "pipeline": args.pipeline, "num_workers": args.workers if args.workers >= 0 else "config", "students": ["crld resnet8"] + STUDENTS,
+    rec = {"epochs": args.epochs, "pipeline": args.pipeline,
+           "num_workers": args.workers if args.workers >= 0 else "config", "students": ["crld resnet8"] + STUDENTS,
            "group_wall_s": group_s, "solo_wall_s": solo_s, "solo_sum_s": sum(solo_s),
            "group_over_solo": group_s / sum(solo_s), "weights_equal": equal, "machine": machine()}
     print(f"group of {len(solo_s)}: {group_s:.1f} s; solo runs: {' + '.join(f'{s:.1f}' for s in solo_s)} = "
