@@ -70,7 +70,7 @@ class SyntheticLoader:
         self.index = self.index_host.to(device)
         self.steps = steps
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start=0):
         pass
 
     def __len__(self):

@@ -83,8 +83,8 @@ def test_weak_view_check_takes_last_bit_differences_but_not_a_grey_level(monkeyp
             std = src.mean_std[1][0]
 
             class Skewed:
-                def set_epoch(self, e):
-                    train.set_epoch(e)
+                def set_epoch(self, e, start=0):
+                    train.set_epoch(e, start)
 
                 def __iter__(self):
                     for b in train:
@@ -116,8 +116,8 @@ def test_prefetcher_check_catches_a_differing_batch(monkeypatch, tmp_path):
             def __init__(self):
                 self.loader = loader
 
-            def set_epoch(self, e):
-                loader.set_epoch(e)
+            def set_epoch(self, e, start=0):
+                loader.set_epoch(e, start)
 
             def __iter__(self):
                 for k, b in enumerate(loader):

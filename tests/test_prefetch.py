@@ -38,7 +38,7 @@ class Loader:
     def __len__(self):
         return self.n
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start=0):
         self.epoch = epoch
 
     def __iter__(self):

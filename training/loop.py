@@ -147,7 +147,7 @@ class Trainer:
         cycled cache, epoch e replays augmentation epoch e % E: the loader's views (and order) and the cache's
         rows both come from it."""
         view_epoch = self.cache.view_epoch(epoch) if self.cache is not None else epoch
-        self.train_loader.set_epoch(view_epoch, *([start] if start else []))
+        self.train_loader.set_epoch(view_epoch, start)
         if self.cache is None:
             return ((b, None) for b in self.train_loader)
         return self.cache.alongside(self.train_loader, view_epoch)
