@@ -148,6 +148,22 @@ def test_a_group_on_two_ranks_matches_one_process(demo_root, teacher_ckpt, tmp_p
     assert sorted(os.listdir(tmp_path / "two" / "r")) == ["group.json", "student0", "student1", "student2"]
 
 
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes(demo_root, teacher_ckpt, one_process,
+                                                                            tmp_path):
+    """Rank 1 alone is signalled after step 5 (mid epoch 2, run.log_every=2): the ranks agree at the next logging
+    sync (step 6), rank 0 writes last.pt there, both exit 75; --resume ends as the 1-process run does."""
+    cut = run(2, demo_root, teacher_ckpt, tmp_path, "run.dist_timeout_s=60",
+              env={"CRLD_TEST_RANK1_SIGTERM_AT_STEP": "5"})
+    assert cut.returncode != 0 and cut.stderr.count("preempted: stopped by a signal on another rank after step 2 "
+                                                   "of epoch 2") == 1, cut.stderr[-3000:]
+    assert "preempted: stopped by SIGTERM after step 2 of epoch 2" in cut.stderr
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["step"] == 6
+    again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    for x, y in zip(_metrics(one_process), _metrics(tmp_path)):
+        assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4, abs=1e-6)
+
+
 def test_more_ranks_than_batch_and_uneven_batch(monkeypatch):
     # check_world needs only the batch size and the world, so no ranks are launched: a RuntimeConfigError raised
     # under torchrun reaching stderr and the exit status is test_config_differing_between_ranks_is_detected's part

@@ -91,9 +91,10 @@ def _worker(argv, env):
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_kill_9_after_a_mid_epoch_checkpoint_then_resume(data, teacher_ckpt, tmp_path):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_kill_9_after_a_mid_epoch_checkpoint_then_resume(data, teacher_ckpt, tmp_path, pipeline):
     """run.save_every_min makes checkpoints mid-epoch (here at every logging sync); SIGKILL lands after one."""
-    common = ("run.save_every_min=0.00001", "run.log_every=1")
+    common = ("run.save_every_min=0.00001", "run.log_every=1", "--pipeline", pipeline)
     for name, env, code in (("full", {}, 0), ("cut", {"CRLD_TEST_KILL_AT_STEP": "5"}, -signal.SIGKILL)):
         p = _worker(args(data, teacher_ckpt, tmp_path, name, *common), env)  # all three runs: one process each
         assert p.communicate(timeout=600) and p.returncode == code
@@ -105,17 +106,17 @@ def test_kill_9_after_a_mid_epoch_checkpoint_then_resume(data, teacher_ckpt, tmp
 
 def test_sigterm_exits_within_seconds_with_a_complete_checkpoint_and_a_second_signal_at_once(data, teacher_ckpt,
                                                                                                tmp_path):
-    def started(name, slow_s, step):
+    def started(name, slow_s, step, *extra):
         """A run whose steps take slow_s seconds each, once it is in (or past) step `step`."""
         marker = tmp_path / f"{name}.step"
-        p = _worker(args(data, teacher_ckpt, tmp_path, name, "optim.epochs=50"),
+        p = _worker(args(data, teacher_ckpt, tmp_path, name, "optim.epochs=50", *extra),
                     {"CRLD_TEST_SLOW_STEP_S": str(slow_s), "CRLD_TEST_STEP_FILE": str(marker)})
         deadline = time.time() + 300
         while not (marker.exists() and marker.read_text() and int(marker.read_text()) >= step):
             assert time.time() < deadline and p.poll() is None
             time.sleep(0.1)
         return p
-    p = started("one", 0.5, 4)  # in the second epoch; a signal lands mid-step
+    p = started("one", 0.5, 4, "pipeline.num_workers=1")  # epoch 2, mid-step; a loader worker process to end
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)

@@ -7,6 +7,7 @@ noise (BN would see per-rank batches), and with the deaths a real run meets, dri
   CRLD_TEST_SLOW_STEP_S=T           every training step sleeps T seconds first (a signal lands mid-step), after
                                     writing its step number to the file CRLD_TEST_STEP_FILE if that is set
   CRLD_TEST_RANK1_DIES_AT_STEP=S    rank 1 exits at step S (an OOM kill, a node failure)
+  CRLD_TEST_RANK1_SIGTERM_AT_STEP=S rank 1 alone gets SIGTERM right after step S (a preemption seen by one node)
   CRLD_TEST_RANK1_NAN_AT_STEP=S     rank 1's loss is NaN at step S (the other ranks' stays finite)
   CRLD_TEST_RANK1_OVERRIDE=KEY=V    rank 1 resolves another config (a node whose files differ)
 """
@@ -67,6 +68,16 @@ if __name__ == "__main__":
                 os._exit(1)
             return step(self, *a, **k)
         Student.train_step = dying_step
+    term_at = int(os.environ.get("CRLD_TEST_RANK1_SIGTERM_AT_STEP", "-1"))
+    if term_at >= 0 and os.environ.get("RANK") == "1":
+        step_once = Student.train_step
+
+        def signalled_step(self, *a, **k):
+            out = step_once(self, *a, **k)
+            if self.step == term_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        Student.train_step = signalled_step
     nan_at = int(os.environ.get("CRLD_TEST_RANK1_NAN_AT_STEP", "-1"))
     if nan_at >= 0 and os.environ.get("RANK") == "1":
         forward = Student.forward_losses
