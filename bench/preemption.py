@@ -32,15 +32,15 @@ from training.student import Student
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sigterm_to_exit(data: str, folder: str) -> float:
+def sigterm_to_exit(data: str, folder: str, name: str) -> float:
     teacher = os.path.join(folder, "teacher.pt")
     torch.manual_seed(0)
     torch.save({"model": create_model("resnet20", 10).state_dict()}, teacher)
     argv = ["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), f"data.root={data}", f"run.out_dir={folder}",
-            "run.name=stop", "--overwrite", "pipeline.num_workers=0", "run.progress=false", f"teacher.ckpt={teacher}"]
+            f"run.name={name}", "pipeline.num_workers=0", "run.progress=false", f"teacher.ckpt={teacher}"]
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(folder, "stop", "metrics.jsonl")
+    metrics = os.path.join(folder, name, "metrics.jsonl")
     while not (os.path.exists(metrics) and os.path.getsize(metrics)):  # epoch 1 done: in the loop of epoch 2
         if p.poll() is not None:
             raise RuntimeError(f"the demo run ended early: {p.stderr.read()[-1500:]}")
@@ -79,7 +79,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     data = make_demo(args.data)
     with tempfile.TemporaryDirectory() as folder:
-        stops = [sigterm_to_exit(data, folder) for _ in range(args.repeat)]
+        stops = [sigterm_to_exit(data, folder, f"stop{k}") for k in range(args.repeat)]
         saves = [checkpoint_seconds(m, c, folder, args.repeat) for m, c in (("resnet8", 10),
                                                                             ("imagenet_resnet18", 1000))]
     rec = {"sigterm_to_exit_s": stops, "checkpoints": saves, "machine": machine()}
