@@ -72,10 +72,15 @@ def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(data, teache
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
-def test_sigusr1_in_a_group_with_the_cache_then_resume(data, teacher_ckpt, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    cache_teacher.main(["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), "--out", str(cache), "--epochs", "2",
-                        "--precision", "fp32", "--no-eval", *args(data, teacher_ckpt, tmp_path, "x")[2:]])
+@pytest.fixture(scope="module")
+def cache(data, teacher_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "fp32"
+    cache_teacher.main(["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), "--out", str(out), "--epochs", "2",
+                        "--precision", "fp32", "--no-eval", *args(data, teacher_ckpt, out.parent, "x")[2:]])
+    return out
+
+
+def test_sigusr1_in_a_group_with_the_cache_then_resume(data, teacher_ckpt, cache, tmp_path, monkeypatch):
     common = ("teacher.source=cache", f"teacher.cache={cache}", "--student", "method.name=kd")
     train.main(args(data, teacher_ckpt, tmp_path, "full", *common))
     with monkeypatch.context() as m:
@@ -91,10 +96,11 @@ def _worker(argv, env):
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("pipeline", PIPELINES)
-def test_kill_9_after_a_mid_epoch_checkpoint_then_resume(data, teacher_ckpt, tmp_path, pipeline):
+@pytest.mark.parametrize("pipeline", PIPELINES + ["torch+cache"])
+def test_kill_9_after_a_mid_epoch_checkpoint_then_resume(data, teacher_ckpt, cache, tmp_path, pipeline):
     """run.save_every_min makes checkpoints mid-epoch (here at every logging sync); SIGKILL lands after one."""
-    common = ("run.save_every_min=0.00001", "run.log_every=1", "--pipeline", pipeline)
+    common = ("run.save_every_min=0.00001", "run.log_every=1", "--pipeline", pipeline.split("+")[0],
+              *(["teacher.source=cache", f"teacher.cache={cache}"] if pipeline.endswith("+cache") else []))
     for name, env, code in (("full", {}, 0), ("cut", {"CRLD_TEST_KILL_AT_STEP": "5"}, -signal.SIGKILL)):
         p = _worker(args(data, teacher_ckpt, tmp_path, name, *common), env)  # all three runs: one process each
         assert p.communicate(timeout=600) and p.returncode == code
