@@ -1,5 +1,7 @@
 """Where batches go and in what form: the route decision (`on_device`), the batch dtype, the copy to the
 training device and the normaliser every backend finishes its views with."""
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from pipelines.precision import amp_dtype
@@ -20,6 +22,17 @@ def input_dtype(cfg, device) -> torch.dtype:
     anyway, so values are the same and the normalised views take half the memory and bandwidth; the
     host-to-device copy is uint8 either way), float32 otherwise."""
     return amp_dtype(cfg.run.amp, torch.device(device)) or torch.float32
+
+
+def helper_threads(workers: int, device, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads have the training device as their current CUDA device. The current device
+    is per thread: a new thread that pins memory would otherwise do it on GPU 0, where each DDP rank would then
+    hold a CUDA context of its own."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ThreadPoolExecutor(workers, thread_name_prefix=name)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=torch.cuda.set_device, initargs=(index,))
 
 
 def to_device(x: torch.Tensor, device) -> torch.Tensor:

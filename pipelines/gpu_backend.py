@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipelines.contract import Batch, ValBatch
-from pipelines.device import Normalizer
+from pipelines.device import Normalizer, helper_threads
 from pipelines.disk_cache import save_atomic, user_cache_dir
 from pipelines.errors import UserError
 from pipelines.randaugment_graph import strong_program
@@ -214,7 +214,7 @@ class GpuTrainLoader:
         self._rows = (s * row_stride).view(1, -1, 1)                # (1, S, 1) row offsets
         self._cols = s.view(1, 1, -1)                               # (1, 1, S) columns, left to right
         self._cols_flipped = (self.size - 1 - s).view(1, 1, -1)     # and mirrored
-        self._planner, self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpu-epoch-plan"), None
+        self._planner, self._ahead = helper_threads(1, self.device, "gpu-epoch-plan"), None
 
     def set_epoch(self, epoch: int, start: int = 0):
         self.sampler.set_epoch(epoch)

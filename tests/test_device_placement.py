@@ -58,3 +58,16 @@ def test_a_device_normaliser_normalises_host_tensors_on_the_host():
     meta = Normalizer(mean_std, META)
     assert torch.equal(meta.into(x, torch.empty(x.shape)), want)
     assert meta(x).device == META
+
+
+def test_helper_threads_take_the_training_device_as_their_current_device(monkeypatch):
+    """A loader's or the cache's helper thread pins memory: on CUDA it must do so on the rank's GPU, not GPU 0."""
+    from pipelines.device import helper_threads
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    with helper_threads(1, torch.device("cuda", 3), "t") as pool:
+        pool.submit(lambda: None).result()
+    assert calls == [3]
+    with helper_threads(1, torch.device("cpu"), "t") as pool:
+        pool.submit(lambda: None).result()
+    assert calls == [3]

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipelines.device import on_device
+from pipelines.device import helper_threads, on_device
 from pipelines.splits import beton_paths
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
 from pipelines.errors import UserError
@@ -282,7 +282,7 @@ class TeacherCache:
                              f"teacher.cache_cycle=true to replay its epochs (views included) in turn")
         self.cycle = cycle
         self._epochs = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="teacher_cache")
+        self._pool = helper_threads(1, device, "teacher_cache")
         for e in range(self.epochs):  # fail before training starts, not at epoch 200
             self._open_epoch(e, check_only=True)
 
