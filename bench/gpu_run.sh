@@ -9,6 +9,8 @@
 #   r34          ResNet34 -> ResNet18 at 224: step mode (online and cache), end to end through `torch`
 #   dali         (DALI present) the `dali` loader alone vs `torch`, then `dali` end to end (online and cache)
 #   strong       both strong-view programs on the same crops (pipeline.strong_program)
+#   group        K = 1, 2, 4 ResNet18 students from one data pass (train.py --student) with the cache, through
+#                `dali` when present (else `torch`): student-samples/s against K solo runs, peak memory per K
 # e2e/step ratios per configuration land in the summary (bench/gpu_summary.py).
 #   bash bench/gpu_run.sh OUT_DIR                          # all stages
 #   STAGES="dali strong" bash bench/gpu_run.sh OUT_DIR     # a subset
@@ -50,7 +52,7 @@ N_JPEG=${N_JPEG:-8000} CIFAR_N=${CIFAR_N:-50000} CHECK_ARGS=${CHECK_ARGS:-} STRO
 AMP=${AMP:-bf16} BUDGET=${BUDGET:-540}
 read -r CIFAR_T CIFAR_S <<< "${CIFAR_MODELS:-resnet32x4 resnet8x4}"
 read -r R34_T R34_S <<< "${R34_MODELS:-imagenet_resnet34 imagenet_resnet18}"
-STAGES=" ${STAGES:-preflight correctness cifar r34 dali strong} "
+STAGES=" ${STAGES:-preflight correctness cifar r34 dali strong group} "
 CORES=$(nproc)
 STATUS="$OUT/stages.tsv"
 [ -f "$STATUS" ] || printf 'stage\tstatus\tseconds\n' > "$STATUS"
@@ -126,6 +128,13 @@ if want dali; then
 fi
 want strong && stage strong 120 "$PYTHON" -m bench.strong_programs --device "$DEVICE" --batch-size "$BATCH" \
   --size "$STRONG_SIZE" --batches "$STEPS" --json "$OUT/strong_programs.json"
+if want group; then
+  [ -d "$JPEG" ] || stage jpeg_data 90 "$PYTHON" datasets_prep/make_jpeg_folder.py --out "$JPEG" --train "$N_JPEG" \
+    --val 64 --classes 8 --unique 512
+  GROUP_PIPE=$(has_dali && echo dali || echo torch)
+  stage group 240 "${BENCH[@]}" e2e --pipelines "$GROUP_PIPE" --no-reference "${E2E_JPEG[@]}" "${R34[@]}" \
+    --teacher-source cache --students 1,2,4 --json "$OUT/group_e2e.json"
+fi
 
 "$PYTHON" -m bench.gpu_summary "$OUT" > "$OUT/summary.md" 2> "$OUT/summary.log" || cat "$OUT/summary.log" >&2
 cat "$OUT/summary.md"

@@ -99,12 +99,27 @@ def loaders(out):
     return lines
 
 
+def group(out):
+    """K students from one data pass against K solo runs (the solo row's samples/s is K solo runs' rate)."""
+    recs = _load(os.path.join(out, "group_e2e.json")) or []
+    if not recs:
+        return []
+    lines = ["## Several students, one data pass (ResNet34 -> K x ResNet18, cache)", "",
+             "| K | samples/s | student-samples/s | vs K solo runs | peak MiB |", "|---|---|---|---|---|"]
+    for r in recs:
+        vs = f"{r['vs_solo_runs']:.2f}x" if r.get("vs_solo_runs") else "-"
+        mem = f"{r['peak_memory_mib']:.0f}" if r.get("peak_memory_mib") is not None else "-"
+        lines.append(f"| {r.get('students', 1)} | {r['samples_per_s']:.0f} | {r['student_samples_per_s']:.0f} | {vs} | "
+                     f"{mem} |")
+    return lines + [""]
+
+
 def main(argv=None):
     out = (argv or sys.argv[1:])[0]
     lines = ["# GPU run", ""] + stages(out) + checks(out)
     lines += rates(out, "resnet32x4 -> resnet8x4 at 32", "cifar_step.json", ["cifar_e2e.json"])
     lines += rates(out, "ResNet34 -> ResNet18 at 224", "r34_step.json", ["r34_e2e_torch.json", "r34_e2e_dali.json"])
-    lines += loaders(out)
+    lines += loaders(out) + group(out)
     print("\n".join(lines))
     return 0
 

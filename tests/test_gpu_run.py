@@ -12,7 +12,7 @@ from bench import gpu_kit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["preflight", "correctness", "cifar_data", "cifar_step", "cifar_e2e", "jpeg_data", "r34_step", "r34_e2e_torch",
-          "dali_loader", "r34_e2e_dali", "strong"]
+          "dali_loader", "r34_e2e_dali", "strong", "group"]
 CORRECTNESS = {"resnet8x4_crld_bf16_channels_last", "resnet8x4_crld_fp16_channels_last", "augmenter_device_vs_cpu",
                "gpu_pipeline_device_vs_cpu", "prefetcher_vs_unwrapped", "train_step_torch", "train_step_gpu",
                "strong_graph_program_vs_cpu"}
@@ -59,7 +59,7 @@ def test_dry_run_records_checks_and_rates(dry_run):
     assert all(r["samples_per_s"] > 0 for r in step + e2e)
     summary = (out / "summary.md").read_text()
     for s in ("## Stages", "## Correctness checks", "## resnet32x4 -> resnet8x4 at 32", "## ResNet34 -> ResNet18",
-              "## Strong-view programs", "| e2e | gpu/cache/amp=off/cl |"):
+              "## Strong-view programs", "| e2e | gpu/cache/amp=off/cl |", "## Several students, one data pass"):
         assert s in summary, s
 
 
