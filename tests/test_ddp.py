@@ -20,6 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 
 
+def _why(r):
+    """A failed launch's report: the ranks' own output (a traceback, faulthandler's stack) comes before
+    torchrun's summary, so both ends are shown."""
+    return r.stderr if len(r.stderr) < 6000 else r.stderr[:4500] + "\n[...]\n" + r.stderr[-1500:]
+
+
 def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,7 +59,7 @@ def one_process(demo_root, teacher_ckpt, tmp_path_factory):
     """The output folder of the 1-process run (`run`'s defaults) the 2-rank runs are compared with, run once."""
     out = tmp_path_factory.mktemp("one")
     r = run(1, demo_root, teacher_ckpt, out)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     return out
 
 
@@ -63,7 +69,7 @@ def _metrics(out, student=""):
 
 def test_two_ranks_match_one_process(demo_root, teacher_ckpt, one_process, tmp_path):
     two = run(2, demo_root, teacher_ckpt, tmp_path / "two")
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _why(two)
     a, b = _metrics(one_process), _metrics(tmp_path / "two")
     assert [m["world"] for m in b] == [2, 2]
     for x, y in zip(a, b):
@@ -89,7 +95,7 @@ def test_resume_under_ddp(demo_root, teacher_ckpt, tmp_path):
     first = run(2, demo_root, teacher_ckpt, tmp_path, "optim.epochs=2", env={"CRLD_TEST_KILL_AFTER_EPOCH": "1"})
     assert first.returncode != 0 and len(_metrics(tmp_path)) == 1
     again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == 0, _why(again)
     assert [m["epoch"] for m in _metrics(tmp_path)] == [1, 2]
 
 
@@ -137,8 +143,8 @@ def test_a_group_on_two_ranks_matches_one_process(demo_root, teacher_ckpt, tmp_p
     group = ["--student", "method.name=kd", "--student", "method.name=ce model.init_seed=4"]
     one = run(1, demo_root, teacher_ckpt, tmp_path / "one", *group)
     two = run(2, demo_root, teacher_ckpt, tmp_path / "two", *group)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0, _why(one)
+    assert two.returncode == 0, _why(two)
     for k in range(3):
         a, b = (_metrics(out, f"student{k}") for out in (tmp_path / "one", tmp_path / "two"))
         assert [m["world"] for m in b] == [2, 2]
@@ -159,7 +165,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes(demo_
     assert "preempted: stopped by SIGTERM after step 2 of epoch 2" in cut.stderr
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["step"] == 6
     again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == 0, _why(again)
     for x, y in zip(_metrics(one_process), _metrics(tmp_path)):
         assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4, abs=1e-6)
 
@@ -196,7 +202,7 @@ def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, one_proces
                         "--epochs", "2", "--precision", "fp32", "--no-eval", *common])
     two = run(2, demo_root, teacher_ckpt, tmp_path / "two", "teacher.source=cache",
               f"teacher.cache={tmp_path / 'cache'}")
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _why(two)
     for x, y in zip(_metrics(one_process), _metrics(tmp_path / "two")):
         for k in ("train_loss", "train_kd_wv", "train_kd_cv", "val_loss"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
@@ -231,7 +237,7 @@ def test_bench_step_under_torchrun_reports_ranks_and_aggregate(tmp_path):
                         "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     recs = json.load(open(out))
     assert [x["world"] for x in recs] == [2, 2, 2] and "2 rank(s)" in r.stdout
     for x in recs:

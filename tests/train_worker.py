@@ -11,6 +11,7 @@ noise (BN would see per-rank batches), and with the deaths a real run meets, dri
   CRLD_TEST_RANK1_NAN_AT_STEP=S     rank 1's loss is NaN at step S (the other ranks' stays finite)
   CRLD_TEST_RANK1_OVERRIDE=KEY=V    rank 1 resolves another config (a node whose files differ)
 """
+import faulthandler
 import os
 import signal
 import sys
@@ -36,6 +37,7 @@ def resnet8_gn(num_classes):
 models._REGISTRY["resnet8_gn"] = resnet8_gn
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a rank killed by a signal (SIGABRT, SIGSEGV) prints its Python stack for the test's report
     argv = sys.argv[1:]
     kill_after = int(os.environ.get("CRLD_TEST_KILL_AFTER_EPOCH", "0"))
     if kill_after:
