@@ -134,6 +134,7 @@ def main(argv=None):
         raise
     finally:
         trainer.stop.uninstall()
+        trainer.close()  # the cache's reader thread ends before the process group does
     if dist.is_main:
         for k, s in enumerate(summaries):
             tag = f"student {k} ({s['model']}, {s['method']}): " if group else ""

@@ -120,6 +120,10 @@ class Trainer:
         self.stop = StopRequest()  # train.py installs its signal handlers; without them no signal is seen
         self.last_save, self.stopping = time.monotonic(), False
 
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
     def resume(self, paths) -> None:
         """Each student from its last.pt (a path per student; one path for a solo run)."""
         for st, path in zip(self.students, [paths] if isinstance(paths, str) else paths):
