@@ -4,8 +4,9 @@
 
 Demo data, a random resnet20 teacher (weights do not change the cost), online teacher, deterministic. The group
 is CRLD resnet8 (student 0), CRLD resnet14, KD resnet8 and CE resnet8; each solo run trains its student from the
-config.yaml the group wrote for it. Reports each process's wall time (start-up included), the group's time
-over the solo runs' sum, and whether every student's final weights equal its solo run's bit for bit.
+config.yaml the group wrote for it. Reports each process's wall time (start-up included) and peak resident memory
+(its own and its loader workers', the largest of them), the group's time over the solo runs' sum, and whether
+every student's final weights equal its solo run's bit for bit.
 """
 from __future__ import annotations
 
@@ -28,13 +29,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENTS = ["model.name=resnet14", "method.name=kd", "method.name=ce"]
 
 
-def _timed(argv, env) -> float:
+def _timed(argv, env) -> tuple:
+    """(wall seconds, peak RSS in MiB) of one train.py process; wait4's rusage covers the process and the
+    children it reaped (loader workers), and ru_maxrss is the largest of them, in KiB on Linux."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"train.py {' '.join(argv)} failed:\n{r.stderr[-2000:]}")
-    return time.perf_counter() - t0
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode:
+            err.seek(0)
+            raise RuntimeError(f"train.py {' '.join(argv)} failed:\n{err.read()[-2000:].decode()}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
 
 
 def main(argv=None):
@@ -55,20 +62,24 @@ def main(argv=None):
                 "run.name=g", f"optim.epochs={args.epochs}", f"pipeline.name={args.pipeline}",
                 *([f"pipeline.num_workers={args.workers}"] if args.workers >= 0 else []), "run.progress=false",
                 f"teacher.ckpt={teacher}", "run.deterministic=true"]
-        group_s = _timed(base + [a for s in STUDENTS for a in ("--student", s)], env)
-        solo_s, equal = [], []
+        group_s, group_mib = _timed(base + [a for s in STUDENTS for a in ("--student", s)], env)
+        solo_s, solo_mib, equal = [], [], []
         for k in range(len(STUDENTS) + 1):
             mine = os.path.join(out, "g", f"student{k}")
-            solo_s.append(_timed(["--config", os.path.join(mine, "config.yaml"), f"run.out_dir={out}/solo"], env))
+            sec, mib = _timed(["--config", os.path.join(mine, "config.yaml"), f"run.out_dir={out}/solo"], env)
+            solo_s.append(sec)
+            solo_mib.append(mib)
             alone = os.path.join(out, "solo", f"g-student{k}" if k else "g")
             a, b = (safe_load(os.path.join(d, "last.pt"))["model"] for d in (mine, alone))
             equal.append(all(torch.equal(a[n], b[n]) for n in a))
     rec = {"epochs": args.epochs, "pipeline": args.pipeline,
            "num_workers": args.workers if args.workers >= 0 else "config", "students": ["crld resnet8"] + STUDENTS,
            "group_wall_s": group_s, "solo_wall_s": solo_s, "solo_sum_s": sum(solo_s),
-           "group_over_solo": group_s / sum(solo_s), "weights_equal": equal, "machine": machine()}
+           "group_over_solo": group_s / sum(solo_s), "group_peak_rss_mib": group_mib,
+           "solo_peak_rss_mib": solo_mib, "weights_equal": equal, "machine": machine()}
     print(f"group of {len(solo_s)}: {group_s:.1f} s; solo runs: {' + '.join(f'{s:.1f}' for s in solo_s)} = "
-          f"{sum(solo_s):.1f} s; group / solo = {rec['group_over_solo']:.2f}; weights equal: {equal}")
+          f"{sum(solo_s):.1f} s; group / solo = {rec['group_over_solo']:.2f}; peak RSS: group {group_mib:.0f} MiB, "
+          f"solo {' / '.join(f'{m:.0f}' for m in solo_mib)} MiB; weights equal: {equal}")
     if args.json:
         save_json(args.json, [rec])
     return rec

@@ -176,3 +176,43 @@ def test_report_draws_every_student_of_a_group_in_one_figure_and_table(group_run
         "| student0", "| student1 (model.name=resnet14)", "| student2 (method.name=kd)",
         "| student3 (model.init_seed=7, method.name=ce, optim.lr=0.02)"]
     assert os.path.getsize(tmp_path / "rep" / "curves.png") > 0
+
+
+class _SavedBytes:
+    """Bytes of tensors autograd holds for backward, now and at peak (each packed tensor counted by its size)."""
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def pack(self, t):
+        return _Held(self, t)
+
+    @staticmethod
+    def unpack(held):
+        return held.t
+
+
+class _Held:
+    def __init__(self, meter, t):
+        self.meter, self.t, self.n = meter, t, t.numel() * t.element_size()
+        meter.now += self.n
+        meter.peak = max(meter.peak, meter.now)
+
+    def __del__(self):
+        self.meter.now -= self.n
+
+
+def test_only_one_students_activations_are_alive_at_a_time(demo_root, teacher_ckpt, tmp_path):
+    """The peak of what autograd saves for backward in a group equals that of its largest student's solo run, not
+    the students' sum: each student's graph is freed before the next student's forward."""
+    students = ["model.name=resnet14", "method.name=kd"]
+
+    def peak(name, *extra):
+        meter = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            train.main(base_args(demo_root, teacher_ckpt, tmp_path, f"run.name={name}", "data.subset=64",
+                                 "optim.epochs=1", *extra))
+        assert meter.now == 0
+        return meter.peak
+    solo = [peak("s0")] + [peak(f"s{k + 1}", *s.split()) for k, s in enumerate(students)]
+    group = peak("g", *[a for s in students for a in ("--student", s)])
+    assert group == max(solo) and group < sum(solo) - min(solo), (group, solo)
