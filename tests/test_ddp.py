@@ -26,6 +26,12 @@ def _why(r):
     return r.stderr if len(r.stderr) < 6000 else r.stderr[:4500] + "\n[...]\n" + r.stderr[-1500:]
 
 
+def _env(extra=None):
+    """One thread per rank (two ranks share two cores) and faulthandler on in every rank, so a rank that aborts
+    (SIGABRT at exit has been seen, rarely) prints every thread's Python stack into the test's report."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(extra or {})}
+
+
 def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,7 +56,7 @@ def run(nproc, demo_root, teacher_ckpt, out, *extra, env=None, timeout=400):
     launch = [sys.executable, WORKER] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
         f"--master_port={_port()}", WORKER]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env = _env(env)
     return subprocess.run(launch + argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -109,7 +115,7 @@ def run_two_nodes(demo_root, teacher_ckpt, out, *extra, env=None, timeout=400):
                   "--rdzv-id=crld-test", f"--rdzv-conf=is_host={int(node == 0)}", WORKER]
         procs.append(subprocess.Popen(launch + _argv(demo_root, teacher_ckpt, out, *extra), cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}))
+                                      env=_env(env)))
     done = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
@@ -236,7 +242,7 @@ def test_bench_step_under_torchrun_reports_ranks_and_aggregate(tmp_path):
                         "--student", "resnet8", "--num-classes", "10", "--image-size", "16", "--batch-size", "8",
                         "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env=_env())
     assert r.returncode == 0, _why(r)
     recs = json.load(open(out))
     assert [x["world"] for x in recs] == [2, 2, 2] and "2 rank(s)" in r.stdout
