@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from pipelines import build_loaders
 from training.config import load_config
+from training.runtime import let_backend_threads_settle
 
 
 def _free_port():
@@ -38,6 +39,7 @@ def _rank_main(rank, world, port, over, out):
             json.dump([idx, val_idx], f)
     finally:
         dist.destroy_process_group()
+        let_backend_threads_settle()  # this rank's process exits next (see its docstring)
 
 
 @pytest.mark.parametrize("pipe", ["torch", "dali", "ffcv", "gpu"])

@@ -1,6 +1,7 @@
 """Process-level set-up: device and precision, seeding, distributed environment, run directory."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import json
@@ -9,6 +10,8 @@ import platform
 import random
 import subprocess
 import sys
+import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -120,6 +123,31 @@ def init_distributed(dist: Dist, device: torch.device, timeout_s: int) -> None:
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                          timeout=datetime.timedelta(seconds=timeout_s))
+    atexit.register(let_backend_threads_settle)
+
+
+def let_backend_threads_settle(limit_s: float = 1.0) -> None:
+    """Before the interpreter finalizes, give the process group's worker threads the moment they need to drop
+    the last collective's work. That drop releases tensors that have a Python object, which takes the GIL; a C++
+    thread that asks for the GIL once finalization has begun is ended by CPython with pthread_exit, which aborts
+    the process ("terminate called without an active exception", pytorch/pytorch#190489), so a rank that
+    finished its run, or raised right after a collective, would die with SIGABRT. Waits (GIL released) until
+    every other thread of the process has been asleep at two checks in a row, at most `limit_s`."""
+    tasks, me = "/proc/self/task", str(threading.get_native_id())
+    if not os.path.isdir(tasks):
+        time.sleep(0.05)
+        return
+    deadline, calm = time.monotonic() + limit_s, 0
+    while calm < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)  # a worker waiting for the GIL takes it here
+        running = False
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/stat") as f:
+                    running |= tid != me and f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                pass
+        calm = 0 if running else calm + 1
 
 
 def check_world(cfg, dist: Dist) -> None:
