@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from pipelines import build_loaders
 from training.config import load_config
-from training.runtime import let_backend_threads_settle
+from training.runtime import Dist, init_distributed
 
 
 def _free_port():
@@ -28,8 +28,8 @@ def _rank_main(rank, world, port, over, out):
     # each re-importing torch (about 8 s per loader here)
     if "fork" in multiprocessing.get_all_start_methods():
         multiprocessing.set_start_method("fork", force=True)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    init_distributed(Dist(rank, world, rank), torch.device("cpu"), 300)  # as train.py joins, exit hook included
     try:
         train, val, _ = build_loaders(load_config(None, over), torch.device("cpu"), rank, world)
         train.set_epoch(1)
@@ -39,7 +39,6 @@ def _rank_main(rank, world, port, over, out):
             json.dump([idx, val_idx], f)
     finally:
         dist.destroy_process_group()
-        let_backend_threads_settle()  # this rank's process exits next (see its docstring)
 
 
 @pytest.mark.parametrize("pipe", ["torch", "dali", "ffcv", "gpu"])

@@ -142,9 +142,11 @@ def let_backend_threads_settle(limit_s: float = 1.0) -> None:
         time.sleep(0.005)  # a worker waiting for the GIL takes it here
         running = False
         for tid in os.listdir(tasks):
+            if tid == me:
+                continue
             try:
                 with open(f"{tasks}/{tid}/stat") as f:
-                    running |= tid != me and f.read().rsplit(")", 1)[1].split()[0] == "R"
+                    running |= f.read().rsplit(")", 1)[1].split()[0] == "R"
             except OSError:  # the thread ended meanwhile
                 pass
         calm = 0 if running else calm + 1
