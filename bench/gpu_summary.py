@@ -81,13 +81,18 @@ def rates(out, pair, step_file, e2e_files):
     return lines + [""]
 
 
+def _calls(n):
+    return "-" if n is None else f"{n:.0f}"
+
+
 def loaders(out):
     recs = _load(os.path.join(out, "dali_loader.json")) or []
     lines = []
     if recs:
         lines += ["## Loaders alone", "", "| pipeline | route | two-view samples/s | Python calls/batch |", "|---|---|---|---|"]
-        lines += [f"| {r['pipeline']} | {r.get('route')} | {r['samples_per_s']:.0f} | {r.get('python_calls_per_batch')} |"
-                  + (f" error: {r['error']}" if r.get("error") else "") for r in recs]
+        lines += [f"| {r['pipeline']} | {r.get('route')} | {r['samples_per_s']:.0f} | "
+                  f"{_calls(r.get('python_calls_per_batch'))} |" + (f" error: {r['error']}" if r.get("error") else "")
+                  for r in recs]
         lines.append("")
     strong = _load(os.path.join(out, "strong_programs.json")) or []
     if strong:
