@@ -18,8 +18,12 @@ if [ ! -d "$KIT/base" ] || [ ! -f "${PARTS[0]}" ]; then
   echo "gpu_rehearsal: no kit at $KIT: run python -m bench.gpu_kit build .gpu_kit" >&2
   exit 2
 fi
-PY312=${PY312:-$(command -v python3.12 || ls -d /root/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -1)}
-if [ -z "$PY312" ]; then
+if [ -z "${PY312:-}" ]; then  # the first that runs (a pyenv shim may exist and refuse to)
+  for c in python3.12 /root/.pyenv/versions/3.12*/bin/python /usr/local/bin/python3.12; do
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY312=$c; break; fi
+  done
+fi
+if [ -z "${PY312:-}" ]; then
   echo "gpu_rehearsal: no Python 3.12 found (set PY312)" >&2
   exit 2
 fi
