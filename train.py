@@ -20,8 +20,9 @@ random stream are its solo run's); a student whose loss turns non-finite stops, 
 exit code is then 2.
 
 Preemption: SIGTERM or SIGUSR1 finishes the current step, writes last.pt there (every student's) and exits with
-code 75 (training.preemption.EXIT_PREEMPTED); `--resume` continues from that step with the same batches, views
-and teacher logits. `last.pt` is also written mid-epoch every run.save_every_min minutes.
+code 75 (training.preemption.EXIT_PREEMPTED), leaving runs/<run.name>/preempted.json (what a job script under
+torchrun tests); `--resume` continues from that step with the same batches, views and teacher logits.
+`last.pt` is also written mid-epoch every run.save_every_min minutes.
 """
 import argparse
 import json
@@ -40,7 +41,7 @@ from training.checkpoint import safe_load
 from training.cli import run_main
 from training.config import load_group, to_yaml
 from training.loop import Trainer
-from training.preemption import Preempted, StopRequest
+from training.preemption import Preempted, StopRequest, clear_preempted, mark_preempted
 from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
                               seed_everything, write_run_info)
 from training.student import check_resumable
@@ -121,6 +122,7 @@ def main(argv=None):
                 st.resume(last)
                 logging.info("resumed %s at epoch %d", last, st.epoch)
     if dist.is_main:  # only now: a run refused above (data, teacher, a checkpoint of another config) writes nothing
+        clear_preempted(run_dir)
         for c, d in zip(cfgs, dirs):
             write_run_info(d, to_yaml(c), device)
         if group:
@@ -128,7 +130,9 @@ def main(argv=None):
     trainer.stop = StopRequest().install()  # SIGTERM / SIGUSR1: a checkpoint at the next step, then EXIT_PREEMPTED
     try:
         summaries = trainer.fit()
-    except Preempted:
+    except Preempted as e:
+        if dist.is_main:
+            mark_preempted(run_dir, str(e))
         if dist.world > 1:
             torch.distributed.destroy_process_group()
         raise

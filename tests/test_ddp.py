@@ -3,9 +3,11 @@ resume under DDP; the start-up checks (batch vs ranks, config agreement)."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -172,6 +174,34 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes(demo_
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["step"] == 6
     again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
     assert again.returncode == 0, _why(again)
+    for x, y in zip(_metrics(one_process), _metrics(tmp_path)):
+        assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_sigterm_to_the_torchrun_agent_checkpoints_every_rank_and_resumes(demo_root, teacher_ckpt, one_process,
+                                                                         tmp_path):
+    """SLURM or Kubernetes may signal torchrun itself: it forwards SIGTERM to its workers, which stop at the next
+    logging sync with last.pt there (torchrun then exits 1, not 75: preempted.json tells the job script)."""
+    step_file = tmp_path / "step"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={_port()}", WORKER]
+    env = _env({"CRLD_TEST_SLOW_STEP_S": "0.5", "CRLD_TEST_STEP_FILE": str(step_file)})
+    p = subprocess.Popen(launch + _argv(demo_root, teacher_ckpt, tmp_path, "run.dist_timeout_s=60"), cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline:
+        if step_file.exists() and step_file.read_text().strip() not in ("", "0", "1", "2", "3", "4"):
+            break  # a step of epoch 2 (4 steps per epoch) has begun
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode not in (0, None) and err.count("preempted: stopped by SIGTERM after step") == 2, err[-3000:]
+    step = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["step"]
+    assert 4 < step < 8 and step % 2 == 0, step  # mid epoch 2, at a logging sync (run.log_every=2)
+    assert "after step" in json.loads((tmp_path / "r" / "preempted.json").read_text())["reason"]
+    again = run(2, demo_root, teacher_ckpt, tmp_path, "--resume")
+    assert again.returncode == 0, _why(again)
+    assert not (tmp_path / "r" / "preempted.json").exists()
     for x, y in zip(_metrics(one_process), _metrics(tmp_path)):
         assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4, abs=1e-6)
 

@@ -68,8 +68,11 @@ def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(data, teache
     assert "preempted: stopped by SIGTERM after step 1 of epoch 2" in err
     ck = safe_load(str(tmp_path / "cut" / "last.pt"))
     assert (ck["epoch"], ck["step"]) == (1, 4) and not any(".tmp" in f for f in os.listdir(tmp_path / "cut"))
+    marker = tmp_path / "cut" / "preempted.json"
+    assert "SIGTERM after step 1 of epoch 2" in json.loads(marker.read_text())["reason"]
     train.main(args(data, teacher_ckpt, tmp_path, "cut", *common, "--resume"))
     assert_same_run(tmp_path / "full", tmp_path / "cut")
+    assert not marker.exists() and not (tmp_path / "full" / "preempted.json").exists()
 
 
 @pytest.fixture(scope="module")

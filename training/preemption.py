@@ -3,18 +3,24 @@ on preemption, Kubernetes' SIGTERM) asks the run to stop at the next step bounda
 
 The trainer finishes the current step, writes every student's `last.pt` at that step (under DDP once all ranks
 agree on it, at the next logging sync) and leaves with EXIT_PREEMPTED, so a job script can requeue itself and
-`--resume` continues from that step. A second signal ends the process at once.
+`--resume` continues from that step. A second signal ends the process at once. The main process also leaves
+`RUN_DIR/preempted.json` (which signal, after which step): the job script's test under torchrun, which reports a
+worker's exit code as its own failure. The next start of the run removes it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 
+from pipelines.disk_cache import save_atomic
+
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped, not failed; run it again with --resume
+MARKER = "preempted.json"
 SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
@@ -49,3 +55,16 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
         log.warning("%s received: stopping after this step with a checkpoint (a second signal stops at once)",
                     self.signal)
+
+
+def mark_preempted(run_dir: str, reason: str) -> None:
+    doc = {"reason": reason, "exit_code": EXIT_PREEMPTED, "resume": "train.py ... --resume"}
+    save_atomic(os.path.join(run_dir, MARKER), lambda f: f.write(json.dumps(doc, indent=1).encode()))
+
+
+def clear_preempted(run_dir: str) -> None:
+    """A run that starts again is no longer a preempted one: a crash after this leaves no marker to requeue on."""
+    try:
+        os.remove(os.path.join(run_dir, MARKER))
+    except FileNotFoundError:
+        pass
