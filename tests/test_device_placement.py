@@ -11,6 +11,7 @@ import torch
 from pipelines import build_loaders
 from pipelines.contract import Loader
 from pipelines.device import Normalizer
+from training.student import Student
 
 META = torch.device("meta")
 
@@ -71,3 +72,15 @@ def test_helper_threads_take_the_training_device_as_their_current_device(monkeyp
     with helper_threads(1, torch.device("cpu"), "t") as pool:
         pool.submit(lambda: None).result()
     assert calls == [3]
+
+
+def test_a_checkpoint_resumes_onto_the_training_device_with_its_random_stream(demo_cfg, tmp_path):
+    """A CPU checkpoint resumed by a student on the device: weights and optimizer state move to the device,
+    the saved random stream stays a CPU byte tensor (set_rng_state refuses any other, as on CUDA)."""
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    Student(demo_cfg(), torch.device("cpu"), str(tmp_path), 4, off, False).save("last.pt")
+    st = Student(demo_cfg(), META, str(tmp_path), 4, off, False)
+    st.resume(str(tmp_path / "last.pt"))
+    assert all(p.device == META for p in st.student.parameters())
+    with st.own_rng():
+        torch.rand(1)

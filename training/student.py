@@ -195,7 +195,9 @@ class Student:
             atomic_save(self.state(), os.path.join(self.run_dir, name))
 
     def resume(self, path: str):
-        ck = safe_load(path, map_location=self.device)
+        # read onto the CPU: the RNG states must stay CPU byte tensors (set_rng_state refuses device tensors);
+        # load_state_dict puts weights and optimizer state on their parameters' device
+        ck = safe_load(path, map_location="cpu")
         for key in ("model", "optimizer", "epoch", "step"):
             if key not in ck:
                 raise CheckpointError(f"{path}: not a training checkpoint (no '{key}'); "
