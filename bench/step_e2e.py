@@ -241,6 +241,7 @@ def bench_step_one(args, source, amp, channels_last, dist=None, compiled=False):
                                  dtype=input_dtype(cfg, device))
         trainer = Trainer(cfg, device, folder, loader, None, dist, train_source=src)
         n, dt, wait = time_steps(trainer, trainer.epoch_batches(0), args.warmup, args.steps)
+        peak = peak_memory_mib(device)  # the timed steps' (the FLOP count below runs an uncompiled step of its own)
         few = [b for _, b in zip(range(3), loader)]
         read = (lambda b: trainer.cache.logits(0, b.index_host)) if trainer.cache is not None else None
         phases = phase_breakdown(trainer, few, read)
@@ -252,7 +253,7 @@ def bench_step_one(args, source, amp, channels_last, dist=None, compiled=False):
                 "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": n / dt,
                 "ms_per_step": 1000 * dt / args.steps,
                 "data_wait_frac": wait / dt, "phases_ms": phases, "gflops_per_sample": flops / args.batch_size / 1e9,
-                "achieved_tflops": flops * args.steps / dt / 1e12, "peak_memory_mib": peak_memory_mib(device),
+                "achieved_tflops": flops * args.steps / dt / 1e12, "peak_memory_mib": peak,
                 "device": str(device), "topk": args.topk if source == "cache" else None}
 
 
@@ -289,10 +290,11 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
             epoch += 1
     pairs = stream()
     n, dt, wait = time_steps(trainer, pairs, args.warmup, args.steps)
+    peak = peak_memory_mib(device)  # the timed steps', not the profiled ones'
     if getattr(args, "profile", None):
         profile_steps(trainer, pairs, 10, os.path.join(args.profile, f"prof_{pipeline}_{source}_{amp}.txt"))
     return {"mode": "e2e", "pipeline": pipeline, "teacher": args.teacher, "student": args.student,
             "image_size": args.image_size, "teacher_source": source, "amp": amp, "channels_last": channels_last,
             "compile": compiled, "students": students, "batch_size": args.batch_size, "steps": args.steps,
             "samples_per_s": n / dt,
-            "data_wait_frac": wait / dt, "peak_memory_mib": peak_memory_mib(device), "device": str(device)}
+            "data_wait_frac": wait / dt, "peak_memory_mib": peak, "device": str(device)}
