@@ -2,6 +2,7 @@
 
     python -m bench.gpu_check OUT_DIR --only env               # preflight: versions, imports, bf16 matmul
     python -m bench.gpu_check OUT_DIR --only correctness       # the CUDA paths against the CPU's
+    python -m bench.gpu_check OUT_DIR --only dali              # DALI's GPU decode vs the reference, a dali epoch
     python -m bench.gpu_check OUT_DIR --cpu-dry-run            # every code path on the CPU at tiny sizes (tests)
 
 Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md, rewritten after each check (a killed run keeps what it
@@ -29,6 +30,7 @@ import torch
 import train
 from bench.step_e2e import matmul_peak_tflops  # the rate `python -m bench` divides by for MFU
 from datasets_prep.make_cifar_like import make_cifar_like
+from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from pipelines import available_pipelines, build_loaders
 from pipelines.augment_spec import STRONG_OPS
 from pipelines.randaugment_graph import StrongGraph
@@ -45,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python -m
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.6), ("H100", 989.4), ("H200", 989.4),
                     ("GH200", 989.4), ("A100", 312.0), ("L40S", 362.1), ("B200", 2250.0), ("A10G", 70.0))
 OPTIONAL = {"dali": "nvidia.dali", "ffcv": "ffcv", "apex": "apex"}
+GROUPS = {"env", "correctness", "dali"}
 # The project's entry points and the modules of the accelerator route, imported in a fresh interpreter: what a
 # bare GPU machine lacks (omegaconf, say) shows here first, with its own error.
 PROJECT = {"project": "train,eval,bench.__main__,cache_teacher,demo,training.loop,pipelines.gpu_backend,"
@@ -223,6 +226,44 @@ def check_gpu_pipeline(device, small, folder):
                 "strong_max_grey_levels": strong, "tolerance": "weak 0, strong 1 grey level"}
 
 
+def check_dali_decode(device, small, folder):
+    """`dali` on `device` (on CUDA: nvJPEG decode and GPU resize) against the `torch` reference on the CPU (PIL
+    decode), which the teacher cache's fingerprint treats as the same view source: two batches of epoch 1 and
+    one validation batch of JPEGs, as grey levels. Tolerance: the CPU tests' (tests/test_dali.py), mean absolute
+    difference weak < 1, strong < 2, validation < 1 grey level; beyond it, the decoder belongs in the
+    fingerprint."""
+    size, resize, shape = (48, 56, (96, 72)) if small else (224, 256, (500, 375))
+    root = make_jpeg_folder(os.path.join(folder, f"jpeg_decode_{size}"), train=64, val=16, classes=4, size=shape)
+    runs = []
+    for pipe, dev in (("torch", "cpu"), ("dali", str(device))):
+        cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=4",
+                                 f"data.image_size={size}", "data.train_crop=rrc", f"data.val_resize={resize}",
+                                 "pipeline.batch_size=16", "pipeline.val_batch_size=16", "pipeline.num_workers=0",
+                                 f"pipeline.name={pipe}", "pipeline.route=device", "run.amp=off",
+                                 f"run.device={dev}"])
+        train, val, src = build_loaders(cfg, torch.device(dev))
+        train.set_epoch(1)
+        it = iter(train)
+        runs.append(([next(it) for _ in range(2)], next(iter(val)), src.mean_std))
+        if torch.device(dev).type == "cuda":
+            torch.cuda.synchronize()
+    (ref, ref_val, mean_std), (got, got_val, _) = runs
+
+    def diff(a, b):
+        d = (_grey_levels(a, mean_std) - _grey_levels(b, mean_std)).abs().float()
+        return float(d.mean()), int(d.max())
+    index_equal = all(torch.equal(a.index.cpu(), b.index.cpu()) for a, b in zip(ref, got))
+    weak = max(diff(a.weak, b.weak) for a, b in zip(ref, got))
+    strong = max(diff(a.strong, b.strong) for a, b in zip(ref, got))
+    val_d = diff(ref_val.image, got_val.image)
+    ok = index_equal and weak[0] < 1.0 and strong[0] < 2.0 and val_d[0] < 1.0
+    return ok, {"summary": f"indices {'equal' if index_equal else 'DIFFER'}; grey levels mean / max: weak "
+                           f"{weak[0]:.2f} / {weak[1]}, strong {strong[0]:.2f} / {strong[1]}, val {val_d[0]:.2f} / "
+                           f"{val_d[1]} ({size} px)",
+                "index_equal": index_equal, "weak_mean_max": weak, "strong_mean_max": strong, "val_mean_max": val_d,
+                "tolerance": "mean weak < 1, strong < 2, val < 1 grey level"}
+
+
 def check_prefetcher(device, small, folder):
     """The side-stream prefetcher against the same loader unwrapped: every batch of an epoch equal bit for bit,
     with the step's stream kept busy (a spin kernel) after each hand-over, so a missing stream wait or a
@@ -307,12 +348,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--cpu-dry-run", action="store_true", help="run every check on the CPU at tiny sizes")
-    ap.add_argument("--only", default="env,correctness", help="comma list of groups: env, correctness")
+    ap.add_argument("--only", default="env,correctness,dali",
+                    help="comma list of groups: env, correctness, dali (the checks that need DALI)")
     ap.add_argument("--work", help="folder for the checks' data (default: a temporary one)")
     args = ap.parse_args(argv)
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
-    if groups - {"env", "correctness"}:
-        ap.error(f"--only={args.only}: unknown group(s) {', '.join(sorted(groups - {'env', 'correctness'}))}")
+    if groups - GROUPS:
+        ap.error(f"--only={args.only}: unknown group(s) {', '.join(sorted(groups - GROUPS))}")
     if not args.cpu_dry_run and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device visible to PyTorch {torch.__version__} (CUDA build {torch.version.cuda}); "
               "nothing to check (use --cpu-dry-run to exercise the script on a CPU)", file=sys.stderr)
@@ -352,10 +394,13 @@ def main(argv=None):
         run("augmenter_device_vs_cpu", "correctness", check_augment, device, small)
         run("gpu_pipeline_device_vs_cpu", "correctness", check_gpu_pipeline, device, small, work)
         run("prefetcher_vs_unwrapped", "correctness", check_prefetcher, device, small, work)
-        for pipeline in [p for p in ("torch", "gpu", "dali") if p in available_pipelines()]:
+        for pipeline in ("torch", "gpu"):
             run(f"train_step_{pipeline}", "correctness", check_train_step, device, small, work, pipeline)
         # last: compiling the graph program takes the longest (Inductor), and its capture is the newest code
         run("strong_graph_program_vs_cpu", "correctness", check_graph_program, device, small)
+    if "dali" in groups and "dali" in available_pipelines():  # a window's DALI arrives in its last call
+        run("dali_decode_vs_torch_reference", "correctness", check_dali_decode, device, small, work)
+        run("train_step_dali", "correctness", check_train_step, device, small, work, "dali")
     failed = write_report(args.out_dir, env, checks, finished=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,8 @@
 #                present, the graph strong program compiled and captured vs the segmented one (bench/gpu_check.py)
 #   cifar        resnet32x4 -> resnet8x4 at 32: step mode, then end to end through `gpu` (online and cache)
 #   r34          ResNet34 -> ResNet18 at 224: step mode (online and cache), end to end through `torch`
-#   dali         (DALI present) the `dali` loader alone vs `torch`, then `dali` end to end (online and cache)
+#   dali         (DALI present) its decode on the GPU against the `torch` reference and one training epoch
+#                (bench/gpu_check.py --only dali), the `dali` loader alone vs `torch`, `dali` end to end
 #   strong       both strong-view programs on the same crops (pipeline.strong_program)
 #   group        K = 1, 2, 4 ResNet18 students from one data pass (train.py --student) with the cache, through
 #                `dali` when present (else `torch`): student-samples/s against K solo runs, peak memory per K
@@ -122,6 +123,7 @@ if want r34; then
 fi
 if want dali; then
   if has_dali; then
+    stage dali_check 150 "$PYTHON" -m bench.gpu_check "$OUT/dali_check" --only dali --work "$WORK/checks" $CHECK_ARGS
     stage dali_loader 120 "${BENCH[@]}" loader --device "$DEVICE" --pipelines torch,dali --data "$JPEG" --image-size "$IMAGE" \
       --batch-size "$BATCH" --batches "$STEPS" --warmup 3 --workers "$CORES" --json "$OUT/dali_loader.json"
     stage r34_e2e_dali 180 "${BENCH[@]}" e2e --pipelines dali --no-reference "${E2E_JPEG[@]}" "${R34[@]}" \

@@ -34,7 +34,7 @@ def stages(out):
 
 def checks(out):
     lines = []
-    for group in ("preflight", "correctness"):
+    for group in ("preflight", "correctness", "dali_check"):
         doc = _load(os.path.join(out, group, "gpu_check.json"))
         if not doc:
             continue
@@ -48,7 +48,8 @@ def checks(out):
                     lines.append(f"- {k}: " + (v.get("version", "ok") if v.get("importable") else
                                               f"not importable ({v.get('error')})"))
             lines.append("")
-        lines += [f"## {group.capitalize()} checks", "", "| check | result | seconds | details |", "|---|---|---|---|"]
+        title = {"dali_check": "DALI"}.get(group, group.capitalize())
+        lines += [f"## {title} checks", "", "| check | result | seconds | details |", "|---|---|---|---|"]
         for c in doc.get("checks", []):
             res = "pass" if c["ok"] else ("FAIL" if c["kind"] == "correctness" else "not ok")
             detail = str(c.get("error") or c["details"].get("summary", "")).replace("|", "/")

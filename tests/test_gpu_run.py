@@ -12,7 +12,7 @@ from bench import gpu_kit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["preflight", "correctness", "cifar_data", "cifar_step", "cifar_e2e", "jpeg_data", "r34_step", "r34_e2e_torch",
-          "dali_loader", "r34_e2e_dali", "strong", "group"]
+          "dali_check", "dali_loader", "r34_e2e_dali", "strong", "group"]
 CORRECTNESS = {"resnet8x4_crld_bf16_channels_last", "resnet8x4_crld_fp16_channels_last", "augmenter_device_vs_cpu",
                "gpu_pipeline_device_vs_cpu", "prefetcher_vs_unwrapped", "train_step_torch", "train_step_gpu",
                "strong_graph_program_vs_cpu"}
@@ -73,7 +73,10 @@ def test_a_dali_call_measures_step_mode_in_the_same_command(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [ln.split("\t")[0] for ln in (tmp_path / "out" / "stages.tsv").read_text().splitlines()[1:]]
-    assert rows == ["jpeg_data", "r34_step", "dali_loader", "r34_e2e_dali"], rows
+    assert rows == ["jpeg_data", "r34_step", "dali_check", "dali_loader", "r34_e2e_dali"], rows
+    doc = json.loads((tmp_path / "out" / "dali_check" / "gpu_check.json").read_text())
+    assert [c["name"] for c in doc["checks"]] == ["dali_decode_vs_torch_reference", "train_step_dali"], doc
+    assert doc["correctness_ok"] and "## DALI checks" in (tmp_path / "out" / "summary.md").read_text()
     dali_rows = [ln for ln in (tmp_path / "out" / "summary.md").read_text().splitlines() if ln.startswith("| e2e | dali/")]
     assert len(dali_rows) == 2 and all(ln.rstrip(" |").endswith("%") for ln in dali_rows), dali_rows
 
