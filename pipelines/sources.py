@@ -239,14 +239,20 @@ def check_decodable(path: str) -> None:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
-def _unpickle(path: str):
+def _unpickle(path: str) -> dict:
+    """A CIFAR pickle as a dict with bytes keys. The official archives are Python 2 pickles, whose strings load
+    as bytes under encoding="bytes" (the CIFAR page's recipe); a Python 3 pickle's keys load as written, bytes
+    or str, so str keys are encoded to match."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing CIFAR pickle (expected the 'python version' archive contents)")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            d = pickle.load(f, encoding="bytes")
     except Exception as e:
         raise DataError(f"{path}: unreadable CIFAR pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a CIFAR pickle (a {type(d).__name__}, not a dict)")
+    return {k.encode("latin1") if isinstance(k, str) else k: v for k, v in d.items()}
 
 
 def cifar_classes_in(root: str) -> Optional[int]:
@@ -273,9 +279,13 @@ def cifar_source(root: str, train: bool, num_classes: int) -> ArraySource:
     data, labels = [], []
     for f in files:
         d = _unpickle(os.path.join(root, f))
+        missing = [k.decode() for k in (b"data", label_key) if k not in d]
+        if missing:
+            raise DataError(f"{os.path.join(root, f)}: CIFAR pickle without {missing} (keys: "
+                            f"{sorted(k.decode('latin1') if isinstance(k, bytes) else str(k) for k in d)})")
         data.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels += list(d[label_key])
-    classes = [n.decode() for n in _unpickle(os.path.join(root, meta))[names_key]]
+    classes = [n.decode() if isinstance(n, bytes) else n for n in _unpickle(os.path.join(root, meta))[names_key]]
     name = f"cifar{num_classes}"
     return ArraySource(np.ascontiguousarray(np.concatenate(data)), np.asarray(labels), classes,
                        NORMALIZATION[name], name)
