@@ -4,6 +4,15 @@ RandAugment as in CRLD's released code (FixMatch-style, uniform magnitudes): `N_
 *with replacement* from `STRONG_OPS`, each with a magnitude drawn uniformly from its range, then
 Cutout always: a square of side U(0, CUTOUT_MAX_FRAC) x image width, centred uniformly in the
 image (clipped at the borders) and filled with `CUTOUT_FILL`.
+
+One departure, kept because teacher caches fingerprint these pixels and the backends are pinned to
+them bit for bit: the Cutout centre. Here it is U[0, w) (and U[0, h)). The released `CutoutAbs`
+(mdistiller/dataset/cifar100.py, imagenet.py and tinyimagenet200.py of scx-822/CRLD-main) draws
+`x0 = np.random.uniform(w)`, i.e. numpy's `uniform(low=w, high=1.0)`, which returns
+w - (w - 1) * U[0, 1): a centre in (1, w]. The released boxes therefore sit about half a pixel further
+right and down (32 x 32: column 0 erased in 4.3% of views instead of 5.0%, the mean erased area 86.0
+pixels instead of 86.6); the rest of the box (int(max(0, c - v / 2)), min(w, x0 + v), PIL's inclusive
+corners, the fill) is the released code's (docs/design.md).
 """
 from typing import NamedTuple, Tuple
 
