@@ -7,8 +7,15 @@ A RUN_DIR is a run folder (one holding metrics.jsonl) or any folder above severa
 path relative to the runs' common parent. A group run's folder (train.py --student) gives one row and one curve
 per student, labelled with the overrides its group.json lists (and "stopped" for a student that stopped).
 Writes OUT/curves.png (val top-1, training loss with its components dashed, LR, samples/s, per epoch) and
-OUT/summary.md (one row per run). summary.json is used where present
+OUT/summary.md (one row per run, or per set of seeds). summary.json is used where present
 (it is missing while a run is still going); otherwise the figures come from metrics.jsonl and config.yaml.
+
+Runs whose config.yaml files differ only in their seeds (`run.seed`, `model.init_seed`) and in where they are
+written, what they read from and how they log (`BOOKKEEPING_KEYS`), and that reached the same epoch, share one
+row: best and last top-1 as mean ± sample standard deviation over the runs, n and the seed that varied in the
+`seeds` column (`run.seed`: data order, augmentation and initialisation; `model.init_seed`: initialisation
+only). Anything else that differs, a run without config.yaml, or two runs with the same seeds keep their rows
+apart. The curves stay one per run.
 Bad input (missing folder, no metrics.jsonl, empty or malformed line) -> one line on stderr, exit code 2,
 and nothing written.
 """
@@ -30,6 +37,15 @@ from pipelines.sources import DataError  # a user error for training.cli.run_mai
 from training.cli import run_main
 
 NOT_LOSS_PARTS = ("train_loss", "train_top1", "train_top5")
+SEED_KEYS = ("run.seed", "model.init_seed")
+# where a run is written and read from, how it logs, how many threads feed it: seeds launched on other
+# machines or folders still share a row (a subset of what --resume lets change, training/student.py)
+BOOKKEEPING_KEYS = ("run.name", "run.out_dir", "run.progress", "run.log_every", "run.save_every",
+                    "run.save_every_min", "run.tensorboard", "run.dist_timeout_s", "pipeline.num_workers",
+                    "pipeline.host_threads", "pipeline.dali_threads", "pipeline.dali_prefetch", "data.root",
+                    "teacher.cache")
+SEED_KINDS = {  # which seeds varied across a row's runs -> what the spread measures
+    (True, True): "run.seed", (True, False): "run.seed, init fixed", (False, True): "model.init_seed"}
 DASHES = ["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3))]
 
 
@@ -83,12 +99,21 @@ def read_optional(path, parse):
 def load_run(run_dir, label):
     metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     summary = read_optional(os.path.join(run_dir, "summary.json"), json.load)
+    cfg = read_optional(os.path.join(run_dir, "config.yaml"), yaml.safe_load)
     if not summary.get("model") or not summary.get("method"):
-        cfg = read_optional(os.path.join(run_dir, "config.yaml"), yaml.safe_load)
         for key in ("model", "method"):
             section = cfg.get(key)
             summary.setdefault(key, section.get("name") if isinstance(section, dict) else None)
-    return {"label": label + group_note(run_dir, summary), "metrics": metrics, "summary": summary}
+    return {"label": label + group_note(run_dir, summary), "metrics": metrics, "summary": summary,
+            "config": dict(flatten(cfg))}
+
+
+def flatten(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def group_note(run_dir, summary):
@@ -114,7 +139,8 @@ def loss_parts(metrics):
     return parts if len(parts) > 1 else []  # a lone part is the total itself
 
 
-def table_row(run):
+def figures(run):
+    """The table's numbers for one run."""
     s, metrics = run["summary"], run["metrics"]
     epochs, top1 = series(metrics, "val_top1")
     best, best_ep = s.get("best_top1"), s.get("best_epoch")
@@ -122,13 +148,81 @@ def table_row(run):
         best, best_ep = max(zip(top1, epochs), key=lambda t: t[0])  # the first epoch reaching the best
     last = metrics[-1]
     speeds = series(metrics, "samples_per_s")[1]
-    speed = s.get("samples_per_s", sum(speeds) / len(speeds) if speeds else None)
-    wall = s.get("wall_time_s", sum(series(metrics, "epoch_time_s")[1]) or None)
-    return [run["label"].replace("|", "\\|"), s.get("method") or "–", s.get("model") or "–",
-            str(s.get("epochs", last["epoch"])),
-            f"{fmt(best)} ({best_ep})" if best is not None else "–",
-            f"{fmt(s.get('last_top1', last.get('val_top1')))} / {fmt(s.get('last_top5', last.get('val_top5')))}",
-            fmt(speed, "{:.0f}"), duration(wall), fmt(s.get("teacher_top1"))]
+    return {"method": s.get("method"), "model": s.get("model"), "epochs": s.get("epochs", last["epoch"]),
+            "best": best, "best_epoch": best_ep, "last1": s.get("last_top1", last.get("val_top1")),
+            "last5": s.get("last_top5", last.get("val_top5")),
+            "speed": s.get("samples_per_s", sum(speeds) / len(speeds) if speeds else None),
+            "wall": s.get("wall_time_s", sum(series(metrics, "epoch_time_s")[1]) or None),
+            "teacher": s.get("teacher_top1")}
+
+
+def seed_rows(runs):
+    """The table's rows in the runs' order: lists of runs, several where they differ only in their seeds."""
+    groups, order = {}, []
+    for run in runs:
+        cfg = run["config"]
+        if not cfg or any(k not in cfg for k in SEED_KEYS):
+            key = ("alone", id(run))
+        else:
+            rest = {k: v for k, v in cfg.items() if k not in SEED_KEYS + BOOKKEEPING_KEYS}
+            # a run stopped early or still going is not a seed of a finished one
+            key = (json.dumps(rest, sort_keys=True, default=str), run["metrics"][-1]["epoch"],
+                   bool(run["summary"].get("failed")))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(run)
+    rows = []
+    for key in order:
+        group = groups[key]
+        seeds = [tuple(r["config"][k] for k in SEED_KEYS) for r in group] if key[0] != "alone" else []
+        if len(group) > 1 and len(set(seeds)) < len(seeds):  # repeats of one seed: not a spread over seeds
+            rows += [[r] for r in group]
+        else:
+            rows.append(group)
+    return rows
+
+
+def seed_note(group):
+    """'n: which seed varied (its values)' for a row of several runs; '1' for one run."""
+    if len(group) == 1:
+        return "1"
+    values = [[r["config"][k] for r in group] for k in SEED_KEYS]
+    varied = tuple(len(set(map(str, v))) > 1 for v in values)
+    shown = values[0] if varied[0] else values[1]
+    return f"{len(group)}: {SEED_KINDS[varied]} {','.join(map(str, shown))}"
+
+
+def table_row(group):
+    f = [figures(r) for r in group]
+    first = f[0]
+    if len(group) == 1:
+        label = group[0]["label"]
+        best = f"{fmt(first['best'])} ({first['best_epoch']})" if first["best"] is not None else "–"
+        last = f"{fmt(first['last1'])} / {fmt(first['last5'])}"
+    else:
+        labels = [r["label"] for r in group]
+        label = ", ".join(labels) if len(labels) == 2 else f"{labels[0]} … {labels[-1]}"
+        best = mean_std([x["best"] for x in f])
+        last = f"{mean_std([x['last1'] for x in f])} / {mean_std([x['last5'] for x in f])}"
+    return [label.replace("|", "\\|"), first["method"] or "–", first["model"] or "–", str(first["epochs"]),
+            seed_note(group), best, last, fmt(mean([x["speed"] for x in f]), "{:.0f}"),
+            duration(mean([x["wall"] for x in f])), fmt(mean([x["teacher"] for x in f]))]
+
+
+def mean(values):
+    """The mean, or None when any run lacks the figure."""
+    if not values or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def mean_std(values):
+    """'mean ± sample standard deviation' (n - 1 in the denominator), or '–' when any run lacks the figure."""
+    m = mean(values)
+    if m is None:
+        return "–"
+    return f"{m:.2f} ± {(sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5:.2f}"
 
 
 def fmt(v, spec="{:.2f}"):
@@ -143,11 +237,18 @@ def duration(seconds):
 
 
 def summary_md(runs, title, common):
-    head = ["run", "method", "model", "epochs", "best top-1 (epoch)", "last top-1 / top-5", "mean samples/s",
-            "wall time", "teacher top-1"]
-    lines = [f"# {title}", "", f"{len(runs)} run(s) under `{common}`.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(table_row(r)) + " |" for r in runs]
+    rows = seed_rows(runs)
+    head = ["run", "method", "model", "epochs", "seeds", "best top-1 (epoch)", "last top-1 / top-5",
+            "mean samples/s", "wall time", "teacher top-1"]
+    lines = [f"# {title}", "", f"{len(runs)} run(s) under `{common}`.", ""]
+    if any(len(g) > 1 for g in rows):
+        lines += ["A row of several runs differs only in its seeds: best and last top-1 are mean ± sample "
+                  "standard deviation over them, the other figures means. `seeds`: how many runs, the seed "
+                  "that varied and its values (`run.seed`: data order, augmentation and initialisation; "
+                  "`run.seed, init fixed`: data order and augmentation; `model.init_seed`: initialisation "
+                  "only).", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(table_row(g)) + " |" for g in rows]
     return "\n".join(lines + ["", "![training curves](curves.png)", ""])
 
 
@@ -211,8 +312,13 @@ def main(argv=None):
     runs = [load_run(r, os.path.relpath(r, common)) for r in run_dirs]  # all input is read before any output
     shown = os.path.relpath(common)
     write_outputs(args.out, runs, args.title, common if shown.startswith("..") else shown)
+    averaged = [g for g in seed_rows(runs) if len(g) > 1]
     print(f"wrote {os.path.join(args.out, 'curves.png')} and {os.path.join(args.out, 'summary.md')} "
-          f"({len(runs)} run(s))")
+          f"({len(runs)} run(s)" + (f"; {len(averaged)} row(s) averaged over seeds" if averaged else "") + ")")
+    for g in averaged:
+        best = mean_std([figures(r)["best"] for r in g])
+        last = mean_std([figures(r)["last1"] for r in g])
+        print(f"  {table_row(g)[0]}: {seed_note(g)}: best top-1 {best}, last top-1 {last}")
 
 
 if __name__ == "__main__":
