@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 
 import numpy as np
 import torch
@@ -30,20 +29,16 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.contract import Batch, ValBatch
 from pipelines.cpus import host_threads
+from pipelines.dali_geometry import path_table, roi, val_geometry
 from pipelines.device import Normalizer, to_device
 from pipelines.finish_views import strong_on_device, views_from_decoded
 from pipelines.randaugment_graph import strong_program
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError, check_decodable, first_readable, image_sizes
+from pipelines.upsample import resized_hw
 from pipelines.view_params import ViewBatch, draw_views, run_strong_draws
 
 log = logging.getLogger(__name__)
-
-
-def _path_table(files) -> np.ndarray:
-    """(N, L) uint8: each row a path as the file system spells it, zero-padded; a batch of paths is one
-    fancy index of it, and DALI's file reader takes the rows as they are."""
-    return np.array([os.fsencode(f) for f in files], dtype=bytes).view(np.uint8).reshape(len(files), -1)
 
 
 class _Feeder:
@@ -54,24 +49,26 @@ class _Feeder:
         self.source, self.sampler, self.batch, self.seed, self.views = source, sampler, batch, cfg.run.seed, views
         self.view_kw = dict(crop=dc.train_crop, size=dc.image_size, pad=dc.crop_padding,
                             strong_aug=False)  # the loader draws the strong parameters from the indices
-        self.size, self.val_resize = dc.image_size, dc.val_resize
+        self.size, self.val_resize, self.resize = dc.image_size, dc.val_resize, dc.resize_source
         self.train, self.drop_last, self.device_route = train, drop_last, device_route
         self.encoded = hasattr(source, "files")
         self.skip_bad = getattr(source, "skip_bad", False)
-        self.paths = _path_table(source.files) if self.encoded else None
-        self.sizes = image_sizes(source, cache=cfg.pipeline.dali_size_cache) if self.encoded or train else None
+        self.paths = path_table(source.files) if self.encoded else None
+        self.sizes = (image_sizes(source, cache=cfg.pipeline.dali_size_cache)
+                      if self.encoded or train or self.resize else None)
         self.labels = np.asarray(source.labels, dtype=np.int64).reshape(-1, 1)
         self.substitute = np.full(len(source), -1, dtype=np.int64)  # skip mode: the sample read instead
-        self.roi = train and self.encoded and not device_route
+        # the whole image where the source is resized first
+        self.roi = train and self.encoded and not device_route and not self.resize
         self.keys, self.pos, self.epoch = None, 0, 0
         # training: an epoch's end leads straight into the next epoch's batches, so DALI has them in flight
         # when the loop reaches the boundary; the loader stops it (follow=False) to leave an epoch early
         self.follow = train
         self.recent = collections.deque(maxlen=8)  # source indices of recent batches, to name a bad file
         if not train:
-            self.fields = ("data", "label", "index") + (("resize", "anchor") if self.encoded else ())
+            self.fields = ("data", "label", "index") + (("resize", "anchor") if self.encoded or self.resize else ())
         elif device_route:
-            self.fields = ("data", "label", "index") + tuple(
+            self.fields = ("data", "label", "index") + (("src_size",) if self.resize else ()) + tuple(
                 f"{v}_{k}" for v in ("weak", "strong")[:views] for k in ("box", "flip"))
         else:
             self.fields = ("data", "label", "index", "boxes") + (("roi_anchor", "roi_shape") if self.roi else ())
@@ -107,10 +104,13 @@ class _Feeder:
         out = {"data": self.paths[src] if self.encoded else self.source.images[src],
                "label": self.labels[src], "index": idx.reshape(-1, 1)}  # a substitute keeps its own label
         if not self.train:
-            if self.encoded:
-                out["resize"], out["anchor"] = _val_geometry(self.sizes[src], self.size, self.val_resize)
+            if self.encoded or self.resize:
+                out["resize"], out["anchor"] = val_geometry(self.sizes[src], self.size, self.val_resize, self.resize)
             return [out[f] for f in self.fields]
-        self._boxes(out, draw_views(self.seed, self.epoch, idx, self.sizes[src], **self.view_kw).boxes, src)
+        hw = resized_hw(self.sizes[src], self.resize) if self.resize else self.sizes[src]
+        if self.resize and self.device_route:
+            out["src_size"] = hw.astype(np.float32)
+        self._boxes(out, draw_views(self.seed, self.epoch, idx, hw, **self.view_kw).boxes, src)
         return [out[f] for f in self.fields]
 
     def _boxes_for_graph(self, out, boxes, src):
@@ -120,36 +120,11 @@ class _Feeder:
 
     def _boxes_for_host(self, out, boxes, src):
         if self.roi:  # decode only the region both views need; boxes become relative to it
-            y0, x0, y1, x1 = _roi(self.sizes[src], boxes[:, :self.views])
+            y0, x0, y1, x1 = roi(self.sizes[src], boxes[:, :self.views])
             out["roi_anchor"], out["roi_shape"] = np.stack([y0, x0], 1), np.stack([y1 - y0, x1 - x0], 1)
             boxes[:, :, 0] -= y0[:, None]
             boxes[:, :, 1] -= x0[:, None]
         out["boxes"] = boxes
-
-
-def _roi(hw, boxes, align=16):
-    """Union of each sample's crop boxes (N, V, 5) inside the image, widened to the JPEG MCU grid so the
-    region decode reproduces the full decode's pixels (chroma upsampling needs the neighbouring blocks)."""
-    h, w = hw[:, 0], hw[:, 1]
-    y0 = np.maximum(0, boxes[:, :, 0].min(1))
-    x0 = np.maximum(0, boxes[:, :, 1].min(1))
-    y1 = np.minimum(h, (boxes[:, :, 0] + boxes[:, :, 2]).max(1))
-    x1 = np.minimum(w, (boxes[:, :, 1] + boxes[:, :, 3]).max(1))
-    y0, x0 = np.maximum(0, y0 // align * align - align), np.maximum(0, x0 // align * align - align)
-    y1, x1 = np.minimum(h, -(-y1 // align) * align + align), np.minimum(w, -(-x1 // align) * align + align)
-    return (a.astype(np.int32) for a in (y0, x0, y1, x1))
-
-
-def _val_geometry(hw, size, resize):
-    """Resize target (N, 2) float32 and centre-crop anchor (N, 2) int32, rounded as the torch backend does."""
-    h, w = hw[:, 0].astype(np.float64), hw[:, 1].astype(np.float64)
-    if resize:
-        s = resize / np.minimum(w, h)
-        nw, nh = np.maximum(size, np.rint(w * s)), np.maximum(size, np.rint(h * s))  # rint: Python's round
-    else:
-        nw, nh = np.full_like(w, size), np.full_like(h, size)
-    anchor = np.stack([(nh - size) // 2, (nw - size) // 2], 1).astype(np.int32)
-    return np.stack([nh, nw], 1).astype(np.float32), anchor
 
 
 def _inputs(feeder, encoded_layout=None):
@@ -194,6 +169,8 @@ def _train_graph(feeder, decode_device, crop, size, views):
         img = f["data"].gpu() if decode_device == "mixed" else f["data"]
     if not feeder.device_route:
         return img, f["label"], f["index"], f["boxes"]
+    if feeder.resize:  # DALI's cubic filter: within the documented tolerance of PIL's (docs/design.md)
+        img = fn.resize(img, size=f["src_size"], interp_type=types.INTERP_CUBIC, antialias=True)
     cut = [_view(img, f[f"{v}_box"], f[f"{v}_flip"], crop, size) for v in ("weak", "strong")[:views]]
     return (*cut, f["label"], f["index"])
 
@@ -201,10 +178,14 @@ def _train_graph(feeder, decode_device, crop, size, views):
 @pipeline_def(enable_conditionals=False)
 def _val_graph(feeder, decode_device, size):
     f = _inputs(feeder, None if feeder.encoded else "HWC")
-    if feeder.encoded:
-        img = fn.decoders.image(fn.io.file.read(f["data"]), device=decode_device, output_type=types.RGB,
-                                adjust_orientation=False)
-        img = fn.resize(img, size=f["resize"], interp_type=types.INTERP_LINEAR, antialias=True)
+    if feeder.encoded or feeder.resize:
+        if feeder.encoded:
+            img = fn.decoders.image(fn.io.file.read(f["data"]), device=decode_device, output_type=types.RGB,
+                                    adjust_orientation=False)
+        else:
+            img = f["data"].gpu() if decode_device == "mixed" else f["data"]
+        interp = types.INTERP_CUBIC if feeder.resize else types.INTERP_LINEAR
+        img = fn.resize(img, size=f["resize"], interp_type=interp, antialias=True)
         img = fn.slice(img, f["anchor"], [size, size], normalized_anchor=False, normalized_shape=False,
                        axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
     else:  # array datasets are validated at their native size
@@ -319,8 +300,8 @@ class _DaliTrainLoader(_DaliLoader):
     def _views_on_host(self, outs, strong):
         """Views cut from the decoded images on the host (`pipelines.finish_views`)."""
         vb = ViewBatch(np.array(outs["boxes"].as_array()), strong)
-        return views_from_decoded([np.asarray(im) for im in outs["image"]], vb, self.cfg.data.image_size,
-                                  self.views, self.normalize, self.cfg.pipeline.host_threads)
+        return views_from_decoded([np.asarray(im) for im in outs["image"]], vb, self.cfg.data.image_size, self.views,
+                                  self.normalize, self.cfg.pipeline.host_threads, self.feeder.resize)
 
     def _batches(self):
         for outs in self._epoch_outputs():

@@ -23,6 +23,7 @@ from dataclasses import replace
 import numba
 import numpy as np
 import torch
+from PIL import Image
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
@@ -36,10 +37,11 @@ from numba.extending import intrinsic
 from pipelines.contract import Batch, ValBatch
 from pipelines.cpus import loader_workers
 from pipelines.device import Normalizer, to_device
-from pipelines.finish_views import pair_finisher, views_from_decoded
+from pipelines.finish_views import crop_pairs, pair_finisher, pool, views_from_decoded
 from pipelines.randaugment_graph import strong_program
 from pipelines.sources import DataError
 from pipelines.splits import beton_paths, check_sidecar
+from pipelines.upsample import resized_hw, val_view_pil
 from pipelines.view_params import ViewBatch, draw_views, run_strong_draws
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,10 @@ class ViewTable:
     Either way a batch's or an epoch's boxes are one vectorised draw (`view_params.draw_views`)."""
 
     def __init__(self, metadata, data_cfg, seed, crops_in_pipeline: bool):
-        self.hw = np.stack([metadata["height"], metadata["width"]], 1).astype(np.int64)
+        self.hw = np.stack([metadata["height"], metadata["width"]], 1).astype(np.int64)  # as stored
         n = len(self.hw)
+        # the boxes are drawn in the resized image (`data.resize_source`), which the host makes after the decode
+        self.view_hw = resized_hw(self.hw, data_cfg.resize_source) if data_cfg.resize_source else self.hw
         self.tables = np.zeros((2, n, 2, 5), dtype=np.int32)
         self.parity = np.zeros(1, dtype=np.int64)  # the buffer the compiled decoder reads
         self.decodes = np.zeros(n, dtype=np.int64)  # decodes per sample (tests count them)
@@ -80,7 +84,7 @@ class ViewTable:
 
     def boxes(self, epoch, indices) -> np.ndarray:
         """(N, 2, 5) boxes of both views of `indices` (int64 array) in `epoch`."""
-        return draw_views(self.seed, epoch, indices, self.hw[indices], **self.view_kw).boxes
+        return draw_views(self.seed, epoch, indices, self.view_hw[indices], **self.view_kw).boxes
 
     def _fill(self, epoch, indices):
         b = epoch % 2
@@ -259,18 +263,30 @@ class _FfcvTrainLoader(_FfcvLoader):
         self.table, self.cfg, self.views = table, cfg, views
         # where the views are cut and how they are finished, fixed when the loader is built
         self._finish = pair_finisher(device_route, strong_program(cfg.pipeline.strong_program))
-        self._views = self._compiled_views if table.crops_in_pipeline else self._views_on_host
+        self._views = (self._compiled_views if table.crops_in_pipeline else
+                       self._resized_on_device if device_route else self._views_on_host)
 
     def _compiled_views(self, x, idx_cpu, strong):
         """Both views cut in FFCV's compiled decoder: (N, 2, S, S, 3) uint8."""
         return self._finish(x, strong, self.normalize, self.views)
 
+    def _decoded(self, x, idx):
+        return [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(self.table.hw[idx].tolist())]
+
     def _views_on_host(self, x, idx_cpu, strong):
         """Host route: the decoded images, cut per sample on the host pool."""
         idx = idx_cpu.numpy()
-        images = [x[j, :3 * h * w].view(h, w, 3).numpy() for j, (h, w) in enumerate(self.table.hw[idx].tolist())]
-        return views_from_decoded(images, ViewBatch(self.table.boxes(self.epoch, idx), strong),
-                                  self.cfg.data.image_size, self.views, self.normalize, self.cfg.pipeline.host_threads)
+        return views_from_decoded(self._decoded(x, idx), ViewBatch(self.table.boxes(self.epoch, idx), strong),
+                                  self.cfg.data.image_size, self.views, self.normalize, self.cfg.pipeline.host_threads,
+                                  self.cfg.data.resize_source)
+
+    def _resized_on_device(self, x, idx_cpu, strong):
+        """Device route with `data.resize_source`: resized and cut on the host pool (PIL's filter, which
+        FFCV's compiled resize does not reproduce), finished on the device."""
+        idx, dc = idx_cpu.numpy(), self.cfg.data
+        pairs = crop_pairs(self._decoded(x, idx), ViewBatch(self.table.boxes(self.epoch, idx), None),
+                           dc.image_size, dc.resize_source, self.cfg.pipeline.host_threads)
+        return self._finish(pairs, strong, self.normalize, self.views)
 
     def __iter__(self):
         # only this rank's samples of this epoch (FFCV's own order, sharded when distributed)
@@ -284,13 +300,28 @@ class _FfcvTrainLoader(_FfcvLoader):
 
 
 class _FfcvValLoader(_FfcvLoader):
-    def __init__(self, loader, normalize, keep=None):
+    def __init__(self, loader, normalize, keep=None, resized=None):
         super().__init__(loader, normalize)
         self.keep = keep  # this rank's real validation samples (positions rank, rank + world, ...)
+        self.resized = resized  # (stored sizes, data.resize_source, data.image_size): views made on the host
+
+    def _val_views(self, x, idx):
+        """`data.resize_source`: each decoded image through the reference's validation transform."""
+        hw, s, size = self.resized
+        out = torch.empty((len(idx), size, size, 3), dtype=torch.uint8)
+
+        def one(j):
+            h, w = hw[idx[j]].tolist()
+            img = Image.fromarray(x[j, :3 * h * w].view(h, w, 3).numpy())
+            out[j] = torch.from_numpy(np.asarray(val_view_pil(img, s, size)))
+        list(pool().map(one, range(len(idx))))
+        return out
 
     def __iter__(self):
         left = self.keep
-        for x, y, i, _ in self._epoch():
+        for x, y, i, i_cpu in self._epoch():
+            if self.resized is not None:
+                x = self._val_views(x, i_cpu.numpy())
             if left is not None:  # drop the DistributedSampler's padding: no sample counted twice
                 n, left = max(0, min(len(y), left)), left - len(y)
                 x, y, i = x[:n], y[:n], i[:n]
@@ -326,7 +357,8 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     # slices) on either. Resized crops on the host route: decoded in FFCV, resized on the host with torch's
     # antialiased filter, closer to the reference's PIL resize and cheaper than FFCV's OpenCV INTER_AREA
     # resize on a CPU (docs/benchmarks.md).
-    compiled = device_route or cfg.data.train_crop == "pad"
+    # A resized source (`data.resize_source`) is resized on the host after FFCV's decode, on either route.
+    compiled = (device_route or cfg.data.train_crop == "pad") and not cfg.data.resize_source
     table = ViewTable(reader.metadata["f0"], cfg.data, cfg.run.seed, compiled)
     decoder = TwoViewDecoder(cfg.data.image_size, table) if compiled else DecodeOnceDecoder(table)
     loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [decoder], True, world)
@@ -336,8 +368,16 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
 def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_route: bool):
     path = beton_paths(cfg)[1]
     meta = check_sidecar(path, cfg, source, "val")
-    size, resize = cfg.data.image_size, cfg.data.val_resize
-    dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize) if resize else SimpleRGBImageDecoder()
+    size, resize, resize_source = cfg.data.image_size, cfg.data.val_resize, cfg.data.resize_source
+    resized = None
+    if resize_source:  # decoded whole, resized on the host: the reference's bicubic filter
+        from ffcv.reader import Reader
+        table = ViewTable(Reader(path).metadata["f0"], cfg.data, 0, False)
+        dec, resized = DecodeOnceDecoder(table), (table.hw, resize_source, size)
+    elif resize:
+        dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize)
+    else:
+        dec = SimpleRGBImageDecoder()
     loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world)
     return _FfcvValLoader(loader, Normalizer.for_run(meta["mean_std"], cfg, device),
-                          keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None)
+                          keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None, resized=resized)

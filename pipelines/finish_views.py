@@ -23,6 +23,7 @@ from pipelines.cpus import usable_cpus
 from pipelines.device import to_device
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
+from pipelines.upsample import resize_array
 from pipelines.view_params import STRONG, WEAK, Crop, StrongDraws, ViewBatch
 
 _POOLS = {}
@@ -132,15 +133,33 @@ def crop_resize(img: np.ndarray, c: Crop, size: int) -> torch.Tensor:
     return out
 
 
-def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, threads: int = 0):
+def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, threads: int = 0,
+                       resize: int = 0):
     """Host route: decoded uint8 HWC images (one per sample, any size) -> normalised float (weak, strong)
-    NCHW channels-last. Per sample on the host pool: both views cut from `vb`'s boxes, the strong one
-    through PIL, normalised (cutting and normalising there keeps that work off the main thread)."""
+    NCHW channels-last. Per sample on the host pool: the image resized first when `resize`
+    (`data.resize_source`, PIL's filter: the reference's pixels), both views cut from `vb`'s boxes, the
+    strong one through PIL, normalised (cutting and normalising there keeps that work off the main thread)."""
     def pair(j):
-        weak = crop_resize(images[j], vb.crop(j, WEAK), size)
+        img = resize_array(images[j], resize) if resize else images[j]
+        weak = crop_resize(img, vb.crop(j, WEAK), size)
         if views == 1:
             return weak, None
-        v = crop_resize(images[j], vb.crop(j, STRONG), size)
+        v = crop_resize(img, vb.crop(j, STRONG), size)
         return weak, v if vb.strong is None else strong_pil(v, vb.strong.params(j))
 
     return _normalised_on_host(len(images), (size, size), views, normalize, pair, threads)
+
+
+def crop_pairs(images, vb: ViewBatch, size: int, resize: int, threads: int = 0) -> torch.Tensor:
+    """Decoded uint8 HWC images -> uint8 (N, 2, size, size, 3) weak / strong crops, each image resized first
+    as `views_from_decoded` does, per sample on the host pool: for a device route whose compiled cutter has
+    no PIL-exact bicubic resize (ffcv), the views then finished on the device."""
+    out = torch.empty((len(images), 2, size, size, 3), dtype=torch.uint8)
+
+    def cut(j):
+        img = resize_array(images[j], resize) if resize else images[j]
+        for v in (WEAK, STRONG):
+            out[j, v] = crop_resize(img, vb.crop(j, v), size)
+
+    list(pool(threads).map(cut, range(len(images))))
+    return out

@@ -36,6 +36,7 @@ from pipelines.randaugment_segmented import StrongBatch
 from pipelines.sampler import EpochSampler
 from pipelines.sources import DataError
 from pipelines.torch_backend import ValDataset
+from pipelines.upsample import centre_anchor, resize_batch, resized_hw
 from pipelines.view_params import draw_views
 
 log = logging.getLogger(__name__)
@@ -150,21 +151,23 @@ def _folder_array(source, root: str, kind: str, load, what: str):
         return images, labels
 
 
-def train_array(source, cfg):
-    """(uint8 NHWC images, int64 labels) of a training source at its native size."""
+def train_array(source, cfg, kind: str = "train"):
+    """(uint8 NHWC images, int64 labels) of a source at its native size."""
     if hasattr(source, "images"):
         return source.images, source.labels
 
     def load(i):
         img, label = source.load_sample(i)
         return np.asarray(img), label
-    return _folder_array(source, cfg.data.root, "train", load, "training")
+    return _folder_array(source, cfg.data.root, kind, load, "training" if kind == "train" else "validation")
 
 
 def val_array(source, cfg):
     """(uint8 NHWC images, int64 labels) of a validation source at `data.image_size`: the native pixels
     when they already have that size, else the reference backend's ValDataset transform, applied once."""
     size = cfg.data.image_size
+    if cfg.data.resize_source:  # the native pixels: each batch is resized on the device (GpuValLoader)
+        return train_array(source, cfg, "val:native")
     if hasattr(source, "images") and not cfg.data.val_resize and source.images.shape[1:3] == (size, size):
         return source.images, source.labels
     ds = ValDataset(source, cfg.data)
@@ -199,18 +202,22 @@ class GpuTrainLoader:
         self.device, self.views = torch.device(device), views
         self.seed, self.batch, self.drop_last = cfg.run.seed, cfg.pipeline.batch_size // world, cfg.pipeline.drop_last
         self.size, self.pad = cfg.data.image_size, cfg.data.crop_padding
+        self.resize = cfg.data.resize_source
         self.n_ops, self.strong_aug = cfg.pipeline.randaug_n, cfg.pipeline.strong_aug
         self.strong_program = strong_program(cfg.pipeline.strong_program)
         images, labels = train_array(source, cfg)
-        self.hw = images.shape[1:3]
-        self.data = _upload(images, self.device, self.pad)
+        # `data.resize_source`: the native pixels stay resident, each batch is resized on the device and
+        # padded there; the views' boxes and offsets are those of the resized, padded images
+        self.hw = tuple(resized_hw(images.shape[1:3], self.resize).tolist()) if self.resize else images.shape[1:3]
+        self.data = _upload(images, self.device, 0 if self.resize else self.pad)
         self.flat = self.data.view(-1, 3)  # pixels in (image, row, column) order: one gather cuts a view
+        self.padded_hw = (self.hw[0] + 2 * self.pad, self.hw[1] + 2 * self.pad)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.sampler = EpochSampler(len(labels), seed=self.seed, shuffle=True, rank=rank, world=world)
         self.start = 0  # the first batch of the next iteration (set_epoch)
         self.normalize = Normalizer.for_run(source.mean_std, cfg, device)
         s = torch.arange(self.size, device=self.device)
-        row_stride = self.data.shape[2]
+        row_stride = self.padded_hw[1]
         self._rows = (s * row_stride).view(1, -1, 1)                # (1, S, 1) row offsets
         self._cols = s.view(1, 1, -1)                               # (1, 1, S) columns, left to right
         self._cols_flipped = (self.size - 1 - s).view(1, 1, -1)     # and mirrored
@@ -233,8 +240,10 @@ class GpuTrainLoader:
         vb = draw_views(self.seed, epoch, order.numpy(), self.hw, crop="pad", size=self.size,
                         pad=self.pad, n_ops=self.n_ops, strong_aug=self.strong_aug and self.views == 2)
         boxes = torch.from_numpy(vb.boxes).long()                   # (n, 2, 5): top, left, h, w, flip
-        hp, wp = self.data.shape[1:3]
-        start = (order[:, None] * hp + boxes[..., 0] + self.pad) * wp + boxes[..., 1] + self.pad
+        hp, wp = self.padded_hw
+        start = (boxes[..., 0] + self.pad) * wp + boxes[..., 1] + self.pad
+        if not self.resize:  # offsets into the resident array; else into the batch's resized copy (`_batch`)
+            start += order[:, None] * hp * wp
         host = torch.cat([order[:, None], start, boxes[..., 4]], 1)  # (n, 5): one copy per epoch
         return order, (host.pin_memory() if self.device.type == "cuda" else host), vb.strong
 
@@ -249,19 +258,30 @@ class GpuTrainLoader:
         index = dev[:, 0]
         return order, index, self.labels[index], dev[:, 1:3], dev[:, 3:5].bool(), strong
 
-    def _cut(self, start: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    def _cut(self, flat: torch.Tensor, start: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         cols = torch.where(flip.view(-1, 1, 1), self._cols_flipped, self._cols)
-        return self.flat[start.view(-1, 1, 1) + self._rows + cols]  # (B, S, S, 3) uint8
+        return flat[start.view(-1, 1, 1) + self._rows + cols]  # (B, S, S, 3) uint8
+
+    def _batch(self, index: torch.Tensor, start: torch.Tensor):
+        """The pixels a batch's views are cut from and the views' offsets into them."""
+        if not self.resize:
+            return self.flat, start
+        x = resize_batch(self.data[index], self.hw)
+        p = self.pad
+        x = torch.nn.functional.pad(x, (0, 0, p, p, p, p)) if p else x
+        base = torch.arange(len(index), device=self.device).view(-1, 1) * (self.padded_hw[0] * self.padded_hw[1])
+        return x.reshape(-1, 3), start + base
 
     def __iter__(self):
         order, index, target, start, flip, strong = self._epoch()
         for b in range(self.start, len(self)):
             sl = slice(b * self.batch, (b + 1) * self.batch)
-            weak = self.normalize(self._cut(start[sl, 0], flip[sl, 0]))
+            flat, at = self._batch(index[sl], start[sl])
+            weak = self.normalize(self._cut(flat, at[:, 0], flip[sl, 0]))
             if self.views == 1:
                 yield Batch(weak, None, target[sl], index[sl], order[sl])
                 continue
-            x = self._cut(start[sl, 1], flip[sl, 1])
+            x = self._cut(flat, at[:, 1], flip[sl, 1])
             if strong is not None:
                 x = self.strong_program(x, StrongBatch.from_draws(strong.take(sl)), channels_last_input=True)
             yield Batch(weak, self.normalize(x), target[sl], index[sl], order[sl])
@@ -278,6 +298,10 @@ class GpuValLoader:
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)[keep]).to(self.device)
         self.index = torch.from_numpy(keep).to(self.device)
         self.normalize = Normalizer.for_run(source.mean_std, cfg, device)
+        self.size, self.resize = cfg.data.image_size, cfg.data.resize_source
+        if self.resize:
+            self.hw = tuple(resized_hw(images.shape[1:3], self.resize).tolist())
+            self.anchor = centre_anchor(self.hw, self.size).tolist()
 
     def set_epoch(self, epoch: int, start: int = 0):
         pass  # no augmentation, one fixed order
@@ -288,7 +312,13 @@ class GpuValLoader:
     def __iter__(self):
         for b in range(len(self)):
             sl = slice(b * self.batch, (b + 1) * self.batch)
-            yield ValBatch(self.normalize(self.data[sl]), self.labels[sl], self.index[sl])
+            yield ValBatch(self.normalize(self._images(sl)), self.labels[sl], self.index[sl])
+
+    def _images(self, sl):
+        if not self.resize:
+            return self.data[sl]
+        (top, left), s = self.anchor, self.size
+        return resize_batch(self.data[sl], self.hw)[:, top:top + s, left:left + s]
 
 
 def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2, *, device_route: bool):

@@ -17,6 +17,7 @@ from pipelines.device import Normalizer
 from pipelines.forking import fork_safely
 from pipelines.randaugment_pil import apply_strong
 from pipelines.sampler import EpochSampler
+from pipelines.upsample import resize_pil, val_view_pil
 from pipelines.view_params import STRONG, WEAK, Crop, draw_views
 
 
@@ -35,7 +36,7 @@ class TwoViewDataset(Dataset):
 
     def __init__(self, source, data_cfg, pipe_cfg, seed: int, views: int = 2):
         self.source, self.seed, self.views = source, seed, views
-        self.size = data_cfg.image_size
+        self.size, self.resize = data_cfg.image_size, data_cfg.resize_source
         self.view_kw = dict(crop=data_cfg.train_crop, size=data_cfg.image_size, pad=data_cfg.crop_padding,
                             n_ops=pipe_cfg.randaug_n, strong_aug=pipe_cfg.strong_aug and views == 2)
 
@@ -47,6 +48,8 @@ class TwoViewDataset(Dataset):
 
     def __getitems__(self, keys):
         samples = [self.source.load_sample(index) for _, index in keys]
+        if self.resize:  # before the boxes are drawn: they are drawn with the resized sizes
+            samples = [(resize_pil(img, self.resize), label) for img, label in samples]
         index = np.array([i for _, i in keys], dtype=np.int64)
         hw = np.array([(img.size[1], img.size[0]) for img, _ in samples], dtype=np.int64)
         vb = draw_views(self.seed, keys[0][0], index, hw, **self.view_kw)  # a batch is one epoch's
@@ -66,6 +69,7 @@ class TwoViewDataset(Dataset):
 class ValDataset(Dataset):
     def __init__(self, source, data_cfg):
         self.source, self.size, self.resize = source, data_cfg.image_size, data_cfg.val_resize
+        self.resize_source = data_cfg.resize_source
 
     def __len__(self):
         return len(self.source)
@@ -73,7 +77,9 @@ class ValDataset(Dataset):
     def __getitem__(self, key):
         _, index = key
         img, label = self.source.load_sample(index)
-        if self.resize:  # resize shorter side, then centre crop (ImageNet protocol)
+        if self.resize_source:
+            img = val_view_pil(img, self.resize_source, self.size)
+        elif self.resize:  # resize shorter side, then centre crop (ImageNet protocol)
             w, h = img.size
             s = self.resize / min(w, h)
             img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BILINEAR)

@@ -84,7 +84,13 @@ def view_source(cfg, device="cpu") -> str:
     """What the views are cut from, and how, where that changes their pixels. `torch` and `dali` (either
     route) and `gpu` cut the same decoded images (pixels within the documented tolerance); `ffcv` reads a
     .beton whose images may have been resized (--max-resolution) or re-encoded, so its views are its own,
-    and on the accelerator route its resized crops come from FFCV's compiled resize, not torch's."""
+    and on the accelerator route its resized crops come from FFCV's compiled resize, not torch's. Sources
+    resized before the crop (`data.resize_source`) are named with that size: other pixels, other views."""
+    resized = f":resized-{cfg.data.resize_source}-bicubic" if cfg.data.resize_source else ""
+    return _decoded_from(cfg, device) + resized
+
+
+def _decoded_from(cfg, device) -> str:
     if cfg.pipeline.name != "ffcv":
         return "source images"
     side = beton_paths(cfg)[0] + ".json"
@@ -94,7 +100,8 @@ def view_source(cfg, device="cpu") -> str:
     except (OSError, ValueError) as e:
         raise CacheError(f"{side}: cannot read the .beton sidecar ({e})") from None
     keep = {k: meta.get(k) for k in ("settings", "num_samples", "beton_bytes")}
-    resize = ":compiled-resize" if cfg.data.train_crop == "rrc" and on_device(cfg, device) else ""
+    compiled = cfg.data.train_crop == "rrc" and on_device(cfg, device) and not cfg.data.resize_source
+    resize = ":compiled-resize" if compiled else ""
     return "ffcv:" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16] + resize
 
 
