@@ -33,9 +33,13 @@ def get_backend(name: str):
     raise UserError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
 
 
+# Methods that train on the weak and the strong view; the rest skip the strong view (their weak view is the same).
+TWO_VIEW_METHODS = ("crld", "mlkd")
+
+
 def views_needed(method: str) -> int:
-    """Views a method trains on: single-view methods skip the strong view (its weak view is the same)."""
-    return 2 if method == "crld" else 1
+    """Views a method trains on (1 or 2)."""
+    return 2 if method in TWO_VIEW_METHODS else 1
 
 
 def build_loaders(cfg, device, rank: int = 0, world: int = 1, views: int = 0):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import cache_teacher
 import train
 from pipelines import available_pipelines, build_loaders
+from pipelines.errors import RuntimeConfigError
 from training.config import load_config
 from training.losses import crld_loss
 from training.loop import Trainer
@@ -316,6 +317,9 @@ def test_topk_cache_trains_and_is_smaller(demo_root, teacher_ckpt, tmp_path):
     with pytest.raises(CacheError, match="'temperature'"):  # the fill values were made for T=4
         step_losses(demo_root, teacher_ckpt, tmp_path / "r2", "teacher.source=cache", f"teacher.cache={d}",
                     "method.temperature=2")
+    for over in ("method.name=nkd", "method.name=mlkd", "method.base=normkd"):  # other temperatures, row spreads
+        with pytest.raises(RuntimeConfigError, match="top-3 cache cannot serve"):
+            step_losses(demo_root, teacher_ckpt, tmp_path / "r3", "teacher.source=cache", f"teacher.cache={d}", over)
 
 
 def test_topk_error_script_on_a_full_cache(fp32_cache, tmp_path, script_module):

@@ -24,7 +24,7 @@ from pipelines.errors import UserError
 from pipelines.precision import AMP_SETTINGS
 from pipelines.randaugment_graph import PROGRAMS as STRONG_PROGRAMS
 from training.hub_weights import HubWeightsError, hub_weights, is_hub_spec
-from training.models import available_models
+from training.models import input_size_problem, name_problem as model_name_problem
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -52,6 +52,11 @@ def one_of(default: str, options):
     return field(default=default, metadata={"one_of": options})
 
 
+def model_name(default: str):
+    """A model: a registry name or `timm:<arch>` (training/models); the error names the nearest one."""
+    return field(default=default, metadata={"model_name": True})
+
+
 def within(default, low=None, high=None, *, open_low=False, open_high=False):
     """A numeric setting in [low, high] (None: unbounded on that side; open_*: that end excluded)."""
     return field(default=default, metadata={"within": (low, high, open_low, open_high)})
@@ -66,6 +71,9 @@ class DataConfig:
     train_crop: str = one_of("pad", ("pad", "rrc"))  # RandomCrop(size, padding) | RandomResizedCrop(size)
     crop_padding: int = within(4, 0)
     val_resize: int = 0            # 0: no resize (CIFAR); else resize shorter side, centre-crop image_size
+    # >0: every source image first resized as Resize(S, BICUBIC) (shorter side S), training views cut from
+    # it and validation its centre image_size square (the paper's Tiny-ImageNet row at 384: pipelines/upsample.py)
+    resize_source: int = within(0, 0)
     subset: int = within(0, 0)     # >0: an evenly strided N-sample training subset (quick runs, tests)
     skip_bad_images: bool = False  # log and skip unreadable images instead of failing
     allow_empty_classes: bool = False  # imagefolder: train although a class folder holds no image
@@ -99,14 +107,14 @@ class PipelineConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = one_of("resnet8x4", available_models)
+    name: str = model_name("resnet8x4")
     ckpt: str = ""                 # optional initial weights for the student
     init_seed: Optional[int] = None  # seed of the weight initialisation (None: run.seed)
 
 
 @dataclass
 class TeacherConfig:
-    name: str = one_of("resnet32x4", available_models)
+    name: str = model_name("resnet32x4")
     ckpt: str = ""                 # required for kd / dkd / crld
     source: str = one_of("online", ("online", "cache"))  # cache: logits precomputed by cache_teacher.py
     cache: str = ""                # teacher.source=cache: the cache directory
@@ -115,19 +123,24 @@ class TeacherConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = one_of("crld", ("ce", "kd", "dkd", "crld"))
-    temperature: float = within(4.0, 0, open_low=True)
+    name: str = one_of("crld", ("ce", "kd", "dkd", "nkd", "normkd", "mlkd", "crld"))
+    temperature: float = within(4.0, 0, open_low=True)  # kd, dkd, crld; mlkd's first temperature
     ce_weight: float = within(1.0, 0)
-    kd_weight: float = within(1.0, 0)  # kd: weight of the KD term
+    kd_weight: float = within(1.0, 0)  # kd, nkd, normkd, mlkd: weight of the distillation term(s)
     wv_weight: float = within(2.0, 0)  # crld: within-view weight
     cv_weight: float = within(0.5, 0)  # crld: cross-view weight
     tau_w: float = within(0.9, 0, 1)
     tau_s: float = within(0.2, 0, 1)
-    base: str = one_of("kd", ("kd", "dkd"))  # crld's pairwise term
+    base: str = one_of("kd", ("kd", "dkd", "nkd", "normkd"))  # crld's pairwise term (mlkd: refused in validate)
     dkd_alpha: float = within(1.0, 0)
     dkd_beta: float = within(8.0, 0)
     dkd_warmup: int = within(20, 0)  # epochs of linear warm-up of the DKD term
-    logit_stand: bool = False      # z-score logits before the KD terms (Sun et al., CVPR 2024)
+    nkd_temperature: float = within(1.0, 0, open_low=True)  # nkd: temperature of the non-target term
+    nkd_gamma: float = within(1.5, 0)  # nkd: weight of the non-target term
+    normkd_t_norm: float = within(2.0, 0, open_low=True)  # normkd: a row's temperature is t_norm x its logits' std
+    # mlkd: the prediction-augmentation temperatures besides method.temperature
+    mlkd_temperatures: List[float] = field(default_factory=lambda: [3.0, 5.0, 2.0, 6.0])
+    logit_stand: bool = False      # z-score logits before the KD terms (Sun et al., CVPR 2024); kd, dkd, crld
     joint_forward: bool = False    # student: one forward over both views (shared BN statistics)
 
 
@@ -331,7 +344,9 @@ def load_group(path: Optional[str] = None, overrides: Optional[List[str]] = None
         group.append(_merge(layers + [(where, _nest(flat)), ("group", name)], path))
     return group
 def _declared_problem(value, meta) -> Optional[str]:
-    """What is wrong with `value` against its field's declaration (`one_of` / `within`), or None."""
+    """What is wrong with `value` against its field's declaration (`one_of` / `within` / `model_name`), or None."""
+    if "model_name" in meta:
+        return model_name_problem(value)
     if "one_of" in meta:
         options = meta["one_of"]() if callable(meta["one_of"]) else meta["one_of"]
         if value not in options:
@@ -353,15 +368,29 @@ def validate(cfg) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}")
 
+    # before the declared values, so that base=mlkd hears why rather than only the valid choices
+    need(cfg.method.base != "mlkd", "method.base", "mlkd cannot be CRLD's pairwise term: its class- and "
+         "batch-correlation terms compare whole-batch Gram matrices and have no per-sample value to gate; "
+         "use kd, dkd, nkd or normkd")
     for section in fields(Config):
         for f in fields(section.default_factory()):
             problem = _declared_problem(getattr(cfg[section.name], f.name), f.metadata)
             need(problem is None, f"{section.name}.{f.name}", problem)
+    _check_method(cfg.method, need)
     need(cfg.pipeline.num_workers == "auto" or cfg.pipeline.num_workers.isdigit(), "pipeline.num_workers",
          f"must be auto or a number >= 0, got '{cfg.pipeline.num_workers}'")
+    d = cfg.data
+    need(d.resize_source == 0 or d.resize_source >= d.image_size, "data.resize_source",
+         f"must be 0 or >= data.image_size ({d.image_size}): views are cut from the resized image, "
+         f"got {d.resize_source}")
+    need(d.resize_source == 0 or d.val_resize == 0, "data.val_resize",
+         "must be 0 with data.resize_source (validation is the resized image's centre crop)")
     need(cfg.teacher.source != "cache" or bool(cfg.teacher.cache), "teacher.cache",
          "teacher.source=cache needs teacher.cache=PATH (a directory made by cache_teacher.py)")
     _check_hub_specs(cfg)
+    for key in ("model.name",) + (("teacher.name",) if cfg.method.name != "ce" else ()):
+        problem = input_size_problem(OmegaConf.select(cfg, key), cfg.data.image_size)
+        need(problem is None, key, problem)
     o = cfg.optim
     need(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs momentum > 0")
     need(list(o.milestones) == sorted(o.milestones) and all(x > 0 for x in o.milestones),
@@ -370,6 +399,17 @@ def validate(cfg) -> None:
     r = cfg.run
     need(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "run.device",
          f"unknown device '{r.device}'; use auto, cpu, cuda or cuda:N")
+
+
+def _check_method(m, need) -> None:
+    """Combinations of method settings that the methods do not define."""
+    need(all(t > 0 for t in m.mlkd_temperatures), "method.mlkd_temperatures",
+         f"temperatures must be > 0, got {list(m.mlkd_temperatures)}")
+    uses = m.base if m.name == "crld" else m.name
+    # the released NKD / NormKD / MLKD code standardises nothing, and NormKD already divides by each row's std
+    need(not m.logit_stand or uses not in ("nkd", "normkd", "mlkd"), "method.logit_stand",
+         f"not defined for {'method.base' if m.name == 'crld' else 'method.name'}={uses} (the released code "
+         f"has no logit standardisation for it); set method.logit_stand=false")
 
 
 def _check_hub_specs(cfg) -> None:

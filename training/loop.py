@@ -55,6 +55,11 @@ def open_cache(cfg, train_source, device, methods=()):
         if topk and m.logit_stand:
             raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve method.logit_stand=true"
                                      f"{who} (standardisation needs every logit); build a full cache")
+        uses = {m.name, m.base if m.name == "crld" else m.name} & {"nkd", "normkd", "mlkd"}
+        if topk and uses:
+            raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve {'/'.join(sorted(uses))}"
+                                     f"{who} (it reads the teacher at temperatures other than method.temperature, "
+                                     f"or each row's spread); build a full cache")
         if topk and m.temperature != cfg.method.temperature:
             raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache holds fill values for one "
                                      f"method.temperature; student {k} asks {m.temperature}, student 0 "

@@ -1,4 +1,5 @@
-"""Distillation losses: CE, Hinton KD, DKD and CRLD, computed in float32 even under autocast.
+"""Distillation losses: CE, Hinton KD, DKD and CRLD, computed in float32 even under autocast; NKD, NormKD and MLKD
+live in training/losses_baselines.py, and `method_loss` dispatches to all of them.
 
 All KD-style terms are per-sample vectors internally so CRLD can gate them with its confidence
 masks; teacher logits never receive gradients (they are detached here as well as produced under
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from training.losses_baselines import mlkd_loss, nkd_loss, nkd_per_sample, normkd_loss, normkd_per_sample
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -69,13 +72,15 @@ def dkd_warmup_factor(epoch: float, warmup: int) -> float:
 def crld_loss(student_weak, student_strong, teacher_weak, teacher_strong, target, *, temperature: float,
               ce_weight: float, wv_weight: float, cv_weight: float, tau_w: float, tau_s: float,
               base: str = "kd", logit_stand: bool = False, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-              base_scale: float = 1.0) -> dict:
+              base_scale: float = 1.0, nkd_temperature: float = 1.0, nkd_gamma: float = 1.5,
+              normkd_t_norm: float = 2.0) -> dict:
     """CRLD (Zhang et al., ACM MM 2024), as in the paper's released code.
 
     kd_wv = wv_weight * mean((kd(s_w, t_w) + kd(s_s, t_s)) * [max softmax(t_w) >= tau_w])
     kd_cv = cv_weight * mean((kd(s_s, t_w) + kd(s_w, t_s)) * [max softmax(t_s) >= tau_s])
     The means divide by the batch size, not by the number of samples that pass the mask.
-    `base='dkd'` swaps the pairwise term for DKD; `base_scale` carries DKD's warm-up factor.
+    `base='dkd'` swaps the pairwise term for DKD (`base_scale` carries its warm-up factor), `base='nkd'` for
+    NKD at `nkd_temperature`, `base='normkd'` for NormKD; `temperature` is then unused except by DKD.
     Also returns the gates' pass rates (`mask_w_rate`, `mask_s_rate`), which the trainer logs.
     """
     s_w, t_w = _prep(student_weak, teacher_weak, False)
@@ -94,8 +99,16 @@ def crld_loss(student_weak, student_strong, teacher_weak, teacher_strong, target
         ls_w, ls_s, lt_w, lt_s = s_w, s_s, t_w, t_s
         pair = lambda s, t: dkd_per_sample(s, t, target, alpha=dkd_alpha, beta=dkd_beta,  # noqa: E731
                                            temperature=temperature, logit_stand=logit_stand)
+    elif base in ("nkd", "normkd") and not logit_stand:
+        ls_w, ls_s, lt_w, lt_s = s_w, s_s, t_w, t_s
+        if base == "nkd":
+            pair = lambda s, t: nkd_per_sample(s, t, target, temperature=nkd_temperature,  # noqa: E731
+                                               gamma=nkd_gamma)
+        else:
+            pair = lambda s, t: normkd_per_sample(s, t, t_norm=normkd_t_norm)  # noqa: E731
     else:
-        raise ValueError(f"unknown CRLD base loss '{base}' (kd | dkd)")
+        raise ValueError(f"CRLD base loss '{base}' with logit_stand={logit_stand} is not defined "
+                         f"(kd | dkd, or nkd | normkd without logit_stand)")
     kd_wv = wv_weight * base_scale * ((pair(ls_w, lt_w) + pair(ls_s, lt_s)) * mask_w).mean()
     kd_cv = cv_weight * base_scale * ((pair(ls_s, lt_w) + pair(ls_w, lt_s)) * mask_s).mean()
     return {"loss": ce + kd_wv + kd_cv, "ce": ce, "kd_wv": kd_wv, "kd_cv": kd_cv,
@@ -110,7 +123,7 @@ def crld_masks(teacher_weak, teacher_strong, tau_w: float, tau_s: float):
 
 
 def method_loss(method, s_w, s_s, t_w, t_s, target, epoch: int) -> dict:
-    """The configured objective. Single-view methods (ce, kd, dkd) use the weak view only."""
+    """The configured objective. Single-view methods (ce, kd, dkd, nkd, normkd) use the weak view only."""
     name = method.name
     if name == "crld":
         scale = dkd_warmup_factor(epoch, method.dkd_warmup) if method.base == "dkd" else 1.0
@@ -118,7 +131,11 @@ def method_loss(method, s_w, s_s, t_w, t_s, target, epoch: int) -> dict:
                          ce_weight=method.ce_weight, wv_weight=method.wv_weight,
                          cv_weight=method.cv_weight, tau_w=method.tau_w, tau_s=method.tau_s,
                          base=method.base, logit_stand=method.logit_stand, dkd_alpha=method.dkd_alpha,
-                         dkd_beta=method.dkd_beta, base_scale=scale)
+                         dkd_beta=method.dkd_beta, base_scale=scale, nkd_temperature=method.nkd_temperature,
+                         nkd_gamma=method.nkd_gamma, normkd_t_norm=method.normkd_t_norm)
+    if name == "mlkd":
+        return mlkd_loss(s_w, s_s, t_w, t_s, target, temperatures=(method.temperature, *method.mlkd_temperatures),
+                         ce_weight=method.ce_weight, kd_weight=method.kd_weight)
     ce = method.ce_weight * F.cross_entropy(s_w.float(), target)
     if name == "ce":
         return {"loss": ce, "ce": ce}
@@ -130,4 +147,11 @@ def method_loss(method, s_w, s_s, t_w, t_s, target, epoch: int) -> dict:
             s_w, t_w, target, alpha=method.dkd_alpha, beta=method.dkd_beta,
             temperature=method.temperature, logit_stand=method.logit_stand)
         return {"loss": ce + dkd, "ce": ce, "dkd": dkd}
+    if name == "nkd":
+        nkd = method.kd_weight * nkd_loss(s_w, t_w, target, temperature=method.nkd_temperature,
+                                          gamma=method.nkd_gamma)
+        return {"loss": ce + nkd, "ce": ce, "nkd": nkd}
+    if name == "normkd":
+        normkd = method.kd_weight * normkd_loss(s_w, t_w, t_norm=method.normkd_t_norm)
+        return {"loss": ce + normkd, "ce": ce, "normkd": normkd}
     raise ValueError(f"unknown method '{name}'")

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from omegaconf import OmegaConf
 
+from pipelines import views_needed
 from pipelines.errors import RuntimeConfigError
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
 from training.losses import method_loss
@@ -137,7 +138,7 @@ class Student:
         w, s, y = batch.weak, batch.strong, batch.target
         t_w, t_s = teacher if teacher is not None else (None, None)
         with self.autocast():
-            if self.method.name != "crld":
+            if views_needed(self.method.name) == 1:
                 s_w, s_s = self.student_fwd(w), None
             elif self.method.joint_forward:
                 s_w, s_s = self.student_fwd(torch.cat([w, s])).chunk(2)
