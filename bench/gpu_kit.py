@@ -1,21 +1,22 @@
 """The device kit: what a bare GPU machine (PyTorch + CUDA 13, Python 3.12, no network) lacks to run
-`bench/gpu_run.sh`, packed to travel in pieces of at most ~60 MiB (a GPU call carries 64 MiB in all).
+`bench/gpu_run.sh` (and `timm:<arch>` models), packed to travel in pieces of at most ~60 MiB (a GPU call carries 64 MiB in all).
 
     python -m bench.gpu_kit build .gpu_kit       # here: downloads the cp312 wheels from PyPI, packs them
     python -m bench.gpu_kit check .gpu_kit       # here: every piece within the travel limit (also after build)
     python -m bench.gpu_kit unpack .gpu_kit /tmp/kit [--parts DIR]   # there: verify, join, unpack
 
 Layout of the kit folder (git-ignored):
-  base/      the small pure-Python wheels (omegaconf, antlr4), the parts' SHA256SUMS and MANIFEST.{json,md}
-             (exact wheel names, versions, sizes): carried on every GPU call
+  base/      the small pure-Python wheels (omegaconf, antlr4), packed-site.tar.xz (timm, unpacked from its wheel
+             and xz'd), the parts' SHA256SUMS and MANIFEST.{json,md} (exact wheel names, versions, sizes):
+             carried on every GPU call
   parts/     dali-site.tar.xz.NN: DALI 2.4 with nvImageCodec and nvJPEG and their pure-Python needs, unpacked
              from the wheels into one site folder (extension modules of other CPython versions dropped), xz'd,
              cut into pieces: one carried per GPU call
   downloads/ the wheels as downloaded (reused by the next build; never carried)
 `unpack` gathers the parts carried so far into `--parts` (default DEST/parts), verifies each against
 SHA256SUMS, and once all are there unpacks DALI into DEST/dali (with a sitecustomize.py that joins its
-`nvidia` package to the installed one in every interpreter, subprocesses included); the base wheels go to
-DEST/site. It prints the PYTHONPATH and LD_LIBRARY_PATH entries to add. README "GPU check" shows the calls.
+`nvidia` package to the installed one in every interpreter, subprocesses included); the base wheels and
+packed-site.tar.xz go to DEST/site. It prints the PYTHONPATH and LD_LIBRARY_PATH entries to add. README "GPU check" shows the calls.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ PART_MIB = 60
 PY_TAG = "312"
 # Installed there with `pip install --target`: pure Python, missing from the GPU image.
 BASE = ["omegaconf==2.3.0", "antlr4-python3-runtime==4.9.3"]
+# Pure Python too, but its 2.7 MiB wheel beside a 60 MiB part and the tree would pass the call limit: unpacked and
+# xz'd (1.5 MiB) into base/, so it arrives with every call. Its huggingface_hub and safetensors are optional
+# imports (weights are never downloaded there; .safetensors checkpoints are the one thing that needs the latter).
+PACKED = ["timm==1.0.31"]
+PACKED_SITE = "packed-site.tar.xz"
 # DALI and what it needs beyond the GPU image (numpy, six, packaging, PyYAML are there); nvimgcodec's
 # nvjpeg2k/nvtiff/nvcomp extras are left out: the project decodes JPEG only.
 DALI = ["nvidia-dali-cuda130==2.4.0", "nvidia-nvimgcodec-cu13==0.9.0.20", "nvidia-nvjpeg==13.3.2.43",
@@ -117,7 +123,7 @@ def _other_python(name: str) -> bool:
     return bool(m) and m.group(1) != PY_TAG
 
 
-def build_site(wheels, site: str) -> int:
+def build_site(wheels, site: str, sitecustomize: bool = True) -> int:
     """Every wheel unpacked into `site` as pip would lay it out (a wheel is a zip of its installed files),
     other CPython versions' extension modules left out, plus sitecustomize.py; returns the bytes written."""
     total = 0
@@ -134,9 +140,23 @@ def build_site(wheels, site: str) -> int:
                 if mode:
                     os.chmod(path, mode)
                 total += info.file_size
-    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
-        f.write(SITECUSTOMIZE)
+    if sitecustomize:
+        with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+            f.write(SITECUSTOMIZE)
     return total
+
+
+def _tar_xz(folder: str, path: str) -> None:
+    xz = shutil.which("xz")
+    if xz:  # multithreaded and ~30% smaller than Python's default preset in the same time
+        with open(path, "wb") as out:
+            tar = subprocess.Popen(["tar", "-C", folder, "-cf", "-", "."], stdout=subprocess.PIPE)
+            subprocess.run([xz, "-T0", "-6", "-c"], stdin=tar.stdout, stdout=out, check=True)
+            if tar.wait() != 0:
+                raise KitError(f"tar of {folder} failed")
+    else:
+        with tarfile.open(path, "w:xz") as t:
+            t.add(folder, arcname=".")
 
 
 def pack(site: str, parts_dir: str, part_mib: float) -> list:
@@ -146,16 +166,7 @@ def pack(site: str, parts_dir: str, part_mib: float) -> list:
         if f.startswith(PART_PREFIX):
             os.remove(os.path.join(parts_dir, f))
     tmp = os.path.join(parts_dir, ".whole.tar.xz")
-    xz = shutil.which("xz")
-    if xz:  # multithreaded and ~30% smaller than Python's default preset in the same time
-        with open(tmp, "wb") as out:
-            tar = subprocess.Popen(["tar", "-C", site, "-cf", "-", "."], stdout=subprocess.PIPE)
-            subprocess.run([xz, "-T0", "-6", "-c"], stdin=tar.stdout, stdout=out, check=True)
-            if tar.wait() != 0:
-                raise KitError(f"tar of {site} failed")
-    else:
-        with tarfile.open(tmp, "w:xz") as t:
-            t.add(site, arcname=".")
+    _tar_xz(site, tmp)
     size, limit, out = os.path.getsize(tmp), int(part_mib * MiB), []
     with open(tmp, "rb") as f:
         for k in range(max(1, -(-size // limit))):
@@ -211,14 +222,19 @@ def _read_sums(path: str) -> dict:
     return out
 
 
-def build(kit: str, part_mib: float = PART_MIB, base_reqs=BASE, dali_reqs=DALI) -> dict:
+def build(kit: str, part_mib: float = PART_MIB, base_reqs=BASE, dali_reqs=DALI, packed_reqs=PACKED) -> dict:
     downloads = os.path.join(kit, "downloads")
     base_wheels, dali_wheels = download(base_reqs, downloads), download(dali_reqs, downloads)
+    packed_wheels = download(packed_reqs, downloads)
     base = os.path.join(kit, "base")
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
     for w in base_wheels:
         shutil.copy(w, base)
+    if packed_wheels:
+        with tempfile.TemporaryDirectory(dir=kit) as site:
+            build_site(packed_wheels, site, sitecustomize=False)
+            _tar_xz(site, os.path.join(base, PACKED_SITE))
     with tempfile.TemporaryDirectory(dir=kit) as site:
         unpacked = build_site(dali_wheels, site)
         parts = pack(site, os.path.join(kit, "parts"), part_mib)
@@ -227,12 +243,16 @@ def build(kit: str, part_mib: float = PART_MIB, base_reqs=BASE, dali_reqs=DALI) 
     manifest = {"python": f"cp{PY_TAG}", "platforms": PLATFORMS,
                 "base_wheels": [{"file": os.path.basename(w), "bytes": os.path.getsize(w)} for w in base_wheels],
                 "dali_wheels": [{"file": os.path.basename(w), "bytes": os.path.getsize(w)} for w in dali_wheels],
+                "packed_wheels": [{"file": os.path.basename(w), "bytes": os.path.getsize(w)} for w in packed_wheels],
+                "packed_site_bytes": os.path.getsize(os.path.join(base, PACKED_SITE)) if packed_wheels else 0,
                 "dali_site_unpacked_bytes": unpacked,
                 "parts": [{"file": n, "bytes": b, "sha256": d} for n, b, d in parts], "part_mib": part_mib}
     with open(os.path.join(base, "MANIFEST.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     lines = ["# Device kit", "", "| file | MiB |", "|---|---|"]
     lines += [f"| {w['file']} | {w['bytes'] / MiB:.2f} |" for w in manifest["base_wheels"] + manifest["dali_wheels"]]
+    lines += [f"| {w['file']} (in base/{PACKED_SITE}: {manifest['packed_site_bytes'] / MiB:.2f} MiB) | "
+              f"{w['bytes'] / MiB:.2f} |" for w in manifest["packed_wheels"]]
     lines += ["", f"DALI site folder unpacked: {unpacked / MiB:.0f} MiB; parts:", ""]
     lines += [f"- {n}: {b / MiB:.1f} MiB, sha256 {d}" for n, b, d in parts]
     with open(os.path.join(base, "MANIFEST.md"), "w") as f:
@@ -248,9 +268,13 @@ def unpack(kit: str, dest: str, parts_dir: str = None) -> dict:
     site = os.path.join(dest, "site")
     base = os.path.join(kit, "base")
     if not os.path.isdir(site):
+        shutil.rmtree(site + ".tmp", ignore_errors=True)
         for w in sorted(glob.glob(os.path.join(base, "*.whl"))):
             with zipfile.ZipFile(w) as z:
                 z.extractall(site + ".tmp")
+        if os.path.isfile(os.path.join(base, PACKED_SITE)):
+            with tarfile.open(os.path.join(base, PACKED_SITE), "r:xz") as t:
+                t.extractall(site + ".tmp", filter="tar")
         os.makedirs(site + ".tmp", exist_ok=True)
         os.replace(site + ".tmp", site)
     listed = _read_sums(os.path.join(base, "SHA256SUMS"))

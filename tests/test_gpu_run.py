@@ -102,6 +102,8 @@ def _stand_in_wheels(tmp_path):
     dl.mkdir(parents=True)
     big = os.urandom(300_000)  # incompressible, so the pack needs several parts at the test's part size
     _wheel(dl, "omegaconf", "2.3.0", {"omegaconf/__init__.py": "X = 1\n"})
+    _wheel(dl, "timm", "1.0.31", {"timm/__init__.py": "__version__ = '1.0.31'\n",
+                                  "timm-1.0.31.dist-info/METADATA": "Name: timm\n"})
     _wheel(dl, "nvidia_dali_cuda130", "2.4.0", {
         "nvidia/dali/__init__.py": "__version__ = '2.4.0'\n", "nvidia/dali/libdali.so": big,
         "nvidia/dali/backend_impl.cpython-312-x86_64-linux-gnu.so": b"312",
@@ -114,8 +116,11 @@ def test_kit_round_trip_and_size_check(tmp_path):
     """Parts within the limit, checksummed; unpacked there only once every part has travelled, byte for byte;
     other CPython versions' modules dropped; a part over the call limit named."""
     kit = _stand_in_wheels(tmp_path)
-    m = gpu_kit.build(kit, part_mib=0.1, base_reqs=["omegaconf==2.3.0"], dali_reqs=["nvidia-dali-cuda130==2.4.0"])
+    m = gpu_kit.build(kit, part_mib=0.1, base_reqs=["omegaconf==2.3.0"], dali_reqs=["nvidia-dali-cuda130==2.4.0"],
+                      packed_reqs=["timm==1.0.31"])
     parts = [p["file"] for p in m["parts"]]
+    assert sorted(os.listdir(os.path.join(kit, "base"))) == ["MANIFEST.json", "MANIFEST.md", "SHA256SUMS",
+                                                             "omegaconf-2.3.0-py3-none-any.whl", "packed-site.tar.xz"]
     assert len(parts) >= 3 and all(p["bytes"] <= 0.1 * 2 ** 20 for p in m["parts"]), m
     sizes = gpu_kit.check(kit, limit_mib=1, tree=0)
     assert sizes["largest_call_mib"] <= 1
@@ -139,6 +144,8 @@ def test_kit_round_trip_and_size_check(tmp_path):
     assert not (dali / "nvidia/dali/backend_impl.cpython-311-x86_64-linux-gnu.so").exists()
     assert not list(dali.glob("*.data")) and (dali / "sitecustomize.py").exists()
     assert (dest / "site" / "omegaconf" / "__init__.py").exists()
+    assert (dest / "site" / "timm" / "__init__.py").exists() and (dest / "site" / "timm-1.0.31.dist-info").is_dir()
+    assert not (dest / "site" / "sitecustomize.py").exists()
     assert r["pythonpath"] == f"{dest / 'site'}{os.pathsep}{dali}"
 
     # the sitecustomize joins the unpacked `nvidia` package to an installed one in a fresh interpreter
@@ -153,7 +160,8 @@ def test_kit_round_trip_and_size_check(tmp_path):
 
 def test_kit_refuses_a_corrupt_part(tmp_path):
     kit = _stand_in_wheels(tmp_path)
-    m = gpu_kit.build(kit, part_mib=0.1, base_reqs=["omegaconf==2.3.0"], dali_reqs=["nvidia-dali-cuda130==2.4.0"])
+    m = gpu_kit.build(kit, part_mib=0.1, base_reqs=["omegaconf==2.3.0"], dali_reqs=["nvidia-dali-cuda130==2.4.0"],
+                      packed_reqs=[])
     bad = os.path.join(kit, "parts", m["parts"][1]["file"])
     with open(bad, "r+b") as f:
         f.write(b"\0\0\0")

@@ -118,7 +118,8 @@ def test_the_cycle_check_finds_a_circle():
 # feature that needs it) and heavy ones whose import would slow every CLI start and spawned test process.
 LAZY_OK = {"ffcv": "optional", "nvidia": "optional (DALI)", "apex": "optional", "matplotlib": "heavy",
            "torchvision": "heavy (pulls in torch._dynamo)", "sklearn": "heavy",
-           "torch.utils.tensorboard": "heavy (the tensorboard package), only with run.tensorboard"}
+           "torch.utils.tensorboard": "heavy (the tensorboard package), only with run.tensorboard",
+           "timm": "heavy (~3 s), only for timm:<arch> models", "safetensors": "optional, .safetensors checkpoints"}
 
 
 def _lazy_ok(name):

@@ -1,11 +1,15 @@
 """Checkpoints: atomic writes, safe loading (`weights_only=True`), and lenient weight import.
 
-`load_model_weights` accepts this project's checkpoints, `{"model": sd}` / `{"state_dict": sd}`
-files (the CRD / mdistiller teacher zoo), bare state dicts, `module.`-prefixed keys and torchvision's
-pretrained weights (`torchvision:IMAGENET1K_V1`).
+`load_model_weights` accepts this project's checkpoints, `{"model": sd}` / `{"state_dict": sd}` /
+`{"model_state_dict": sd}` files (the CRD / mdistiller teacher zoo, CRLD's ViT teacher, timm's and DeiT's
+training checkpoints, whose `args` is an argparse Namespace), bare state dicts, `.safetensors` files,
+`module.` / `_orig_mod.` prefixed keys (DataParallel / DDP / torch.compile, nested in any order), a wrapper's
+prefix on every key (`model.`, `backbone.`, ...) where removing it fits the model exactly, and
+torchvision's pretrained weights (`torchvision:IMAGENET1K_V1`).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import zipfile
@@ -41,7 +45,9 @@ def safe_load(path: str, map_location="cpu", mmap: bool = False):
         raise CheckpointError(f"{path}: checkpoint not found")
     _check_container(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        # a Namespace holds only plain values; timm's and DeiT's train scripts store their arguments as one
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: refused to load (weights_only=True: it contains objects "
@@ -60,17 +66,52 @@ def extract_state_dict(obj, path: str = "<checkpoint>") -> Dict[str, torch.Tenso
         raise CheckpointError(f"{path}: no state dict found (expected a state dict or a dict with "
                               f"'model' or 'state_dict')")
     sd = dict(obj)
-    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    stripped = True
+    while stripped:  # DataParallel / DDP / torch.compile wrappers, possibly several
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped = True
     return sd
+
+
+def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package "
+                              f"(pip install safetensors; timm brings it)") from None
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _without_wrapper_prefix(sd: dict, own: dict) -> dict:
+    """`sd` with one leading `name.` removed from every key where the result fits `own`'s keys exactly (a
+    Lightning module's `model.`, a wrapper's `backbone.`); else `sd` unchanged."""
+    heads = {k.split(".", 1)[0] for k in sd}
+    if len(heads) != 1 or not all("." in k for k in sd):
+        return sd
+    inner = {k.split(".", 1)[1]: v for k, v in sd.items()}
+    return inner if set(inner) == set(own) else sd
 
 
 def load_model_weights(model: torch.nn.Module, path: str, arch: str = "", key: str = "teacher.ckpt") -> None:
     """Strictly load weights into `model`, with a message listing what does not fit. `path` may also be
     `torchvision:<member>`: torchvision's weights for `arch` (`training/hub_weights.py`)."""
-    sd = hub_state_dict(path, arch, key) if is_hub_spec(path) else extract_state_dict(safe_load(path), path)
+    if is_hub_spec(path):
+        sd = hub_state_dict(path, arch, key)
+    elif path.endswith(".safetensors"):
+        sd = extract_state_dict(_read_safetensors(path), path)
+    else:
+        sd = extract_state_dict(safe_load(path), path)
     own = model.state_dict()
+    sd = _without_wrapper_prefix(sd, own)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
