@@ -1,4 +1,5 @@
-"""`datasets_prep/tiny_imagenet.py`: the archive layout becomes an ImageFolder the loaders read."""
+"""`datasets_prep/tiny_imagenet.py`: the archive layout becomes an ImageFolder the loaders read; the paper's ViT row
+starts on it."""
 import os
 
 import numpy as np
@@ -6,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+import train
 from datasets_prep.tiny_imagenet import convert
 from pipelines import build_loaders
 from pipelines.sources import DataError
 from training.config import load_config
+from training.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WNIDS = ["n01443537", "n01629819", "n01641577"]
@@ -68,3 +71,28 @@ def test_bad_archives_are_one_line_errors_and_leave_nothing(tmp_path):
     with pytest.raises(DataError, match="wnids.txt: missing"):
         convert(src, str(tmp_path / "o"))
     assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_the_vit_teacher_row_starts_on_a_tiny_imagenet_tree(tmp_path):
+    """The paper's ViT-L/16-at-384 -> ResNet18 config, at small sizes: timm's 160 px test ViT as the teacher (a
+    `model_state_dict` file, the released code's layout), the 64 px images upsampled to 80 before the crop."""
+    path = os.path.join(ROOT, "configs/tiny_imagenet/crld/vit_l384_resnet18.yaml")
+    paper = load_config(path)
+    assert (paper.teacher.name, paper.model.name) == ("timm:vit_large_patch16_384", "ResNet18")
+    assert (paper.data.resize_source, paper.data.image_size, paper.data.crop_padding) == (384, 384, 8)
+    assert (paper.pipeline.batch_size, paper.optim.epochs, paper.optim.lr, list(paper.optim.milestones)) == \
+        (32, 100, 0.025, [30, 60, 90])
+    m = paper.method
+    assert (m.name, m.temperature, m.ce_weight, m.wv_weight, m.cv_weight, m.tau_w, m.tau_s) == \
+        ("crld", 2.0, 1.0, 2.0, 0.5, 0.9, 0.2)
+    out = str(tmp_path / "tiny")
+    convert(make_archive(str(tmp_path / "tiny-imagenet-200")), out)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "vit.pth"
+    torch.save({"model_state_dict": create_model("timm:test_vit", 3).state_dict()}, ckpt)
+    summary = train.main(["--config", path, f"teacher.ckpt={ckpt}", "teacher.name=timm:test_vit",
+                          f"data.root={out}", "data.num_classes=3", "data.image_size=80", "data.resize_source=80",
+                          "pipeline.batch_size=4", "pipeline.val_batch_size=6", "pipeline.num_workers=0",
+                          "optim.epochs=1", "run.progress=false", f"run.out_dir={tmp_path / 'runs'}"])
+    assert summary["epochs"] == 1 and np.isfinite(summary["best_top1"])
+    assert "resize_source: 80" in open(tmp_path / "runs" / "vit_l384_resnet18" / "config.yaml").read()
