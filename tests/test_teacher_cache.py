@@ -134,6 +134,18 @@ def test_fingerprint_mismatch_names_the_field(demo_root, teacher_ckpt, fp32_cach
         step_losses(demo_root, teacher_ckpt, tmp_path, "teacher.source=cache", f"teacher.cache={fp32_cache}", extra)
 
 
+def test_training_from_a_cache_whose_teacher_checkpoint_is_not_here(demo_root, teacher_ckpt, fp32_cache, tmp_path,
+                                                                    caplog):
+    """A cache copied to another machine: its teacher's file is absent there; one log line, the cache's fingerprint
+    is trusted, the losses are the ones a run with the file present computes."""
+    run = ("teacher.source=cache", f"teacher.cache={fp32_cache}", "optim.epochs=1")
+    here, _ = step_losses(demo_root, teacher_ckpt, tmp_path / "a", *run)
+    with caplog.at_level("INFO", logger="training.loop"):
+        away, _ = step_losses(demo_root, str(tmp_path / "elsewhere" / "ckpt_epoch_240.pth"), tmp_path / "b", *run)
+    assert away == here
+    assert len(here) == 3 and sum("is not on this machine" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_other_teacher_checkpoint_is_refused(demo_root, fp32_cache, tmp_path, random_teacher):
     with pytest.raises(CacheError, match="teacher_sha256"):
         step_losses(demo_root, random_teacher(seed=5), tmp_path, "teacher.source=cache", f"teacher.cache={fp32_cache}")

@@ -11,6 +11,7 @@ every `run.log_every` steps, where progress and the non-finite check are read.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import nullcontext
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from pipelines import views_needed
 from pipelines.errors import RuntimeConfigError, UserError
 from training.checkpoint import CheckpointError, load_model_weights
-from training.hub_weights import weights_path
+from training.hub_weights import cached_file, hub_weights, is_hub_spec
 from training.models import create_model
 from training.preemption import Preempted, StopRequest
 from training.progress import progress
@@ -64,9 +65,25 @@ def open_cache(cfg, train_source, device, methods=()):
             raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache holds fill values for one "
                                      f"method.temperature; student {k} asks {m.temperature}, student 0 "
                                      f"{cfg.method.temperature}; build a full cache")
-    sha = file_sha256(weights_path(cfg.teacher.ckpt, cfg.teacher.name)) if cfg.teacher.ckpt else None
-    wanted = fingerprint(cfg, train_source, precision=precision, topk=topk, teacher_sha=sha, device=device)
+    wanted_sha = teacher_sha_if_present(cfg, cfg.teacher.cache)
+    wanted = fingerprint(cfg, train_source, precision=precision, topk=topk, teacher_sha=wanted_sha, device=device)
     return TeacherCache(cfg.teacher.cache, wanted, cfg.optim.epochs, cfg.teacher.cache_cycle, device)
+
+
+def teacher_sha_if_present(cfg, cache_dir):
+    """The teacher checkpoint's hash when the file is on this machine; None (the cache's fingerprint is trusted
+    for the teacher) when it is not: a cache built elsewhere travels without its teacher."""
+    if not cfg.teacher.ckpt:
+        return None
+    path = cfg.teacher.ckpt if os.path.isfile(cfg.teacher.ckpt) else None
+    if path is None and is_hub_spec(cfg.teacher.ckpt):
+        path = cached_file(hub_weights(cfg.teacher.ckpt, cfg.teacher.name))
+        path = path if os.path.isfile(path) else None
+    if path is None:
+        log.info("teacher.ckpt %s is not on this machine: trusting the teacher named in %s's fingerprint",
+                 cfg.teacher.ckpt, cache_dir)
+        return None
+    return file_sha256(path)
 
 
 @torch.no_grad()
