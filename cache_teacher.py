@@ -5,11 +5,17 @@
     python cache_teacher.py ... --epochs 300 --out caches/res32x4_c100     # extends it by 60 epochs
     python cache_teacher.py --config configs/imagenet/crld/r34_r18.yaml teacher.ckpt=... \
         --epochs 100 --topk 32 --out caches/r34_in1k                       # top-k for 1000 classes
+    torchrun --nproc_per_node=8 cache_teacher.py ... --out caches/r34_in1k  # every GPU (and node) builds
+    python cache_teacher.py --verify caches/r34_in1k                       # checksums, shapes, fingerprint
     python train.py --config ... teacher.source=cache teacher.cache=caches/res32x4_c100
 
 The training config decides the views (seed, dataset, image size, crop, RandAugment) and the
 backend that makes them; the teacher runs frozen under inference mode, `run.amp` and channels-last.
-Each epoch is written to a temp directory and renamed when complete; meta.json is updated last.
+The work is cut into units (whole epochs, or blocks of batches when epochs are fewer than ranks), built
+round-robin by the ranks, each written complete (temp + rename); an epoch's units are then assembled into
+its folder with checksums, and meta.json is written last. The cache's size and the file system's free space
+are printed before the teacher runs, and a cache that cannot fit is refused. After a kill, SIGTERM or
+SIGUSR1 (the unit finishes, exit 75), or with a larger --epochs, the same command builds only what is missing.
 Worth it when several students (seeds, sweeps) learn from one teacher; for a single run the online
 teacher costs about the same as building the cache.
 """
@@ -17,7 +23,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,14 +32,16 @@ import torch
 from pipelines import get_backend
 from pipelines.device import on_device
 from pipelines.splits import open_split
+from training.cache_build import BUILD_STATE, UnitBuilder, agree, build_lock, plan, prepare
+from training.cache_units import UNITS, human, verify_cache
 from training.checkpoint import CheckpointError
 from training.cli import run_main
-from training.config import ConfigError, load_config
+from training.config import ConfigError, load_config, to_yaml
 from training.hub_weights import weights_path
 from training.loop import evaluate, frozen_teacher
-from training.runtime import autocast_for, dist_from_env, resolve_device
-from training.teacher_cache import (CacheError, EpochWriter, compare_fingerprints, epoch_bytes, file_sha256,
-                                    fingerprint, read_meta, write_meta)
+from training.preemption import StopRequest
+from training.runtime import autocast_for, check_same_config, dist_from_env, init_distributed, resolve_device
+from training.teacher_cache import CacheError, epoch_dir, file_sha256, fingerprint, write_meta
 
 log = logging.getLogger("cache_teacher")
 
@@ -43,19 +50,31 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="the students' training config (YAML diff over the defaults)")
-    ap.add_argument("--out", required=True, help="cache directory (created, or extended when it exists)")
+    ap.add_argument("--out", help="cache directory (created, or extended when it exists)")
+    ap.add_argument("--verify", metavar="DIR", help="check the cache in DIR (checksums, shapes, fingerprint); "
+                                                    "names the first bad file")
     ap.add_argument("--epochs", type=int, help="augmentation epochs to hold (default: optim.epochs)")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="storage dtype")
     ap.add_argument("--topk", type=int, default=0, help="keep the k largest logits per view (0: all)")
     ap.add_argument("--pipeline", help="data backend making the views (default: pipeline.name)")
+    ap.add_argument("--unit-batches", type=int, default=0,
+                    help="batches per build unit (0: whole epochs, cut finer when epochs are fewer than ranks)")
     ap.add_argument("--overwrite", action="store_true", help="replace the cache in --out (another fingerprint)")
     ap.add_argument("--no-eval", action="store_true", help="skip the teacher's validation pass")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. teacher.ckpt=PATH")
-    return ap.parse_intermixed_args(argv)
+    args = ap.parse_intermixed_args(argv)
+    if not (args.out or args.verify):
+        ap.error("one of --out (build) or --verify DIR is required")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.verify:
+        r = verify_cache(args.verify)
+        old = f"; epochs {r['unchecked']} have no checksums (shapes and sizes checked)" if r["unchecked"] else ""
+        print(f"{args.verify}: ok, {r['epochs']} epochs, {human(r['bytes'])} checked{old}")
+        return r
     over = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
     cfg = load_config(args.config, over + ["pipeline.drop_last=false", "teacher.source=online"])
     epochs = args.epochs or cfg.optim.epochs
@@ -67,121 +86,79 @@ def main(argv=None):
     if args.topk and cfg.method.logit_stand:
         raise ConfigError("--topk with method.logit_stand=true: standardisation needs every logit; "
                           "use a full cache (--topk 0)")
+    if args.unit_batches < 0:
+        raise ConfigError(f"--unit-batches must be >= 0, got {args.unit_batches}")
     if not cfg.teacher.ckpt:
         raise CheckpointError("teacher.ckpt is required to build a teacher cache")
-    if dist_from_env().world > 1:
-        raise ConfigError("cache_teacher.py runs as one process (ranks would race on the same --out); "
-                          "launch it with python, not torchrun")
-    device = resolve_device(cfg.run.device, dist_from_env())
-    src = open_split(cfg, train=True)
-    sha = file_sha256(weights_path(cfg.teacher.ckpt, cfg.teacher.name))
-    fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=sha, device=device)
-    os.makedirs(args.out, exist_ok=True)
-    with build_lock(args.out):
-        return build(args, cfg, src, fp, device)
-
-
-def _is_cache_entry(name: str) -> bool:
-    return name == "meta.json" or name.startswith(".") or re.fullmatch(r"epoch_\d{4}", name) is not None
-
-
-@contextlib.contextmanager
-def build_lock(out: str):
-    """One builder per cache directory: a second one (or a stale lock of a live process) is refused."""
-    lock = os.path.join(out, ".lock")
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(open(lock).read().strip() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, OSError):
-                os.remove(lock)  # left by a killed build
-                continue
-            raise CacheError(f"{out}: another cache_teacher.py (pid {pid}) is building this cache") from None
-    else:
-        raise CacheError(f"{out}: cannot take the build lock {lock}")
+    dist = dist_from_env()
+    device = resolve_device(cfg.run.device, dist)
+    init_distributed(dist, device, cfg.run.dist_timeout_s)
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
+        check_same_config(to_yaml(cfg) + repr(sorted(vars(args).items())), dist)
+        src = open_split(cfg, train=True)
+        sha = file_sha256(weights_path(cfg.teacher.ckpt, cfg.teacher.name))
+        fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=sha, device=device)
+        with contextlib.ExitStack() as held:
+            if dist.is_main:
+                os.makedirs(args.out, exist_ok=True)
+            meta = agree(dist, lambda: (held.enter_context(build_lock(args.out)),
+                                        prepare(args.out, fp, args.overwrite, len(src), c))[1])
+            return build(args, cfg, src, meta, epochs, dist, device)
     finally:
-        if os.path.exists(lock):
-            os.remove(lock)
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
-def build(args, cfg, src, fp, device):
-    epochs, c = args.epochs or cfg.optim.epochs, cfg.data.num_classes
-    meta = read_meta(args.out)
-    if meta is None or args.overwrite:
-        odd = [n for n in os.listdir(args.out) if not _is_cache_entry(n)]
-        if odd:
-            raise CacheError(f"{args.out}: exists and is not a teacher cache (holds {odd[0]}); choose another --out")
-        for name in os.listdir(args.out):  # a replaced cache, or epochs of a build killed before meta.json
-            if name != ".lock":
-                path = os.path.join(args.out, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        meta = None
-    if meta is not None:
-        compare_fingerprints(args.out, meta.get("fingerprint"), fp)
-        if meta["epochs"] >= epochs:
+def build(args, cfg, src, meta, epochs, dist, device):
+    c = cfg.data.num_classes
+    if meta["epochs"] >= epochs:
+        if dist.is_main:
+            os.remove(os.path.join(args.out, BUILD_STATE))
             print(f"{args.out}: already holds {meta['epochs']} epochs (>= {epochs}); nothing to do")
-            return meta
-    else:
-        meta = {"fingerprint": fp, "epochs": 0, "num_samples": len(src), "num_classes": c, "builds": []}
-    for name in os.listdir(args.out):  # temp epochs of a killed build
-        if name.startswith(".epoch_"):
-            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
-
+        return meta
+    whole = cfg.pipeline.name == "ffcv"  # FFCV's own shuffle: a block of batches is not a block of rows
+    batches = -(-len(src) // cfg.pipeline.batch_size)
+    work = agree(dist, lambda: plan(args.out, meta, epochs, cfg.pipeline.batch_size, dist.world,
+                                    batches if whole else args.unit_batches, args.precision, args.topk))
     teacher = frozen_teacher(cfg, device)
     autocast, _, _ = autocast_for(cfg.run.amp, device)
     backend, route = get_backend(cfg.pipeline.name), on_device(cfg, device)
-    if not args.no_eval and "teacher_val_top1" not in meta:
+    if dist.is_main and not args.no_eval and "teacher_val_top1" not in meta:
         val_src = open_split(cfg, train=False, train_classes=src.classes)
         val = backend.build_val(val_src, cfg, device, device_route=route)
         meta["teacher_val_top1"] = evaluate([teacher], val, device, autocast)[0]["val_top1"]
         log.info("teacher %s: val top-1 %.2f", cfg.teacher.name, meta["teacher_val_top1"])
     loader = backend.build_train(src, cfg, device, 0, 1, views=2, device_route=route)
-    per_epoch = epoch_bytes(len(src), c, args.precision, args.topk)
-    first = meta["epochs"]
+
+    def forward(b):
+        with torch.inference_mode(), autocast():
+            t = teacher(torch.cat([b.weak, b.strong]))
+        return torch.stack(t.float().chunk(2), 1).cpu()  # (B, 2, C), weak first
+
+    stop = StopRequest().install()
     t_start = time.perf_counter()
-    for e in range(first, epochs):
-        free = shutil.disk_usage(args.out).free
-        if free < per_epoch + (64 << 20):
-            raise CacheError(f"{args.out}: not enough disk space for epoch {e} ({per_epoch / 2**20:.0f} MiB "
-                             f"needed, {free / 2**20:.0f} MiB free); {e} complete epochs kept")
-        writer = EpochWriter(args.out, e, len(src), c, args.precision, args.topk, cfg.method.temperature,
-                             cfg.run.seed)
-        try:
-            loader.set_epoch(e)
-            t0 = time.perf_counter()
-            for b in loader:
-                with torch.inference_mode(), autocast():
-                    t = teacher(torch.cat([b.weak, b.strong]))
-                t = torch.stack(t.float().chunk(2), 1).cpu()  # (B, 2, C), weak first
-                writer.write(b.index.cpu().numpy(), t)
-            writer.commit()
-        except OSError as err:
-            writer.abort()
-            raise CacheError(f"{args.out}: writing epoch {e} failed ({err.strerror or err}); temp files removed, "
-                             f"{e} complete epochs kept") from None
-        except BaseException:
-            writer.abort()
-            raise
-        dt = time.perf_counter() - t0
-        meta["epochs"] = e + 1
-        meta["epoch_bytes"] = per_epoch
-        write_meta(args.out, meta)
-        print(f"epoch {e + 1}/{epochs}: {len(src) / dt:.0f} samples/s, {per_epoch / 2**20:.1f} MiB")
+    try:
+        rates = UnitBuilder(args.out, dist, device, loader, forward, args, cfg, stop).run(work, c)
+    finally:
+        stop.uninstall()
     wall = time.perf_counter() - t_start
-    meta["builds"].append({"epochs": [first, epochs], "seconds": round(wall, 2), "device": str(device),
-                           "pipeline": cfg.pipeline.name, "amp": cfg.run.amp,
-                           "samples_per_s": round(len(src) * (epochs - first) / wall, 1)})
-    write_meta(args.out, meta)
-    print(f"{args.out}: {epochs} epochs x {len(src)} samples x 2 views, "
-          f"{len(src) * (epochs - first) / wall:.0f} samples/s, {per_epoch / 2**20:.1f} MiB per epoch")
+    built = sum(u.rows[1] - u.rows[0] for u in work["todo"])
+    if dist.is_main:
+        gone = [e for e in range(epochs) if not os.path.isdir(epoch_dir(args.out, e))]
+        if gone:
+            raise CacheError(f"{args.out}: epochs {gone} are missing after the build; run the same command again")
+        first = meta["epochs"]
+        meta.update(epochs=epochs, epoch_bytes=work["per_epoch"])
+        meta["builds"].append({"epochs": [first, epochs], "seconds": round(wall, 2), "device": str(device),
+                               "pipeline": cfg.pipeline.name, "amp": cfg.run.amp, "world": dist.world,
+                               "units": len(work["todo"]), "samples_per_s": round(built / wall, 1),
+                               "per_rank_samples_per_s": [round(r, 1) for r in rates]})
+        write_meta(args.out, meta)
+        os.remove(os.path.join(args.out, BUILD_STATE))
+        shutil.rmtree(os.path.join(args.out, UNITS), ignore_errors=True)
+        print(f"{args.out}: {epochs} epochs x {len(src)} samples x 2 views; built {len(work['todo'])} units on "
+              f"{dist.world} rank(s), {built / wall:.0f} samples/s (per rank: "
+              f"{', '.join(f'{r:.0f}' for r in rates)}), {human(work['per_epoch'])} per epoch")
     return meta
 
 

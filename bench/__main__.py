@@ -7,6 +7,8 @@
     python -m bench e2e --pipelines torch,dali --teacher-source online,cache     # demo data at 32x32
     python -m bench e2e --pipelines torch --students 1,4     # a group of 4 students against 4 solo runs
     torchrun --nproc_per_node=8 -m bench step ...                               # per rank + aggregate
+    python -m bench cache --teacher resnet32x4 --epochs 2 [--topk K] [--precision fp16]   # cache build samples/s
+    torchrun --nproc_per_node=8 -m bench cache ...                              # per rank + aggregate
 
     python -m bench loader --pipelines torch,dali --data data/jpeg_bench --image-size 224 \
         --batch-size 64 --batches 20 [--json OUT]
@@ -35,6 +37,7 @@ import sys
 
 import torch
 
+from bench.cache_build import run_cache_bench
 from bench.loader import run_loader_bench
 from bench.sweep import run_training_bench
 from training.cli import run_main
@@ -43,7 +46,7 @@ from training.cli import run_main
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description="benchmarks", epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["loader", "step", "e2e"])
+    ap.add_argument("mode", choices=["loader", "step", "e2e", "cache"])
     ap.add_argument("--pipelines", default="torch,dali")
     ap.add_argument("--data", default="data/jpeg_bench")
     ap.add_argument("--make-data", type=int, default=0, help="first write this many ImageNet-like JPEGs to --data")
@@ -66,7 +69,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--students", default="1", help="e2e: comma list of group sizes K (K copies of the student "
                     "trained from one data pass); K>1 reports student-samples/s against K solo runs")
-    ap.add_argument("--topk", type=int, default=0, help="step mode: the cache stores the top-k logits")
+    ap.add_argument("--topk", type=int, default=0, help="step and cache modes: the cache stores the top-k logits")
+    ap.add_argument("--epochs", type=int, default=1, help="cache mode: augmentation epochs built")
+    ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="cache mode: storage")
+    ap.add_argument("--cache-dir", default="runs/bench_cache",
+                    help="cache mode: where the cache is built (shared by every rank), removed after")
     ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
     ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
@@ -81,6 +88,9 @@ def main(argv=None):
     args = ap.parse_intermixed_args(argv)
     if args.mode == "loader":
         return run_loader_bench(args)
+    if args.mode == "cache":
+        args.data = "data/demo" if args.data == ap.get_default("data") else args.data
+        return run_cache_bench(args)
     return run_training_bench(args, ap)
 
 

@@ -251,16 +251,18 @@ def test_extend_is_incremental_and_rerun_is_a_no_op(demo_root, teacher_ckpt, tmp
 
 
 def test_disk_full_leaves_no_temp_files(demo_root, teacher_ckpt, tmp_path, monkeypatch):
-    from training.teacher_cache import EpochWriter
+    from training.teacher_cache import RowWriter
     d = tmp_path / "c"
     build(d, demo_root, teacher_ckpt, epochs=1)
 
     def full(self, index, logits):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(EpochWriter, "write", full)
-    with pytest.raises(CacheError, match="No space left on device.*1 complete epochs kept"):
+    monkeypatch.setattr(RowWriter, "write", full)
+    with pytest.raises(CacheError, match="No space left on device.*complete epochs and units kept"):
         build(d, demo_root, teacher_ckpt, epochs=2)
-    assert sorted(os.listdir(d)) == ["epoch_0000", "meta.json"]
+    # the build's record (.build.json) stays for the next run; no temp file, no partial unit
+    assert sorted(os.listdir(d)) == [".build.json", ".units", "epoch_0000", "meta.json"]
+    assert os.listdir(d / ".units") == []
     assert json.load(open(d / "meta.json"))["epochs"] == 1
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
     with pytest.raises(CacheError, match="not enough disk space"):

@@ -8,6 +8,7 @@ cache directory (built by `cache_teacher.py`, read by the trainer with `teacher.
     epoch_0000/order.npy   int32 (N,): row p holds sample order[p] (the epoch's training order)
     epoch_0000/logits.npy  (N, 2, C) float16 / bfloat16 (as uint16 bits) / float32      full cache
     epoch_0000/values.npy, classes.npy, fill.npy   (N, 2, k), (N, 2, k), (N, 2)           top-k cache
+    epoch_0000/checksums.json   bytes and CRC-32 of each file (`training.cache_units`; docs/cache_format.md)
 
 Rows are stored in the epoch's training order (`pipelines.sampler.epoch_order`), so a student
 reads each epoch front to back; an epoch directory appears only complete (temp dir + rename).
@@ -193,7 +194,7 @@ def read_meta(root: str) -> Optional[dict]:
         raise CacheError(f"{path}: unreadable cache metadata ({e})") from None
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -201,44 +202,53 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def write_meta(root: str, meta: dict) -> None:
-    tmp = os.path.join(root, f".meta.json.tmp{os.getpid()}")
+def write_meta(root: str, meta: dict, name: str = "meta.json") -> None:
+    tmp = os.path.join(root, f".{name.lstrip('.')}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, "meta.json"))
-    _fsync(root)
+    os.replace(tmp, os.path.join(root, name))
+    fsync_path(root)
 
 
 # ---- writing -------------------------------------------------------------------------------------
-class EpochWriter:
-    """One epoch's arrays, written into a temp directory and renamed into place on `commit`."""
+class RowWriter:
+    """Rows [lo, hi) of one epoch's arrays (positions in the epoch's training order), written into a temp
+    directory and renamed to `final` on `commit`: a reader sees the rows complete or not at all."""
 
-    def __init__(self, root: str, epoch: int, n: int, c: int, precision: str, topk: int, temperature: float,
-                 seed: int):
-        self.final = epoch_dir(root, epoch)
-        self.tmp = os.path.join(root, f".epoch_{epoch:04d}.tmp{os.getpid()}")
+    def __init__(self, final: str, epoch: int, n: int, c: int, precision: str, topk: int, temperature: float,
+                 seed: int, rows: Optional[tuple] = None):
+        self.final = final
+        self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
         self.precision, self.topk, self.temperature = precision, topk, temperature
+        self.lo, self.hi = rows or (0, n)
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
         self.arrays = {}
+        whole = (self.lo, self.hi) == (0, n)
         for name, (dt, shape) in array_specs(n, c, precision, topk).items():
+            if name == "order" and not whole:
+                continue  # a block's rows are placed by the epoch's order, which the assembly writes once
             path = os.path.join(self.tmp, f"{name}.npy")
-            a = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+            a = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=(self.hi - self.lo, *shape[1:]))
             # Reserve the blocks now: a full disk is an OSError here, not a SIGBUS in a later page write.
             with open(path, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
             self.arrays[name] = a
         order = epoch_order(n, seed, epoch).numpy()
-        self.arrays["order"][:] = order
+        if whole:
+            self.arrays["order"][:] = order
         self.pos = np.empty(n, dtype=np.int64)
-        self.pos[order] = np.arange(n)
-        self.written = np.zeros(n, dtype=bool)
+        self.pos[order] = np.arange(n) - self.lo
+        self.written = np.zeros(self.hi - self.lo, dtype=bool)
 
     def write(self, index: np.ndarray, logits: torch.Tensor) -> None:
         """index: (B,) sample indices; logits: (B, 2, C) float, weak view first."""
         pos = self.pos[index]
+        if pos.min() < 0 or pos.max() >= len(self.written):
+            raise CacheError(f"{self.final}: the loader yielded samples outside rows {self.lo}-{self.hi} of the "
+                             f"epoch's order (a backend with its own order must build whole epochs)")
         order = np.argsort(pos)  # ascending rows: sequential writes
         pos, logits = pos[order], logits[torch.from_numpy(order)]
         if self.topk:
@@ -254,19 +264,52 @@ class EpochWriter:
         if not self.written.all():
             missing = np.flatnonzero(~self.written)
             raise CacheError(f"{self.final}: the loader skipped {len(missing)} samples (first: order position "
-                             f"{missing[0]}); the cache must cover every sample once (pipeline.drop_last)")
+                             f"{self.lo + missing[0]}); the cache must cover every sample once (pipeline.drop_last)")
         for a in self.arrays.values():
             a.flush()
         self.arrays.clear()
-        for name in os.listdir(self.tmp):  # on disk before the rename makes the epoch visible
-            _fsync(os.path.join(self.tmp, name))
-        shutil.rmtree(self.final, ignore_errors=True)  # an epoch left behind by a build killed before meta.json
+        for name in os.listdir(self.tmp):  # on disk before the rename makes the rows visible
+            fsync_path(os.path.join(self.tmp, name))
+        shutil.rmtree(self.final, ignore_errors=True)  # rows left behind by a build killed before its record
         os.rename(self.tmp, self.final)
-        _fsync(os.path.dirname(self.final))
+        fsync_path(os.path.dirname(self.final))
 
     def abort(self) -> None:
         self.arrays.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class EpochWriter(RowWriter):
+    """A whole epoch written straight into `epoch_NNNN/` (no checksums: `training.cache_units` builds those)."""
+
+    def __init__(self, root: str, epoch: int, n: int, c: int, precision: str, topk: int, temperature: float,
+                 seed: int):
+        super().__init__(epoch_dir(root, epoch), epoch, n, c, precision, topk, temperature, seed)
+
+
+def check_epoch_files(root: str, epoch: int, n: int, c: int, precision: str, topk: int) -> dict:
+    """The one rule every reader applies to an epoch before using it: each file's .npy header holds the
+    expected dtype and shape and the file has exactly the bytes that header promises. name -> path."""
+    paths = {}
+    for name, (dt, shape) in array_specs(n, c, precision, topk).items():
+        path = os.path.join(epoch_dir(root, epoch), f"{name}.npy")
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                have_shape, fortran, have_dt = read(f)
+                offset = f.tell()
+            size = os.path.getsize(path)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise CacheError(f"{path}: missing, truncated or corrupt cache file ({e})") from None
+        if have_dt != np.dtype(dt) or tuple(have_shape) != shape or fortran:
+            raise CacheError(f"{path}: holds {have_dt}{list(have_shape)}, expected {np.dtype(dt)}{list(shape)}")
+        want = offset + np.dtype(dt).itemsize * math.prod(shape)
+        if size != want:
+            raise CacheError(f"{path}: missing, truncated or corrupt cache file ({size} bytes, its header "
+                             f"promises {want})")
+        paths[name] = path
+    return paths
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -300,19 +343,10 @@ class TeacherCache:
     def _open_epoch(self, e: int, check_only: bool = False):
         if e in self._epochs:
             return self._epochs[e]
-        d = epoch_dir(self.root, e)
-        arrays = {}
-        for name, (dt, shape) in array_specs(self.n, self.c, self.precision, self.topk).items():
-            path = os.path.join(d, f"{name}.npy")
-            try:
-                a = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e2:
-                raise CacheError(f"{path}: missing, truncated or corrupt cache file ({e2})") from None
-            if a.dtype != np.dtype(dt) or a.shape != shape:
-                raise CacheError(f"{path}: holds {a.dtype}{list(a.shape)}, expected {np.dtype(dt)}{list(shape)}")
-            arrays[name] = a
+        paths = check_epoch_files(self.root, e, self.n, self.c, self.precision, self.topk)
         if check_only:
             return None
+        arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
         for old in [k for k in self._epochs if abs(k - e) > 1]:  # keep this epoch and its neighbours only
             del self._epochs[old]
         pos = np.empty(self.n, dtype=np.int64)
