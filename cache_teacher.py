@@ -148,7 +148,7 @@ def build(args, cfg, src, meta, epochs, dist, device):
         if gone:
             raise CacheError(f"{args.out}: epochs {gone} are missing after the build; run the same command again")
         first = meta["epochs"]
-        meta.update(epochs=epochs, epoch_bytes=work["per_epoch"])
+        meta.update(epochs=epochs, epoch_bytes=work["epoch_bytes"])
         meta["builds"].append({"epochs": [first, epochs], "seconds": round(wall, 2), "device": str(device),
                                "pipeline": cfg.pipeline.name, "amp": cfg.run.amp, "world": dist.world,
                                "units": len(work["todo"]), "samples_per_s": round(built / wall, 1),
@@ -158,7 +158,7 @@ def build(args, cfg, src, meta, epochs, dist, device):
         shutil.rmtree(os.path.join(args.out, UNITS), ignore_errors=True)
         print(f"{args.out}: {epochs} epochs x {len(src)} samples x 2 views; built {len(work['todo'])} units on "
               f"{dist.world} rank(s), {built / wall:.0f} samples/s (per rank: "
-              f"{', '.join(f'{r:.0f}' for r in rates)}), {human(work['per_epoch'])} per epoch")
+              f"{', '.join(f'{r:.0f}' for r in rates)}), {human(work['epoch_bytes'])} per epoch")
     return meta
 
 

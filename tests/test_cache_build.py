@@ -12,7 +12,7 @@ import torch
 
 import cache_teacher
 from test_ddp import _env, _port, _why
-from training.cache_units import epoch_disk_bytes, human
+from training.cache_units import block_size, epoch_disk_bytes, human
 from training.cli import run_main
 from training.teacher_cache import CacheError
 
@@ -116,8 +116,8 @@ def test_size_line_estimate_and_refusal_before_any_forward(demo_root, teacher_ck
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
     assert run_main(lambda: cache_teacher.main(argv(demo_root, teacher_ckpt, tmp_path / "c"))) == 2
     out, err = capsys.readouterr()
-    per_epoch = epoch_disk_bytes(96, 10, "fp16", 0)
-    assert (f"{human(per_epoch)} per epoch (96 samples x 2 views, all 10 logits, fp16), {human(2 * per_epoch)} for 2 "
+    per_epoch = epoch_disk_bytes(96, 10, "fp16", 0, block_size(tmp_path))
+    assert (f"{human(per_epoch)} on disk per epoch (96 samples x 2 views, all 10 logits, fp16), {human(2 * per_epoch)} for 2 "
             f"epochs; to build: 2 epochs in 2 units (0 present)") in out and "1.0 MiB free on its file system" in out
     assert err.count("\n") == 1 and "not enough disk space: the cache needs 64.0 MiB more (2 epochs x " in err
     assert "its file system has 1.0 MiB free; 0 complete epochs kept" in err

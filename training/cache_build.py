@@ -20,8 +20,8 @@ import time
 import torch
 
 from pipelines.errors import UserError
-from training.cache_units import (UNITS, assemble_epoch, epoch_disk_bytes, human, plan_units, present_units,
-                                  stale_entries, unit_writer)
+from training.cache_units import (UNITS, assemble_epoch, block_size, epoch_disk_bytes, human, plan_units,
+                                  present_units, stale_entries, unit_writer)
 from training.preemption import Preempted
 from training.progress import progress
 from training.teacher_cache import CacheError, compare_fingerprints, epoch_dir, read_meta, write_meta
@@ -129,12 +129,12 @@ def plan(out: str, meta: dict, epochs: int, batch_size: int, world: int, unit_ba
     for name in present - {u.name for u in units}:  # another layout's units, or units of complete epochs
         shutil.rmtree(os.path.join(out, UNITS, name), ignore_errors=True)
     todo = [u for u in units if u.name not in present]
-    per_epoch = epoch_disk_bytes(n, c, precision, topk)
+    per_epoch = epoch_disk_bytes(n, c, precision, topk, block_size(out))
     per_unit_epoch = max(1, len(units) // max(1, len(missing)))
     staging = min(len(missing), -(-world // per_unit_epoch)) * per_epoch  # units of epochs not yet assembled
     free = shutil.disk_usage(out).free
     what = f"top-{topk}" if topk else f"all {c} logits"
-    print(f"{out}: {human(per_epoch)} per epoch ({n} samples x 2 views, {what}, {precision}), "
+    print(f"{out}: {human(per_epoch)} on disk per epoch ({n} samples x 2 views, {what}, {precision}), "
           f"{human(per_epoch * epochs)} for {epochs} epochs; to build: {len(missing)} epochs in {len(todo)} units "
           f"({len(units) - len(todo)} present), {human(per_epoch * len(missing))} + up to {human(staging)} of "
           f"units in flight; {human(free)} free on its file system", flush=True)
@@ -143,7 +143,7 @@ def plan(out: str, meta: dict, epochs: int, batch_size: int, world: int, unit_ba
         raise CacheError(f"{out}: not enough disk space: the cache needs {human(need)} more ({len(missing)} epochs "
                          f"x {human(per_epoch)} + {human(staging)} in flight + {human(MARGIN)} margin), its file "
                          f"system has {human(free)} free; {epochs - len(missing)} complete epochs kept")
-    return {"units": units, "todo": todo, "missing": missing, "per_epoch": per_epoch}
+    return {"units": units, "todo": todo, "missing": missing, "epoch_bytes": epoch_disk_bytes(n, c, precision, topk)}
 
 
 class UnitBuilder:
