@@ -1,4 +1,4 @@
-"""The GPU window's tools on the CPU: bench/gpu_run.sh's dry run (every stage's code path, the summary), and
+"""The GPU window's tools on the CPU: bench/gpu_run.sh's dry run (every stage's code path but DALI's, the summary), and
 bench/gpu_kit.py's pack -> size check -> unpack round trip on stand-in wheels."""
 import json
 import os
@@ -11,35 +11,26 @@ import pytest
 from bench import gpu_kit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The dali stages run in their own call (tests/test_gpu_run_dali.py), as in the window.
 STAGES = ["preflight", "correctness", "cifar_data", "cifar_step", "cifar_e2e", "jpeg_data", "r34_step", "r34_e2e_torch",
-          "dali_check", "dali_loader", "r34_e2e_dali", "strong", "group"]
+          "strong", "group"]
 CORRECTNESS = {"resnet8x4_crld_bf16_channels_last", "resnet8x4_crld_fp16_channels_last", "augmenter_device_vs_cpu",
                "gpu_pipeline_device_vs_cpu", "prefetcher_vs_unwrapped", "train_step_torch", "train_step_gpu",
                "strong_graph_program_vs_cpu"}
 
 
-def _pipelines():
-    from pipelines import available_pipelines
-    return available_pipelines()
-
-
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def dry_run(tmp_path_factory, gpu_dry_run):
     out, work = tmp_path_factory.mktemp("gpu_run"), tmp_path_factory.mktemp("gpu_run_work")
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "", "WORK": str(work),
-           "PYTHON": sys.executable}
-    r = subprocess.run(["bash", "bench/gpu_run.sh", str(out), "--cpu-dry-run"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env=env, check=False)
-    return out, r
+    return out, gpu_dry_run(out, work, "preflight correctness cifar r34 strong group")
 
 
 def test_dry_run_every_stage_passes(dry_run):
     out, r = dry_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [ln.split("\t") for ln in (out / "stages.tsv").read_text().splitlines()[1:]]
-    expected = STAGES if "dali" in _pipelines() else [s for s in STAGES if "dali" not in s] + ["dali"]
-    assert sorted(r[0] for r in rows) == sorted(expected), rows
-    assert all(r[1] == "ok" for r in rows if r[0] != "dali"), rows
+    assert sorted(r[0] for r in rows) == sorted(STAGES), rows
+    assert all(r[1] == "ok" for r in rows), rows
 
 
 def test_dry_run_records_checks_and_rates(dry_run):
@@ -61,24 +52,6 @@ def test_dry_run_records_checks_and_rates(dry_run):
     for s in ("## Stages", "## Correctness checks", "## resnet32x4 -> resnet8x4 at 32", "## ResNet34 -> ResNet18",
               "## Strong-view programs", "| e2e | gpu/cache/amp=off/cl |", "## Several students, one data pass"):
         assert s in summary, s
-
-
-@pytest.mark.skipif("dali" not in _pipelines(), reason="needs nvidia.dali (make setup installs it)")
-def test_a_dali_call_measures_step_mode_in_the_same_command(tmp_path):
-    """The window runs `r34` and `dali` in different calls; the dali e2e rows are divided by step rates taken
-    in the dali call itself (the goal is e2e / step on the same card in the same command)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "", "WORK": str(tmp_path / "work"),
-           "PYTHON": sys.executable, "STAGES": "dali"}
-    r = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path / "out"), "--cpu-dry-run"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=env, check=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [ln.split("\t")[0] for ln in (tmp_path / "out" / "stages.tsv").read_text().splitlines()[1:]]
-    assert rows == ["jpeg_data", "r34_step", "dali_check", "dali_loader", "r34_e2e_dali"], rows
-    doc = json.loads((tmp_path / "out" / "dali_check" / "gpu_check.json").read_text())
-    assert [c["name"] for c in doc["checks"]] == ["dali_decode_vs_torch_reference", "train_step_dali"], doc
-    assert doc["correctness_ok"] and "## DALI checks" in (tmp_path / "out" / "summary.md").read_text()
-    dali_rows = [ln for ln in (tmp_path / "out" / "summary.md").read_text().splitlines() if ln.startswith("| e2e | dali/")]
-    assert len(dali_rows) == 2 and all(ln.rstrip(" |").endswith("%") for ln in dali_rows), dali_rows
 
 
 def test_usage(tmp_path):
