@@ -31,9 +31,10 @@ import torch
 
 from pipelines import get_backend
 from pipelines.device import on_device
+from pipelines.disk_cache import check_writable, human, writing
 from pipelines.splits import open_split
 from training.cache_build import BUILD_STATE, UnitBuilder, agree, build_lock, plan, prepare
-from training.cache_units import UNITS, human, verify_cache
+from training.cache_units import UNITS, verify_cache
 from training.checkpoint import CheckpointError
 from training.cli import run_main
 from training.config import ConfigError, load_config, to_yaml
@@ -90,6 +91,7 @@ def main(argv=None):
         raise ConfigError(f"--unit-batches must be >= 0, got {args.unit_batches}")
     if not cfg.teacher.ckpt:
         raise CheckpointError("teacher.ckpt is required to build a teacher cache")
+    check_writable(args.out)  # before the data and the teacher's checksum
     dist = dist_from_env()
     device = resolve_device(cfg.run.device, dist)
     init_distributed(dist, device, cfg.run.dist_timeout_s)
@@ -100,7 +102,8 @@ def main(argv=None):
         fp = fingerprint(cfg, src, precision=args.precision, topk=args.topk, teacher_sha=sha, device=device)
         with contextlib.ExitStack() as held:
             if dist.is_main:
-                os.makedirs(args.out, exist_ok=True)
+                with writing(args.out):
+                    os.makedirs(args.out, exist_ok=True)
             meta = agree(dist, lambda: (held.enter_context(build_lock(args.out)),
                                         prepare(args.out, fp, args.overwrite, len(src), c))[1])
             return build(args, cfg, src, meta, epochs, dist, device)

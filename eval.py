@@ -10,7 +10,6 @@ torchvision's pretrained weights for the torchvision architectures (training/hub
     python eval.py --model imagenet_resnet34 --dataset imagenet --data data/imagenet --ckpt torchvision:IMAGENET1K_V1
 """
 import argparse
-import json
 import sys
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from pipelines import get_backend
 from pipelines.device import on_device
 from pipelines.splits import open_split
+from pipelines.disk_cache import check_writable, save_json_atomic
 from training.checkpoint import load_model_weights
 from training.cli import run_main
 from training.config import load_config
@@ -51,6 +51,8 @@ def main(argv=None):
     if args.dataset == "tiny_imagenet" and args.num_classes is None:
         over += ["data.num_classes=200", "data.image_size=64"]
     cfg = load_config(args.config, over + list(args.overrides) + ["method.name=ce"])  # the user's word last
+    if args.json:
+        check_writable(args.json)
     device = resolve_device(cfg.run.device, dist_from_env())
     model = create_model(cfg.model.name, cfg.data.num_classes)
     load_model_weights(model, args.ckpt, cfg.model.name, "--ckpt")  # before the data: a bad --ckpt fails fast
@@ -61,8 +63,7 @@ def main(argv=None):
     print(f"{cfg.model.name} on {cfg.data.dataset} ({len(src)} images): top-1 {metrics['val_top1']:.2f}  "
           f"top-5 {metrics['val_top5']:.2f}  loss {metrics['val_loss']:.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": cfg.model.name, "ckpt": args.ckpt, **metrics}, f, indent=1)
+        save_json_atomic(args.json, {"model": cfg.model.name, "ckpt": args.ckpt, **metrics})
     return metrics
 
 

@@ -32,7 +32,7 @@ import yaml
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipelines.disk_cache import atomic_path
+from pipelines.disk_cache import atomic_path, check_writable, writing
 from pipelines.sources import DataError  # a user error for training.cli.run_main: one line, exit code 2
 from training.cli import run_main
 
@@ -284,9 +284,10 @@ def curves(runs, title):
 def write_outputs(out_dir, runs, title, common):
     """Render both files under temporary names, then move them into place; on failure leave nothing."""
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    with writing(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     try:  # both written before either takes its name
-        with atomic_path(os.path.join(out_dir, "curves.png")) as png, \
+        with writing(out_dir), atomic_path(os.path.join(out_dir, "curves.png")) as png, \
                 atomic_path(os.path.join(out_dir, "summary.md")) as md:
             fig = curves(runs, title)
             try:
@@ -307,6 +308,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="folder for curves.png and summary.md")
     ap.add_argument("--title", default="Training report")
     args = ap.parse_args(argv)
+    check_writable(args.out)
     run_dirs = find_runs(args.run_dirs)
     common = os.path.commonpath([os.path.dirname(r) for r in run_dirs])
     runs = [load_run(r, os.path.relpath(r, common)) for r in run_dirs]  # all input is read before any output

@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipelines import build_loaders, views_needed
-from pipelines.disk_cache import save_atomic
+from pipelines.disk_cache import check_writable, save_json_atomic
 from pipelines.errors import UserError
 from training.checkpoint import safe_load
 from training.cli import run_main
@@ -75,7 +75,7 @@ def write_group(run_dir, cfgs, summaries=None) -> None:
     doc = {"students": [{"dir": f"student{k}", "model": c.model.name, "method": c.method.name,
                          "overrides": _own_keys(c, cfgs[0]), "summary": (summaries or {}).get(k)}
                         for k, c in enumerate(cfgs)]}
-    save_atomic(os.path.join(run_dir, "group.json"), lambda f: f.write(json.dumps(doc, indent=1).encode()))
+    save_json_atomic(os.path.join(run_dir, "group.json"), doc)
 
 
 def main(argv=None):
@@ -95,6 +95,7 @@ def main(argv=None):
     run_dir = os.path.join(cfg.run.out_dir, name)
     dirs = [os.path.join(run_dir, f"student{k}") for k in range(len(cfgs))] if group else [run_dir]
     lasts = [os.path.join(d, "last.pt") for d in dirs]
+    check_writable(run_dir)  # before any data, teacher or model is built
     if args.resume and not any(os.path.isfile(p) for p in lasts):
         raise UserError(f"--resume: no checkpoint at {lasts[0]}" + (" or in the other students' folders" if group else ""))
     held = [os.path.join(d, "metrics.jsonl") for d in dirs] + [os.path.join(run_dir, f) for f in ("metrics.jsonl", "group.json")]

@@ -5,6 +5,7 @@ import shutil
 from typing import Iterable, Tuple
 
 from pipelines.disk_cache import atomic_folder
+from pipelines.errors import OutputError
 from pipelines.sources import DataError
 
 
@@ -22,5 +23,7 @@ def materialize(out: str, folders: Iterable[str], files: Iterable[Tuple[str, str
                 shutil.copyfile(path, dst) if copy else os.symlink(path, dst)
             with open(os.path.join(tmp, marker), "w") as f:
                 f.write(marker_text)
+    except OutputError:
+        raise
     except OSError as e:
         raise DataError(f"{out}: cannot write ({e.strerror or e}); nothing written") from None

@@ -12,12 +12,14 @@ A Python 3 pickle of bytes keys would load with bytes keys under either encoding
 """
 import argparse
 import os
+import sys
 import pickle
 import struct
 
 import numpy as np
 
 from pipelines.disk_cache import atomic_folder
+from training.cli import run_main
 
 FOLDER = {100: "cifar-100-python", 10: "cifar-10-batches-py"}
 _RECONSTRUCT = np.zeros(0, np.uint8).__reduce__()[0]
@@ -115,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

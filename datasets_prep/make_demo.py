@@ -11,6 +11,7 @@ that read a converted file whole (`demo.py --quick --pipeline ffcv`).
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
@@ -19,6 +20,7 @@ from sklearn.model_selection import train_test_split
 
 from pipelines.disk_cache import atomic_folder
 from pipelines.sources import demo_source, subset
+from training.cli import run_main
 
 
 def render(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -86,4 +88,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -9,11 +9,13 @@ folder, then renamed.
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 from PIL import Image
 
 from pipelines.disk_cache import atomic_folder
+from training.cli import run_main
 
 
 def photo_like(digit: np.ndarray, w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -72,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -19,9 +19,10 @@ import time
 
 import torch
 
+from pipelines.disk_cache import human, output_error, writing
 from pipelines.errors import UserError
-from training.cache_units import (UNITS, assemble_epoch, block_size, epoch_disk_bytes, human, plan_units,
-                                  present_units, stale_entries, unit_writer)
+from training.cache_units import (UNITS, assemble_epoch, block_size, epoch_disk_bytes, plan_units, present_units,
+                                  stale_entries, unit_writer)
 from training.preemption import Preempted
 from training.progress import progress
 from training.teacher_cache import CacheError, compare_fingerprints, epoch_dir, read_meta, write_meta
@@ -68,7 +69,8 @@ def build_lock(out: str):
     lock = os.path.join(out, ".lock")
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with writing(lock):
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
             try:
@@ -166,8 +168,8 @@ class UnitBuilder:
             writer.commit()
         except OSError as err:
             writer.abort()
-            raise CacheError(f"{self.out}: writing unit {u.name} failed ({err.strerror or err}); temp files "
-                             f"removed, complete epochs and units kept") from None
+            raise CacheError(f"{output_error(err, u.path(self.out))}; temp files removed, complete epochs and "
+                             f"units kept") from None
         except BaseException:
             writer.abort()
             raise

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.disk_cache import writing
 from pipelines.sampler import epoch_order
 from training.teacher_cache import (FORMAT, CacheError, RowWriter, array_specs, check_epoch_files, epoch_dir,
                                     fsync_path, read_meta)
@@ -106,22 +107,15 @@ def block_size(path: str) -> int:
         return 4096
 
 
-def human(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(b) < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-
-
 # ---- assembly ------------------------------------------------------------------------------------
 def assemble_epoch(root: str, epoch: int, units: list, c: int, precision: str, topk: int, seed: int) -> None:
     """Concatenates an epoch's units (in row order) into `epoch_NNNN/` with its checksums, then drops them."""
     n = units[0].n
     tmp = os.path.join(root, f".epoch_{epoch:04d}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     sums = {}
     try:
+        os.makedirs(tmp)
         for name, (dt, shape) in array_specs(n, c, precision, topk).items():
             path = os.path.join(tmp, f"{name}.npy")
             with open(path, "wb") as f:
@@ -139,6 +133,10 @@ def assemble_epoch(root: str, epoch: int, units: list, c: int, precision: str, t
         shutil.rmtree(epoch_dir(root, epoch), ignore_errors=True)
         os.rename(tmp, epoch_dir(root, epoch))
         fsync_path(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing(epoch_dir(root, epoch)):
+            raise e from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,8 +23,34 @@ from training.hub_weights import hub_state_dict, is_hub_spec
 
 
 def atomic_save(obj, path: str) -> None:
-    """`torch.save` to `path` whole or not at all, on disk before it takes the name."""
-    save_atomic(path, lambda f: torch.save(obj, f), fsync=True)
+    """`torch.save` to `path` whole or not at all, on disk before it takes the name; a full disk is an
+    `OutputError` (its tensors' bytes against the free space) and leaves the previous file in place."""
+    save_atomic(path, lambda f: _torch_save(obj, f), fsync=True, need=lambda: _tensor_bytes(obj))
+
+
+def _torch_save(obj, f) -> None:
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        # a failed write (a full disk) makes torch's zip writer fail again as it closes ("unexpected pos"),
+        # which hides the OSError that says why
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in `obj` (nested dicts, lists, tuples): about a torch.save file's size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _check_container(path: str) -> None:

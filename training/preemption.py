@@ -9,13 +9,12 @@ worker's exit code as its own failure. The next start of the run removes it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import threading
 
-from pipelines.disk_cache import save_atomic
+from pipelines.disk_cache import save_json_atomic, writing
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,14 @@ class StopRequest:
 
 def mark_preempted(run_dir: str, reason: str) -> None:
     doc = {"reason": reason, "exit_code": EXIT_PREEMPTED, "resume": "train.py ... --resume"}
-    save_atomic(os.path.join(run_dir, MARKER), lambda f: f.write(json.dumps(doc, indent=1).encode()))
+    save_json_atomic(os.path.join(run_dir, MARKER), doc)
 
 
 def clear_preempted(run_dir: str) -> None:
     """A run that starts again is no longer a preempted one: a crash after this leaves no marker to requeue on."""
-    try:
-        os.remove(os.path.join(run_dir, MARKER))
-    except FileNotFoundError:
-        pass
+    path = os.path.join(run_dir, MARKER)
+    with writing(path):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass

@@ -4,7 +4,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import hashlib
-import json
 import os
 import platform
 import random
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipelines.disk_cache import save_json_atomic, writing
 from pipelines.errors import RuntimeConfigError
 from pipelines.precision import amp_dtype
 
@@ -105,13 +105,14 @@ def git_commit() -> dict:
 
 
 def write_run_info(run_dir: str, cfg_yaml: str, device: torch.device) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+    with writing(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    with writing(path, len(cfg_yaml)), open(path, "w") as f:
         f.write(cfg_yaml)
     info = {**git_commit(), "argv": sys.argv, "python": platform.python_version(),
             "torch": torch.__version__, "device": str(device), "host": platform.node()}
-    with open(os.path.join(run_dir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    save_json_atomic(os.path.join(run_dir, "run_info.json"), info)
 
 
 def init_distributed(dist: Dist, device: torch.device, timeout_s: int) -> None:

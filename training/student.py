@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipelines import views_needed
+from pipelines.disk_cache import save_json_atomic, writing
 from pipelines.errors import RuntimeConfigError
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
 from training.losses import method_loss
@@ -227,8 +228,9 @@ class Student:
             self.best_top1 = stats["val_top1"]
         self.history.append(stats)
         if self.is_main:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
+            line, path = json.dumps(stats) + "\n", os.path.join(self.run_dir, "metrics.jsonl")
+            with writing(path, len(line)), open(path, "a") as f:
+                f.write(line)
             if self.cfg.run.tensorboard:
                 self._tensorboard(stats)
         if is_best:
@@ -260,6 +262,5 @@ class Student:
         if self.failed:
             out["failed"] = self.failed
         if self.is_main:
-            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-                json.dump(out, f, indent=1)
+            save_json_atomic(os.path.join(self.run_dir, "summary.json"), out)
         return out

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipelines.device import helper_threads, on_device
+from pipelines.disk_cache import writing
 from pipelines.splits import beton_paths
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
 from pipelines.errors import UserError
@@ -204,12 +205,17 @@ def fsync_path(path: str) -> None:
 
 def write_meta(root: str, meta: dict, name: str = "meta.json") -> None:
     tmp = os.path.join(root, f".{name.lstrip('.')}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, name))
-    fsync_path(root)
+    with writing(os.path.join(root, name)):
+        try:
+            with open(tmp, "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(root, name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        fsync_path(root)
 
 
 # ---- writing -------------------------------------------------------------------------------------
