@@ -62,6 +62,18 @@ def _is_cache_entry(name: str) -> bool:
     return name == "meta.json" or name.startswith(".") or re.fullmatch(r"epoch_\d{4}", name) is not None
 
 
+def _create_lock(lock: str) -> int:
+    """The lock file, created exclusively; FileExistsError (another builder) passes, other faults of the
+    output folder are one-line `OutputError`s."""
+    try:
+        return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        with writing(lock):
+            raise e
+
+
 @contextlib.contextmanager
 def build_lock(out: str):
     """One builder per cache directory (rank 0 of a torchrun build holds it for every rank): a second one, or
@@ -69,8 +81,7 @@ def build_lock(out: str):
     lock = os.path.join(out, ".lock")
     for _ in range(2):
         try:
-            with writing(lock):
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = _create_lock(lock)
             break
         except FileExistsError:
             try:
