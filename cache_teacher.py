@@ -29,8 +29,7 @@ import time
 
 import torch
 
-from pipelines import get_backend
-from pipelines.device import on_device
+from pipelines import train_loader, val_loader
 from pipelines.disk_cache import check_writable, human, writing
 from pipelines.splits import open_split
 from training.cache_build import BUILD_STATE, UnitBuilder, agree, build_lock, plan, prepare
@@ -125,13 +124,11 @@ def build(args, cfg, src, meta, epochs, dist, device):
                                     batches if whole else args.unit_batches, args.precision, args.topk))
     teacher = frozen_teacher(cfg, device)
     autocast, _, _ = autocast_for(cfg.run.amp, device)
-    backend, route = get_backend(cfg.pipeline.name), on_device(cfg, device)
     if dist.is_main and not args.no_eval and "teacher_val_top1" not in meta:
-        val_src = open_split(cfg, train=False, train_classes=src.classes)
-        val = backend.build_val(val_src, cfg, device, device_route=route)
+        val = val_loader(cfg, device, train_classes=src.classes)[0]
         meta["teacher_val_top1"] = evaluate([teacher], val, device, autocast)[0]["val_top1"]
         log.info("teacher %s: val top-1 %.2f", cfg.teacher.name, meta["teacher_val_top1"])
-    loader = backend.build_train(src, cfg, device, 0, 1, views=2, device_route=route)
+    loader = train_loader(cfg, device, src, 0, 1, views=2)
 
     def forward(b):
         with torch.inference_mode(), autocast():

@@ -14,9 +14,7 @@ import sys
 
 import torch
 
-from pipelines import get_backend
-from pipelines.device import on_device
-from pipelines.splits import open_split
+from pipelines import val_loader
 from pipelines.disk_cache import check_writable, save_json_atomic
 from training.checkpoint import load_model_weights
 from training.cli import run_main
@@ -56,8 +54,7 @@ def main(argv=None):
     device = resolve_device(cfg.run.device, dist_from_env())
     model = create_model(cfg.model.name, cfg.data.num_classes)
     load_model_weights(model, args.ckpt, cfg.model.name, "--ckpt")  # before the data: a bad --ckpt fails fast
-    src = open_split(cfg, train=False)
-    val = get_backend(cfg.pipeline.name).build_val(src, cfg, device, device_route=on_device(cfg, device))
+    val, src = val_loader(cfg, device)
     model.to(device, memory_format=torch.channels_last)
     metrics = evaluate([model], val, device, autocast_for(cfg.run.amp, device)[0])[0]
     print(f"{cfg.model.name} on {cfg.data.dataset} ({len(src)} images): top-1 {metrics['val_top1']:.2f}  "

@@ -35,6 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from pipelines.disk_cache import atomic_path, check_writable, writing
 from pipelines.sources import DataError  # a user error for training.cli.run_main: one line, exit code 2
 from training.cli import run_main
+from training.config import flat_items
 
 NOT_LOSS_PARTS = ("train_loss", "train_top1", "train_top5")
 SEED_KEYS = ("run.seed", "model.init_seed")
@@ -105,15 +106,7 @@ def load_run(run_dir, label):
             section = cfg.get(key)
             summary.setdefault(key, section.get("name") if isinstance(section, dict) else None)
     return {"label": label + group_note(run_dir, summary), "metrics": metrics, "summary": summary,
-            "config": dict(flatten(cfg))}
-
-
-def flatten(tree, prefix=""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
+            "config": dict(flat_items(cfg))}
 
 
 def group_note(run_dir, summary):

@@ -39,7 +39,7 @@ from pipelines.disk_cache import check_writable, save_json_atomic
 from pipelines.errors import UserError
 from training.checkpoint import safe_load
 from training.cli import run_main
-from training.config import load_group, to_yaml
+from training.config import flat_items, load_group, to_yaml
 from training.loop import Trainer
 from training.preemption import Preempted, StopRequest, clear_preempted, mark_preempted
 from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
@@ -64,10 +64,7 @@ def parse_args(argv=None):
 
 def _own_keys(cfg, base) -> dict:
     """A student's settings that differ from student 0's (what its overrides changed)."""
-    def leaves(node, prefix=""):
-        for k, v in node.items():
-            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
-    mine, theirs = (dict(leaves(OmegaConf.to_container(c))) for c in (cfg, base))
+    mine, theirs = (dict(flat_items(OmegaConf.to_container(c))) for c in (cfg, base))
     return {k: v for k, v in mine.items() if v != theirs[k] and k != "run.name"}
 
 

@@ -77,7 +77,7 @@ def main(argv=None):
     ap.add_argument("--synthetic", action="store_true", help="step mode (always synthetic inputs)")
     ap.add_argument("--dataset", default="demo", help="e2e: data.dataset of --data")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
-    ap.add_argument("--profile", metavar="DIR", help="e2e: 10 more steps of each configuration under torch.profiler, "
+    ap.add_argument("--profile", metavar="DIR", help="e2e: min(10, --steps) more steps of each configuration under torch.profiler, "
                                                       "top operators into DIR/prof_<pipeline>_<source>_<amp>.txt")
     ap.add_argument("--count-calls", default="all", metavar="NAMES",
                     help="loader: the pipelines whose Python calls per batch are counted, a comma list or 'all' "

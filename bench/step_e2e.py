@@ -292,7 +292,7 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
     n, dt, wait = time_steps(trainer, pairs, args.warmup, args.steps)
     peak = peak_memory_mib(device)  # the timed steps', not the profiled ones'
     if getattr(args, "profile", None):
-        profile_steps(trainer, pairs, 10, os.path.join(args.profile, f"prof_{pipeline}_{source}_{amp}.txt"))
+        profile_steps(trainer, pairs, min(10, args.steps), os.path.join(args.profile, f"prof_{pipeline}_{source}_{amp}.txt"))
     return {"mode": "e2e", "pipeline": pipeline, "teacher": args.teacher, "student": args.student,
             "image_size": args.image_size, "teacher_source": source, "amp": amp, "channels_last": channels_last,
             "compile": compiled, "students": students, "batch_size": args.batch_size, "steps": args.steps,

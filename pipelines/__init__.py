@@ -42,14 +42,29 @@ def views_needed(method: str) -> int:
     return 2 if method in TWO_VIEW_METHODS else 1
 
 
+# Every loader of every entry point is made here: the configured backend, the route (`on_device`, a pure
+# function of the config and device) and, on CUDA, the prefetcher, which prepares each batch one step ahead
+# on a side stream (pipelines.prefetch).
+
+def train_loader(cfg, device, source, rank: int = 0, world: int = 1, views: int = 0):
+    """The training loader over `source` (an open training split). `views`: 1 (weak only) or 2 (weak and
+    strong); 0 takes it from cfg.method (a group of students passes the most any needs)."""
+    loader = get_backend(cfg.pipeline.name).build_train(source, cfg, device, rank, world,
+                                                        views or views_needed(cfg.method.name),
+                                                        device_route=on_device(cfg, device))
+    return prefetched(loader, device)
+
+
+def val_loader(cfg, device, rank: int = 0, world: int = 1, train_classes=None):
+    """(the validation loader, its source); `train_classes` maps folder classes to the training split's."""
+    source = open_split(cfg, train=False, train_classes=train_classes)
+    loader = get_backend(cfg.pipeline.name).build_val(source, cfg, device, rank, world,
+                                                      device_route=on_device(cfg, device))
+    return prefetched(loader, device), source
+
+
 def build_loaders(cfg, device, rank: int = 0, world: int = 1, views: int = 0):
-    """(train_loader, val_loader, train_source) for the configured dataset and backend. `views`: 1 (weak only)
-    or 2 (weak and strong); 0 takes it from cfg.method (a group of students passes the most any needs)."""
+    """(train_loader, val_loader, train_source) for the configured dataset and backend."""
     train_src = open_split(cfg, train=True)
-    val_src = open_split(cfg, train=False, train_classes=train_src.classes)
-    backend = get_backend(cfg.pipeline.name)
-    views = views or views_needed(cfg.method.name)
-    route = on_device(cfg, device)  # decided once, here, for both loaders
-    # on CUDA each batch is prepared one step ahead on a side stream (pipelines.prefetch)
-    return (prefetched(backend.build_train(train_src, cfg, device, rank, world, views, device_route=route), device),
-            prefetched(backend.build_val(val_src, cfg, device, rank, world, device_route=route), device), train_src)
+    return (train_loader(cfg, device, train_src, rank, world, views),
+            val_loader(cfg, device, rank, world, train_src.classes)[0], train_src)

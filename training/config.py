@@ -255,11 +255,12 @@ def _parse_override(item: str) -> tuple:
     return key.strip(), parsed
 
 
-def _leaves(diff: dict, prefix=""):
-    for k, v in diff.items():
+def flat_items(tree: dict, prefix=""):
+    """(dotted key, value) of every leaf of a nested mapping (a config as a plain container)."""
+    for k, v in tree.items():
         key = prefix + str(k)
         if isinstance(v, dict):
-            yield from _leaves(v, key + ".")
+            yield from flat_items(v, key + ".")
         else:
             yield key, v
 
@@ -326,7 +327,7 @@ def load_group(path: Optional[str] = None, overrides: Optional[List[str]] = None
     spaces, as on the command line). A group's students share run.name's folder, each in student<k>/; a
     student's own config names the folder a solo run of it would write (`<run.name>-student<k>`)."""
     layers, in_file = _base_layers(path, overrides)
-    extra = [(f"{path}: students[{i}]", dict(_leaves(d))) for i, d in enumerate(in_file)]
+    extra = [(f"{path}: students[{i}]", dict(flat_items(d))) for i, d in enumerate(in_file)]
     for i, text in enumerate(students):
         try:
             items = shlex.split(text)

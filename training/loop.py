@@ -146,11 +146,6 @@ class Trainer:
         if self.cache is not None:
             self.cache.close()
 
-    def resume(self, paths) -> None:
-        """Each student from its last.pt (a path per student; one path for a solo run)."""
-        for st, path in zip(self.students, [paths] if isinstance(paths, str) else paths):
-            st.resume(path)
-
     # ---- one step ----------------------------------------------------------------------------
     def teacher_logits(self, batch, two_views: bool = True):
         """The online teacher's float32 logits (weak, strong or None): one forward over the views."""

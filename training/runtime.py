@@ -73,25 +73,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    v = state["python"]
-    random.setstate((v[0], tuple(v[1]), v[2]))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def git_commit() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     def git(*args):

@@ -20,6 +20,7 @@ from pipelines import views_needed
 from pipelines.disk_cache import save_json_atomic, writing
 from pipelines.errors import RuntimeConfigError
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
+from training.config import flat_items
 from training.losses import method_loss
 from training.models import create_model
 from training.schedule import base_lr, lr_at
@@ -70,19 +71,14 @@ RESUME_MAY_CHANGE = ("optim.epochs", "run.progress", "run.log_every", "run.save_
                      "teacher.cache")
 
 
-def _flat(node, prefix=""):
-    for k, v in node.items():
-        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
-
-
 def check_resumable(path: str, saved_yaml, cfg) -> None:
     """Refuses, naming the keys, to continue a checkpoint under a config that trains something else (another
     model, method, data subset...): only RESUME_MAY_CHANGE may differ. Keys the checkpoint predates are not
     compared."""
     if not saved_yaml:
         return
-    saved = dict(_flat(OmegaConf.to_container(OmegaConf.create(saved_yaml))))
-    now = dict(_flat(OmegaConf.to_container(cfg)))
+    saved = dict(flat_items(OmegaConf.to_container(OmegaConf.create(saved_yaml))))
+    now = dict(flat_items(OmegaConf.to_container(cfg)))
     diff = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
     if diff:
         shown = ", ".join(f"{k} ({saved[k]!r} -> {now[k]!r})" for k in diff[:4]) + (" ..." if len(diff) > 4 else "")
