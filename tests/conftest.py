@@ -80,12 +80,14 @@ def demo_cfg(demo_root):
 
 @pytest.fixture(scope="session")
 def first_batches():
-    """first_batches(cfg, n=None, epoch=0, rank=0, world=1) -> (the first n training batches of `epoch`, all of
-    them when n is None; the validation loader), built on the CPU."""
-    def take(cfg, n=None, epoch=0, rank=0, world=1):
+    """first_batches(cfg, n=None, epoch=0, rank=0, world=1, with_train=False) -> (the first n training batches of
+    `epoch`, all of them when n is None; the validation loader; with_train: the training loader after them),
+    built on the CPU."""
+    def take(cfg, n=None, epoch=0, rank=0, world=1, with_train=False):
         train, val, _ = build_loaders(cfg, torch.device("cpu"), rank, world)
         train.set_epoch(epoch)
-        return list(itertools.islice(train, n)), val
+        got = list(itertools.islice(train, n))
+        return (got, val, train) if with_train else (got, val)
     return take
 
 

@@ -7,16 +7,10 @@ import torch
 from pipelines.augment_spec import STRONG_OPS
 from pipelines.randaugment_graph import StrongGraph, apply_strong_static, strong_program
 from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
-from pipelines.view_params import StrongDraws, StrongParams, strong_draws
+from pipelines.view_params import StrongParams, strong_draws
+from test_augment_segmented import draws_of
 
 META = torch.device("meta")
-
-
-def draws_of(params):
-    """StrongDraws holding these per-sample parameters (one op count), for the production path from_draws."""
-    return StrongBatch.from_draws(StrongDraws(np.array([[o for o, _ in p.ops] for p in params], dtype=np.int64),
-                                              np.array([[m for _, m in p.ops] for p in params], dtype=np.float64),
-                                              np.array([p[1:] for p in params], dtype=np.float64)))
 
 
 def batch(rng, n, h, w, smooth_every=2):

@@ -25,19 +25,8 @@ def cfg_for(demo_root, folder, pipe, *over):
                               f"pipeline.name={pipe}", *over])
 
 
-def epoch_batches(cfg, epoch=0, n=None):
-    train, val, src = build_loaders(cfg, CPU)
-    train.set_epoch(epoch)
-    out = []
-    for b in train:
-        out.append(b)
-        if n and len(out) == n:
-            break
-    return out, val, train
-
-
-def test_views_equal_the_reference_backend(demo_root, demo_betons):
-    ffcv_b, ffcv_val, _ = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"), epoch=2, n=2)
+def test_views_equal_the_reference_backend(demo_root, demo_betons, first_batches):
+    ffcv_b, ffcv_val = first_batches(cfg_for(demo_root, demo_betons, "ffcv"), 2, epoch=2)
     from pipelines.device import Normalizer
     from pipelines.sources import demo_source
     from pipelines.torch_backend import TwoViewDataset
@@ -53,7 +42,7 @@ def test_views_equal_the_reference_backend(demo_root, demo_betons):
             assert torch.equal(norm(torch.from_numpy(np.array(w))[None])[0], b.weak[j])
             d = (norm(torch.from_numpy(np.array(s))[None])[0] - b.strong[j]).abs().max().item()
             assert d == 0, (j, int(b.index[j]), d)
-    _, ref_val, _ = epoch_batches(cfg, n=1)
+    _, ref_val = first_batches(cfg, 1)
     assert torch.equal(next(iter(ref_val)).image, next(iter(ffcv_val)).image)
 
 
@@ -77,12 +66,12 @@ def test_views_drawn_ahead_for_the_next_epoch_are_that_epochs(demo_root, demo_be
     assert train.table._ahead[0] == 7
 
 
-def test_each_sample_is_decoded_once_per_epoch_and_runs_are_deterministic(demo_root, demo_betons):
-    a, _, train = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"))
+def test_each_sample_is_decoded_once_per_epoch_and_runs_are_deterministic(demo_root, demo_betons, first_batches):
+    a, _, train = first_batches(cfg_for(demo_root, demo_betons, "ffcv"), with_train=True)
     seen = torch.cat([b.index for b in a])
     counts = train.table.decodes
     assert (counts[seen.numpy()] == 1).all() and counts.sum() == len(seen)
-    b, _, _ = epoch_batches(cfg_for(demo_root, demo_betons, "ffcv"))
+    b, _ = first_batches(cfg_for(demo_root, demo_betons, "ffcv"))
     for x, y in zip(a, b):
         assert torch.equal(x.index, y.index) and torch.equal(x.weak, y.weak) and torch.equal(x.strong, y.strong)
         assert torch.equal(y.index_host, y.index.cpu()) and y.index_host.device.type == "cpu"
@@ -136,18 +125,18 @@ def test_sidecar_must_match_the_dataset_split_and_classes(demo_root, demo_betons
 
 
 @pytest.mark.parametrize("mode", ["raw", "jpg"])
-def test_resized_views_decode_once_and_match_the_reference(tmp_path, mode):
+def test_resized_views_decode_once_and_match_the_reference(tmp_path, mode, first_batches):
     root = make_jpeg_folder(str(tmp_path / "j"), train=32, val=8, classes=4, size=(96, 72))
     for split in ("train", "val"):
         prep(["--format", "imagefolder", "--src", root, "--split", split, "--out", f"{root}/ffcv/{split}.beton",
               "--num-workers", "1", "--write-mode", mode, "--jpeg-quality", "95"])
     over = ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=4", "data.image_size=48",
             "data.train_crop=rrc", "data.val_resize=56", "pipeline.batch_size=8", "pipeline.num_workers=1"]
-    f, _, f_train = epoch_batches(load_config(None, over + ["pipeline.name=ffcv"]), n=2)
+    f, _, f_train = first_batches(load_config(None, over + ["pipeline.name=ffcv"]), 2, with_train=True)
     seen = torch.cat([b.index for b in f]).numpy()
     counts = f_train.table.decodes  # resized crops: FFCV decodes once, the host cuts both views
     assert (counts[seen] == 1).all() and counts.max() == 1
-    t, _, _ = epoch_batches(load_config(None, over + ["pipeline.name=torch"]), n=4)
+    t, _ = first_batches(load_config(None, over + ["pipeline.name=torch"]), 4)
     ref = {int(i): (b.weak[k], b.strong[k]) for b in t for k, i in enumerate(b.index)}
     pairs = [(f_b.weak[k], f_b.strong[k], *ref[int(i)]) for f_b in f for k, i in enumerate(f_b.index)
              if int(i) in ref]
@@ -199,10 +188,10 @@ def test_demo_quick_through_ffcv_converts_and_trains(tmp_path):
     assert "Exception ignored" not in r.stderr
 
 
-def test_quasi_random_order_covers_the_epoch_and_is_refused_under_ddp(demo_root, demo_betons):
+def test_quasi_random_order_covers_the_epoch_and_is_refused_under_ddp(demo_root, demo_betons, first_batches):
     cfg = cfg_for(demo_root, demo_betons, "ffcv", "pipeline.ffcv_order=quasi_random", "pipeline.ffcv_os_cache=false",
                   "pipeline.drop_last=false")
-    batches, _, train = epoch_batches(cfg)
+    batches, _, train = first_batches(cfg, with_train=True)
     seen = torch.cat([b.index_host for b in batches])
     assert sorted(seen.tolist()) == list(range(len(train.loader.indices)))
     with pytest.raises(DataError, match="ffcv_order=quasi_random: .*no distributed"):
@@ -215,7 +204,8 @@ def test_batches_arrive_in_the_training_dtype(demo_root, demo_betons):
 
 
 @pytest.mark.parametrize("crop", ["pad", "rrc"])
-def test_the_accelerator_route_run_on_the_cpu_matches_the_host_route(demo_root, demo_betons, tmp_path, crop):
+def test_the_accelerator_route_run_on_the_cpu_matches_the_host_route(demo_root, demo_betons, tmp_path, crop,
+                                                                     first_batches):
     """`pipeline.route=device` on the CPU: both views cut in FFCV's compiled decoder, uint8 views to the
     device, the batched tensor augmenter and normalisation there. Padded crops equal the host route's
     batches exactly; resized crops use FFCV's OpenCV resize there (torch's antialiased one on the host
@@ -230,8 +220,8 @@ def test_the_accelerator_route_run_on_the_cpu_matches_the_host_route(demo_root, 
         cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.num_classes=4",
                                  "data.image_size=48", "data.train_crop=rrc", "data.val_resize=56",
                                  "pipeline.batch_size=8", "pipeline.num_workers=1", "pipeline.name=ffcv"])
-    on_host, _, _ = epoch_batches(cfg, epoch=1, n=2)
-    on_dev, _, _ = epoch_batches(OmegaConf.merge(cfg, {"pipeline": {"route": "device"}}), epoch=1, n=2)
+    on_host, _ = first_batches(cfg, 2, epoch=1)
+    on_dev, _ = first_batches(OmegaConf.merge(cfg, {"pipeline": {"route": "device"}}), 2, epoch=1)
     std = 0.225 * 255  # normalised units -> grey levels
     for a, b in zip(on_host, on_dev):
         assert torch.equal(a.index, b.index) and torch.equal(a.target, b.target)
