@@ -11,6 +11,7 @@ import yaml
 import train
 from datasets_prep import prep_ffcv
 from pipelines import available_pipelines
+from test_train import right_of
 from training.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,4 +42,4 @@ def test_an_imagenet_config_trains_through_a_backend(folder, tmp_path, config, p
     s = train.main(["--config", config, "--pipeline", pipeline, f"data.root={folder}", "data.num_classes=2",
                     "data.image_size=32", "data.val_resize=36", "pipeline.batch_size=4", "pipeline.val_batch_size=4",
                     "optim.epochs=1", f"teacher.ckpt={ckpt}", f"run.out_dir={tmp_path}", "run.progress=false"])
-    assert s["epochs"] == 1 and 0 <= s["best_top1"] <= 100
+    assert s["epochs"] == 1 and right_of(s["best_top1"], 8)
