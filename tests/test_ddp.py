@@ -248,13 +248,10 @@ def test_two_ranks_read_their_own_cache_rows(demo_root, teacher_ckpt, one_proces
 
 
 def test_a_rank_dying_mid_epoch_stops_the_run(demo_root, teacher_ckpt, tmp_path):
-    import time
-    t0 = time.time()
-    r = run(2, demo_root, teacher_ckpt, tmp_path, "run.dist_timeout_s=60", env={"CRLD_TEST_RANK1_DIES_AT_STEP": "2"},
-            timeout=300)
-    # torchrun tears the survivors down and names the failed rank; no hang until the collective timeout
+    # torchrun tears the survivors down and names the failed rank: the run ends long before the collective
+    # timeout (run.dist_timeout_s, 600 s by default) would end it, within the hang guard
+    r = run(2, demo_root, teacher_ckpt, tmp_path, env={"CRLD_TEST_RANK1_DIES_AT_STEP": "2"}, timeout=300)
     assert r.returncode != 0 and "rank      : 1" in r.stderr and "exitcode  : 1" in r.stderr
-    assert time.time() - t0 < 60
     assert not os.path.exists(tmp_path / "r" / "last.pt")
 
 

@@ -113,33 +113,32 @@ def test_kill_9_after_a_mid_epoch_checkpoint_then_resume(data, teacher_ckpt, cac
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
-def test_sigterm_exits_within_seconds_with_a_complete_checkpoint_and_a_second_signal_at_once(data, teacher_ckpt,
-                                                                                               tmp_path):
+def test_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_and_a_second_signal_at_once(data, teacher_ckpt,
+                                                                                              tmp_path):
     def started(name, slow_s, step, *extra):
-        """A run whose steps take slow_s seconds each, once it is in (or past) step `step`."""
+        """(a run whose steps take slow_s seconds each, the step it is in) once it is in (or past) step `step`."""
         marker = tmp_path / f"{name}.step"
         p = _worker(args(data, teacher_ckpt, tmp_path, name, "optim.epochs=50", *extra),
                     {"CRLD_TEST_SLOW_STEP_S": str(slow_s), "CRLD_TEST_STEP_FILE": str(marker)})
-        deadline = time.time() + 300
-        while not (marker.exists() and marker.read_text() and int(marker.read_text()) >= step):
-            assert time.time() < deadline and p.poll() is None
+        deadline, at = time.time() + 300, -1
+        while at < step:
+            assert time.time() < deadline and p.poll() is None  # a hang guard
             time.sleep(0.1)
-        return p
-    p = started("one", 0.5, 4, "pipeline.num_workers=1")  # epoch 2, mid-step; a loader worker process to end
-    t0 = time.time()
+            at = int(marker.read_text() or -1) if marker.exists() else -1
+        return p, at
+    p, at = started("one", 0.5, 4, "pipeline.num_workers=1")  # epoch 2, mid-step; a loader worker process to end
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    took = time.time() - t0
-    assert p.returncode == EXIT_PREEMPTED and "preempted: stopped by SIGTERM" in err and took < 10, (took, err[-800:])
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == EXIT_PREEMPTED and "preempted: stopped by SIGTERM" in err, err[-800:]
     ck = safe_load(str(tmp_path / "one" / "last.pt"))
-    assert ck["step"] >= 5 and ck["model"]  # a whole checkpoint, past the first epoch's
-    p = started("two", 30, 0)
+    # a whole checkpoint after the step the signal landed in (or one begun meanwhile), not at the run's end (150)
+    assert at + 1 <= ck["step"] <= at + 3 and ck["model"], (at, ck["step"])
+    p, _ = started("two", 30, 0)
     p.send_signal(signal.SIGTERM)
     time.sleep(1)
-    t0 = time.time()
     p.send_signal(signal.SIGTERM)  # the step still has ~30 s to go: the second signal does not wait for it
-    p.communicate(timeout=60)
-    assert p.returncode == -signal.SIGTERM and time.time() - t0 < 10
+    p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGTERM  # killed by the signal: the graceful stop would exit 75 after the step
 
 
 def test_tensorboard_events_hold_the_jsonl_scalars(data, teacher_ckpt, tmp_path):
