@@ -41,6 +41,6 @@ COPY . /workspace/crld
 # The project itself (editable, no dependencies: they are all in place), so every script imports its packages;
 # -I: the check imports from site-packages, not from the working directory.
 RUN PIP_CONSTRAINT='' pip install --no-cache-dir --no-deps --no-build-isolation -e . \
-    && python -I -c "import pipelines, training, datasets_prep"
+    && python -I -c "import common, pipelines, training, datasets_prep"
 
 CMD ["python", "train.py", "--help"]

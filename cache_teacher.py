@@ -29,8 +29,8 @@ import time
 
 import torch
 
+from common.files import check_writable, human, writing
 from pipelines import train_loader, val_loader
-from pipelines.disk_cache import check_writable, human, writing
 from pipelines.splits import open_split
 from training.cache_build import BUILD_STATE, UnitBuilder, agree, build_lock, plan, prepare
 from training.cache_units import UNITS, verify_cache

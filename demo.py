@@ -19,11 +19,11 @@ import sys
 import time
 
 import report
+from common.files import save_atomic
 import train
 from datasets_prep.make_demo import make_demo, make_demo_subset
 from datasets_prep.prep_ffcv import main as prep
 from pipelines import available_pipelines
-from pipelines.disk_cache import save_atomic
 from training.cli import run_main
 
 QUICK_SUBSET = 256  # training images in --quick mode

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
+from common.files import check_writable, save_json_atomic
 from pipelines import val_loader
-from pipelines.disk_cache import check_writable, save_json_atomic
 from training.checkpoint import load_model_weights
 from training.cli import run_main
 from training.config import load_config

@@ -32,10 +32,10 @@ import yaml
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipelines.disk_cache import atomic_path, check_writable, writing
+from common import flat_items
+from common.files import atomic_path, check_writable, writing
 from pipelines.sources import DataError  # a user error for training.cli.run_main: one line, exit code 2
 from training.cli import run_main
-from training.config import flat_items
 
 NOT_LOSS_PARTS = ("train_loss", "train_top1", "train_top5")
 SEED_KEYS = ("run.seed", "model.init_seed")

@@ -34,13 +34,15 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
-from pipelines import build_loaders, views_needed
-from pipelines.disk_cache import check_writable, save_json_atomic
-from pipelines.errors import UserError
+from common import flat_items
+from common.errors import UserError
+from common.files import check_writable, save_json_atomic
+from pipelines import build_loaders
 from training.checkpoint import safe_load
 from training.cli import run_main
-from training.config import flat_items, load_group, to_yaml
+from training.config import load_group, to_yaml
 from training.loop import Trainer
+from training.losses import views_needed
 from training.preemption import Preempted, StopRequest, clear_preempted, mark_preempted
 from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
                               seed_everything, write_run_info)

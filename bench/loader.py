@@ -11,16 +11,17 @@ import torch
 
 from bench.call_count import calls_per_batch
 from bench.records import machine, save_json
+from common.errors import UserError
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
 from pipelines import build_loaders
 from pipelines.device import Normalizer, on_device
-from pipelines.errors import UserError
 from pipelines.finish_views import pair_finisher
 from pipelines.sources import FolderSource
 from pipelines.splits import beton_paths, check_sidecar
 from pipelines.view_params import strong_draws
 from training.config import load_config
+from training.losses import views_needed
 
 
 def loader_overrides(data, image_size, batch_size, workers, device, extra=()):
@@ -33,7 +34,7 @@ def loader_overrides(data, image_size, batch_size, workers, device, extra=()):
 
 
 def _train_loader(cfg, device):
-    train, _, src = build_loaders(cfg, device)
+    train, _, src = build_loaders(cfg, device, views=views_needed(cfg.method.name))
     train.set_epoch(0)
     return train, src
 

@@ -5,7 +5,7 @@ import json
 import os
 import platform
 
-from pipelines.disk_cache import save_atomic
+from common.files import save_atomic
 
 
 def machine() -> str:

@@ -23,6 +23,7 @@ from pipelines.contract import Batch
 from pipelines.device import input_dtype
 from training.config import load_config
 from training.loop import Trainer
+from training.losses import views_needed
 from training.models import create_model
 from training.teacher_cache import EpochWriter, epoch_bytes, file_sha256, fingerprint, write_meta
 
@@ -280,7 +281,8 @@ def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=
     if source == "cache":
         extra += ["teacher.cache_cycle=true"]
     cfg = step_config(args, source, amp, channels_last, folder, extra, cache_dir=cache_dir, compiled=compiled)
-    train, _, src = build_loaders(cfg, device, dist.rank if dist else 0, dist.world if dist else 1)
+    train, _, src = build_loaders(cfg, device, dist.rank if dist else 0, dist.world if dist else 1,
+                                 views_needed(cfg.method.name))
     trainer = Trainer(cfg, device, folder, train, None, dist, train_source=src, students=[(cfg, folder)] * students)
 
     def stream():  # epochs back to back, each with its own views (and cache rows)

@@ -4,7 +4,7 @@ FFCV 1.0.2's `_write_common` waits for a shared "samples done" counter and then 
 list per worker; a worker that dies (a full disk while it flushes a page: ENOSPC, or SIGBUS on a
 mapped page) stops both, and the parent waits forever. This subclass runs the same steps and checks
 the workers' exit codes while it waits, so `prep_ffcv.py` can remove its temp file and say why; and it forks
-them safely after DALI has run in this process (`pipelines.forking`).
+them safely after DALI has run in this process (`common.forking`).
 """
 import ctypes
 import queue
@@ -14,7 +14,7 @@ from time import sleep
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
-from pipelines.forking import fork_safely
+from common.forking import fork_safely
 from training.progress import progress
 
 

@@ -4,8 +4,8 @@ import os
 import shutil
 from typing import Iterable, Tuple
 
-from pipelines.disk_cache import atomic_folder
-from pipelines.errors import OutputError
+from common.errors import OutputError
+from common.files import atomic_folder
 from pipelines.sources import DataError
 
 

@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from pipelines.disk_cache import atomic_folder
+from common.files import atomic_folder
 from training.cli import run_main
 
 FOLDER = {100: "cifar-100-python", 10: "cifar-10-batches-py"}

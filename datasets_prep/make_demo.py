@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from pipelines.disk_cache import atomic_folder
+from common.files import atomic_folder
 from pipelines.sources import demo_source, subset
 from training.cli import run_main
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipelines.disk_cache import atomic_folder
+from common.files import atomic_folder
 from training.cli import run_main
 
 

@@ -33,8 +33,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
-from pipelines.disk_cache import atomic_path, save_atomic
-from pipelines.forking import fork_safely
+from common.files import atomic_path, save_atomic
+from common.forking import fork_safely
 from pipelines.sources import DataError, FolderSource, cifar_classes_in, cifar_source, demo_source, header_hw
 from training.cli import run_main
 from training.teacher_cache import dataset_digest

@@ -7,8 +7,8 @@ ffcv) register only when their library imports; `gpu` needs only torch.
 import importlib
 import importlib.util
 
+from common.errors import UserError
 from pipelines.device import on_device
-from pipelines.errors import UserError
 from pipelines.prefetch import prefetched
 from pipelines.splits import open_split
 
@@ -33,24 +33,14 @@ def get_backend(name: str):
     raise UserError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
 
 
-# Methods that train on the weak and the strong view; the rest skip the strong view (their weak view is the same).
-TWO_VIEW_METHODS = ("crld", "mlkd")
-
-
-def views_needed(method: str) -> int:
-    """Views a method trains on (1 or 2)."""
-    return 2 if method in TWO_VIEW_METHODS else 1
-
-
 # Every loader of every entry point is made here: the configured backend, the route (`on_device`, a pure
 # function of the config and device) and, on CUDA, the prefetcher, which prepares each batch one step ahead
 # on a side stream (pipelines.prefetch).
 
-def train_loader(cfg, device, source, rank: int = 0, world: int = 1, views: int = 0):
-    """The training loader over `source` (an open training split). `views`: 1 (weak only) or 2 (weak and
-    strong); 0 takes it from cfg.method (a group of students passes the most any needs)."""
-    loader = get_backend(cfg.pipeline.name).build_train(source, cfg, device, rank, world,
-                                                        views or views_needed(cfg.method.name),
+def train_loader(cfg, device, source, rank: int = 0, world: int = 1, views: int = 2):
+    """The training loader over `source` (an open training split). `views`: 2 (weak and strong) or 1 (weak
+    only), which the trainer decides from its methods (`training.losses.views_needed`)."""
+    loader = get_backend(cfg.pipeline.name).build_train(source, cfg, device, rank, world, views,
                                                         device_route=on_device(cfg, device))
     return prefetched(loader, device)
 
@@ -63,7 +53,7 @@ def val_loader(cfg, device, rank: int = 0, world: int = 1, train_classes=None):
     return prefetched(loader, device), source
 
 
-def build_loaders(cfg, device, rank: int = 0, world: int = 1, views: int = 0):
+def build_loaders(cfg, device, rank: int = 0, world: int = 1, views: int = 2):
     """(train_loader, val_loader, train_source) for the configured dataset and backend."""
     train_src = open_split(cfg, train=True)
     return (train_loader(cfg, device, train_src, rank, world, views),

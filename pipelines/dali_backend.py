@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from common.cpus import host_threads
 from pipelines.contract import Batch, ValBatch
-from pipelines.cpus import host_threads
 from pipelines.dali_geometry import path_table, roi, val_geometry
 from pipelines.device import Normalizer, to_device
 from pipelines.finish_views import strong_on_device, views_from_decoded

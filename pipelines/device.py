@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pipelines.precision import amp_dtype
+from common.precision import amp_dtype
 
 
 def on_device(cfg, device) -> bool:

@@ -14,9 +14,7 @@ batched tensor augmenter on a GPU) and both are normalised on the device.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 from dataclasses import replace
 
@@ -34,8 +32,8 @@ from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
+from common.cpus import loader_workers
 from pipelines.contract import Batch, ValBatch
-from pipelines.cpus import loader_workers
 from pipelines.device import Normalizer, to_device
 from pipelines.finish_views import crop_pairs, pair_finisher, pool, views_from_decoded
 from pipelines.randaugment_graph import strong_program

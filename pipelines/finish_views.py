@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.cpus import usable_cpus
+from common.cpus import usable_cpus
 from pipelines.device import to_device
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch

@@ -27,10 +27,10 @@ import os
 import numpy as np
 import torch
 
+from common.errors import UserError
+from common.files import save_atomic, user_cache_dir
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer, helper_threads
-from pipelines.disk_cache import save_atomic, user_cache_dir
-from pipelines.errors import UserError
 from pipelines.randaugment_graph import strong_program
 from pipelines.randaugment_segmented import StrongBatch
 from pipelines.sampler import EpochSampler

@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from pipelines.disk_cache import save_atomic, user_cache_dir
+from common.files import save_atomic, user_cache_dir
 
 log = logging.getLogger(__name__)
 

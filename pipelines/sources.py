@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from common.errors import UserError
 from pipelines import size_table
-from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 

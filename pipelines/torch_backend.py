@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from common.cpus import loader_workers
+from common.forking import fork_safely
 from pipelines.contract import Batch, ValBatch
-from pipelines.cpus import loader_workers
 from pipelines.device import Normalizer
-from pipelines.forking import fork_safely
 from pipelines.randaugment_pil import apply_strong
 from pipelines.sampler import EpochSampler
 from pipelines.upsample import resize_pil, val_view_pil

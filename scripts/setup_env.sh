@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or reuse .venv and install everything the project needs (idempotent), the project itself included
-# (editable: every entry point, script and test imports `pipelines`, `training`, `datasets_prep` as installed).
+# (editable: every entry point, script and test imports the packages of pyproject.toml as installed).
 #   bash scripts/setup_env.sh          # called by `make demo` / `make test`
 # A stamp file keyed on the requirement files makes a second run cheap: it only checks that .venv's Python
 # imports the project from this checkout, and installs it (a few seconds) when it does not.

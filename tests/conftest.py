@@ -17,6 +17,7 @@ from datasets_prep.make_demo import make_demo
 from datasets_prep.prep_ffcv import main as prep_ffcv
 from pipelines import build_loaders
 from training.config import load_config
+from training.losses import views_needed
 from training.models import create_model
 
 torch.set_num_threads(2)
@@ -84,7 +85,7 @@ def first_batches():
     `epoch`, all of them when n is None; the validation loader; with_train: the training loader after them),
     built on the CPU."""
     def take(cfg, n=None, epoch=0, rank=0, world=1, with_train=False):
-        train, val, _ = build_loaders(cfg, torch.device("cpu"), rank, world)
+        train, val, _ = build_loaders(cfg, torch.device("cpu"), rank, world, views_needed(cfg.method.name))
         train.set_epoch(epoch)
         got = list(itertools.islice(train, n))
         return (got, val, train) if with_train else (got, val)

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from common.errors import UserError
 from bench.__main__ import main
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
-from pipelines.errors import UserError
 
 
 def test_loader_benchmark_smoke(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 import cache_teacher
 from test_ddp import _env, _port, _why
-from pipelines.disk_cache import human
+from common.files import human
 from training.cache_units import block_size, epoch_disk_bytes
 from training.cli import run_main
 from training.teacher_cache import CacheError

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import cache_teacher
+from common.errors import RuntimeConfigError
 import train
-from pipelines.errors import RuntimeConfigError
 from training.config import load_config
 from training.runtime import Dist, check_world
 

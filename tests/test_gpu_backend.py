@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import UserError
 from bench.call_count import CallCounter
 from pipelines import build_loaders, gpu_backend
-from pipelines.errors import UserError
 from pipelines.sources import ArraySource, DataError
 from training.config import load_config
 

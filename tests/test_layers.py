@@ -1,7 +1,8 @@
 """The import structure: layers that never point up, no import cycles, no `sys.path` edits.
 
-Layers, lowest first: `pipelines/` (data backends; also the user-error base and the AMP dtype every layer
-needs), `training/` (config, models, losses, loop, cache), `datasets_prep/` (conversion programs), the entry
+Layers, lowest first: `common/` (what every layer shares: the user errors, atomic output files, precision, CPU
+shares, fork safety; it imports nothing else of the project), `pipelines/` (data backends, data only),
+`training/` (config, models, losses, loop, cache), `datasets_prep/` (conversion programs), the entry
 points at the root (train.py, cache_teacher.py, ...), then `bench/` (measurement: it may drive any of them, and
 nothing but the tests imports it). A module imports only from its own layer or lower ones; every import
 statement counts, at module level and inside functions, and no chain of them comes back to where it started.
@@ -13,7 +14,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("pipelines", "training", "datasets_prep")  # in layer order, below the entry points
+PACKAGES = ("common", "pipelines", "training", "datasets_prep")  # in layer order, below the entry points
 ENTRY_LAYER = len(PACKAGES)
 TOP = ("bench",)  # above the entry points
 
@@ -64,10 +65,11 @@ def imports(path, top_level_only=False):
 
 
 def test_the_layout_is_what_this_test_assumes():
-    assert {"pipelines", "pipelines.errors", "pipelines.precision", "training.config", "training.cli",
+    assert {"pipelines", "common.errors", "common.precision", "training.config", "training.cli",
             "datasets_prep.prep_ffcv", "train", "cache_teacher", "bench", "bench.__main__", "bench.loader",
             "bench.call_count", "bench.gpu_check"} <= set(MODULES)
-    assert layer("bench.loader") > layer("cache_teacher") > layer("datasets_prep.prep_ffcv")
+    assert layer("bench.loader") > layer("cache_teacher") > layer("datasets_prep.prep_ffcv") > layer("training.loop")
+    assert layer("training.loop") > layer("pipelines.sources") > layer("common.files")
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import views_needed
 from training.config import ConfigError, load_config
-from training.losses import crld_loss, method_loss
+from training.losses import crld_loss, method_loss, views_needed
 from training.losses_baselines import mlkd_gates, mlkd_loss, nkd_loss, normkd_loss
 
 

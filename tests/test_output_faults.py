@@ -17,10 +17,10 @@ import torch
 import cache_teacher
 import eval as eval_cli
 import report
+from common.errors import OutputError
+from common.files import atomic_folder, human, save_atomic, save_json_atomic
 import train
 from datasets_prep import make_cifar_like
-from pipelines.disk_cache import atomic_folder, human, save_atomic, save_json_atomic
-from pipelines.errors import OutputError
 from training.checkpoint import atomic_save, safe_load
 from training.cli import run_main
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from common import cpus
 import train
 from datasets_prep import prep_ffcv
-from pipelines import cpus
 from training.checkpoint import CheckpointError, safe_load
 from training.cli import run_main
 

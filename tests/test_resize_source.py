@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import UserError
 from pipelines import build_loaders
 from pipelines.contract import Batch
 from pipelines.device import Normalizer
-from pipelines.errors import UserError
 from pipelines.sources import demo_source
 from pipelines.upsample import resize_batch
 from pipelines.view_params import WEAK, draw_views

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import disk_cache, size_table, sources
+from common import files
+from pipelines import size_table, sources
 from pipelines.sources import DataError, FolderSource, image_sizes
 
 
@@ -195,7 +196,7 @@ def refuse_writes_in(monkeypatch, *dirs):
         if dir is not None and any(os.path.realpath(dir).startswith(r) for r in refused):
             raise PermissionError(13, "Read-only file system", dir)
         return real(*args, dir=dir, **kw)
-    monkeypatch.setattr(disk_cache.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
 
 
 def test_read_only_folder_falls_back_to_the_user_cache(split, reads, user_cache, monkeypatch):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import cache_teacher
+from common.errors import RuntimeConfigError
 import train
 from pipelines import available_pipelines, build_loaders
-from pipelines.errors import RuntimeConfigError
 from training.config import load_config
 from training.losses import crld_loss
 from training.loop import Trainer

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from pipelines.disk_cache import human, output_error, writing
-from pipelines.errors import UserError
+from common.errors import UserError
+from common.files import human, output_error, writing
 from training.cache_units import (UNITS, assemble_epoch, block_size, epoch_disk_bytes, plan_units, present_units,
                                   stale_entries, unit_writer)
 from training.preemption import Preempted

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.disk_cache import writing
+from common.files import writing
 from pipelines.sampler import epoch_order
 from training.teacher_cache import (FORMAT, CacheError, RowWriter, array_specs, check_epoch_files, epoch_dir,
                                     fsync_path, read_meta)

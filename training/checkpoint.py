@@ -17,8 +17,8 @@ from typing import Dict
 
 import torch
 
-from pipelines.disk_cache import save_atomic
-from pipelines.errors import CheckpointError
+from common.errors import CheckpointError
+from common.files import save_atomic
 from training.hub_weights import hub_state_dict, is_hub_spec
 
 

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from pipelines.errors import UserError
+from common.errors import UserError
 from training.preemption import EXIT_PREEMPTED, Preempted
 
 

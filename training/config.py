@@ -19,9 +19,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common import flat_items
+from common.errors import UserError
+from common.precision import AMP_SETTINGS
 from pipelines import available_pipelines
-from pipelines.errors import UserError
-from pipelines.precision import AMP_SETTINGS
 from pipelines.randaugment_graph import PROGRAMS as STRONG_PROGRAMS
 from training.hub_weights import HubWeightsError, hub_weights, is_hub_spec
 from training.models import input_size_problem, name_problem as model_name_problem
@@ -253,16 +254,6 @@ def _parse_override(item: str) -> tuple:
     except yaml.YAMLError:
         raise ConfigError(f"override '{item}': value is not valid YAML") from None
     return key.strip(), parsed
-
-
-def flat_items(tree: dict, prefix=""):
-    """(dotted key, value) of every leaf of a nested mapping (a config as a plain container)."""
-    for k, v in tree.items():
-        key = prefix + str(k)
-        if isinstance(v, dict):
-            yield from flat_items(v, key + ".")
-        else:
-            yield key, v
 
 
 def _nest(flat: dict) -> dict:

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from pipelines.errors import CheckpointError
+from common.errors import CheckpointError
 from training.models.imagenet import TORCHVISION_NAMES
 
 PREFIX = "torchvision:"

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipelines import views_needed
-from pipelines.errors import RuntimeConfigError, UserError
+from common.errors import RuntimeConfigError, UserError
 from training.checkpoint import CheckpointError, load_model_weights
 from training.hub_weights import cached_file, hub_weights, is_hub_spec
+from training.losses import views_needed
 from training.models import create_model
 from training.preemption import Preempted, StopRequest
 from training.progress import progress

@@ -122,6 +122,15 @@ def crld_masks(teacher_weak, teacher_strong, tau_w: float, tau_s: float):
     return mask_w, mask_s
 
 
+# Methods that train on the weak and the strong view; the rest skip the strong view (their weak view is the same).
+TWO_VIEW_METHODS = ("crld", "mlkd")
+
+
+def views_needed(method: str) -> int:
+    """Views a method trains on (1 or 2): what its loader must build."""
+    return 2 if method in TWO_VIEW_METHODS else 1
+
+
 def method_loss(method, s_w, s_s, t_w, t_s, target, epoch: int) -> dict:
     """The configured objective. Single-view methods (ce, kd, dkd, nkd, normkd) use the weak view only."""
     name = method.name

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 
-from pipelines.disk_cache import save_json_atomic, writing
+from common.files import save_json_atomic, writing
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.disk_cache import save_json_atomic, writing
-from pipelines.errors import RuntimeConfigError
-from pipelines.precision import amp_dtype
+from common.errors import RuntimeConfigError
+from common.files import save_json_atomic, writing
+from common.precision import amp_dtype
 
 
 @dataclass

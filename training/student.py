@@ -16,12 +16,11 @@ from contextlib import contextmanager
 import torch
 from omegaconf import OmegaConf
 
-from pipelines import views_needed
-from pipelines.disk_cache import save_json_atomic, writing
-from pipelines.errors import RuntimeConfigError
+from common import flat_items
+from common.errors import RuntimeConfigError
+from common.files import save_json_atomic, writing
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
-from training.config import flat_items
-from training.losses import method_loss
+from training.losses import method_loss, views_needed
 from training.models import create_model
 from training.schedule import base_lr, lr_at
 

@@ -31,12 +31,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from common.errors import UserError
+from common.files import writing
+from common.precision import amp_dtype
 from pipelines.device import helper_threads, on_device
-from pipelines.disk_cache import writing
 from pipelines.splits import beton_paths
 from pipelines.augment_spec import CUTOUT_FILL, CUTOUT_MAX_FRAC, N_OPS, SPEC_VERSION, STRONG_OPS
-from pipelines.errors import UserError
-from pipelines.precision import amp_dtype
 from pipelines.sampler import epoch_order
 from pipelines.view_params import VIEWS_VERSION
 

@@ -8,7 +8,7 @@ import difflib
 
 import torch.nn as nn
 
-from pipelines.errors import UserError
+from common.errors import UserError
 from training.models import (cifar_mobilenetv2, cifar_resnet, cifar_resnetv2, cifar_shufflenet,
                              cifar_vgg, cifar_wrn, imagenet, timm_models)
 

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 
-from pipelines.errors import OutputError
+from common.errors import OutputError
 
 # mkstemp / mkdtemp create owner-only entries; what they become gets the mode a plain open / makedirs gives
 _UMASK = os.umask(0)

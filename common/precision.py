@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from pipelines.errors import RuntimeConfigError
+from common.errors import RuntimeConfigError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_SETTINGS = ("auto", *AMP_DTYPES)  # auto: bf16 on CUDA, off elsewhere

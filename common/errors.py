@@ -20,5 +20,5 @@ class CheckpointError(UserError):
 
 class OutputError(UserError, OSError):
     """A file or folder that cannot be written (a full disk, a read-only file system, a path through a regular
-    file): the message names it and what it needs (`pipelines.disk_cache.writing`). Also an OSError, so that
+    file): the message names it and what it needs (`common.files.writing`). Also an OSError, so that
     the writers of best-effort caches, which carry on without them, still catch it as one."""
