@@ -113,8 +113,8 @@ def atomic_path(path: str, prefix: str = ".tmp-", fsync: bool = False, need=None
     together, two runs on one folder) each replace the file whole, and a reader sees one complete file or
     another. The default name starts with a dot, so a folder listing of the data (FolderSource skips
     dot-files) never takes it for an image. `fsync`: the data is on disk before the rename, so a crash right
-    after cannot leave an empty file under the name (checkpoints). A fault of its own is an `OutputError`
-    (`writing`)."""
+    after cannot leave an empty file under the name, and the rename before it returns (checkpoints, cache
+    metadata). A fault of its own is an `OutputError` (`writing`)."""
     with writing(path):
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=prefix, suffix=".tmp")
     try:
@@ -123,12 +123,10 @@ def atomic_path(path: str, prefix: str = ".tmp-", fsync: bool = False, need=None
         yield tmp
         with writing(path, need):
             if fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(tmp)
             os.replace(tmp, path)
+            if fsync:
+                fsync_path(os.path.dirname(path) or ".")
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -142,9 +140,18 @@ def save_atomic(path: str, write, prefix: str = ".tmp-", fsync: bool = False, ne
         write(f)
 
 
-def save_json_atomic(path: str, doc) -> None:
+def save_json_atomic(path: str, doc, prefix: str = ".tmp-", fsync: bool = False) -> None:
     data = (json.dumps(doc, indent=1) + "\n").encode()
-    save_atomic(path, lambda f: f.write(data), need=len(data))
+    save_atomic(path, lambda f: f.write(data), prefix, fsync, need=len(data))
+
+
+def fsync_path(path: str) -> None:
+    """A file's data, or a folder's entries, on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

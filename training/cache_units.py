@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.files import writing
+from common.files import fsync_path, writing
 from pipelines.sampler import epoch_order
-from training.teacher_cache import (FORMAT, CacheError, RowWriter, array_specs, check_epoch_files, epoch_dir,
-                                    fsync_path, read_meta)
+from training.teacher_cache import FORMAT, CacheError, RowWriter, array_specs, check_epoch_files, epoch_dir, read_meta
 
 UNITS = ".units"
 CHECKSUMS = "checksums.json"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from common.files import writing
+from common.files import fsync_path, save_json_atomic
 from common.precision import amp_dtype
 from pipelines.device import helper_threads, on_device
 from pipelines.splits import beton_paths
@@ -195,27 +195,9 @@ def read_meta(root: str) -> Optional[dict]:
         raise CacheError(f"{path}: unreadable cache metadata ({e})") from None
 
 
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_meta(root: str, meta: dict, name: str = "meta.json") -> None:
-    tmp = os.path.join(root, f".{name.lstrip('.')}.tmp{os.getpid()}")
-    with writing(os.path.join(root, name)):
-        try:
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(root, name))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        fsync_path(root)
+    # the temporary name is one `training.cache_units` clears after a killed build
+    save_json_atomic(os.path.join(root, name), meta, prefix=f".{name.lstrip('.')}.tmp", fsync=True)
 
 
 # ---- writing -------------------------------------------------------------------------------------
