@@ -25,8 +25,6 @@ torchrun tests); `--resume` continues from that step with the same batches, view
 `last.pt` is also written mid-epoch every run.save_every_min minutes.
 """
 import argparse
-import json
-import logging
 import os
 import shutil
 import sys
@@ -38,7 +36,6 @@ from common import flat_items
 from common.errors import UserError
 from common.files import check_writable, save_json_atomic
 from pipelines import build_loaders
-from training.checkpoint import safe_load
 from training.cli import run_main
 from training.config import load_group, to_yaml
 from training.loop import Trainer
@@ -46,7 +43,7 @@ from training.losses import views_needed
 from training.preemption import Preempted, StopRequest, clear_preempted, mark_preempted
 from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
                               seed_everything, write_run_info)
-from training.student import check_resumable
+from training.student import check_resume, resume_students
 
 
 def parse_args(argv=None):
@@ -95,18 +92,14 @@ def main(argv=None):
     dirs = [os.path.join(run_dir, f"student{k}") for k in range(len(cfgs))] if group else [run_dir]
     lasts = [os.path.join(d, "last.pt") for d in dirs]
     check_writable(run_dir)  # before any data, teacher or model is built
-    if args.resume and not any(os.path.isfile(p) for p in lasts):
-        raise UserError(f"--resume: no checkpoint at {lasts[0]}" + (" or in the other students' folders" if group else ""))
+    if args.resume:  # before any data or model is built: nothing of a refused run is written
+        check_resume(lasts, cfgs)
     held = [os.path.join(d, "metrics.jsonl") for d in dirs] + [os.path.join(run_dir, f) for f in ("metrics.jsonl", "group.json")]
     if not args.resume and any(os.path.exists(p) for p in held):
         if not args.overwrite:  # every rank sees the same folder, so every rank stops here
             raise UserError(f"{run_dir} already holds a run; use --resume, --overwrite or another run.name")
         if dist.is_main:
             shutil.rmtree(run_dir)
-    if args.resume:  # before any data or model is built: a checkpoint of another run is refused at once
-        for c, last in zip(cfgs, lasts):
-            if os.path.isfile(last):
-                check_resumable(last, safe_load(last, mmap=True).get("config"), c)
     if dist.world > 1:
         torch.distributed.barrier()
     seed_everything(cfg.run.seed + dist.rank, cfg.run.deterministic)
@@ -115,12 +108,7 @@ def main(argv=None):
     trainer = Trainer(cfg, device, run_dir, train_loader, val_loader, dist, train_source=train_src,
                       students=list(zip(cfgs, dirs)))
     if args.resume:
-        for st, last in zip(trainer.students, lasts):
-            if _failed_before(st.run_dir):
-                st.failed = _failed_before(st.run_dir)
-            elif os.path.isfile(last):  # a group killed before a student's first checkpoint restarts it
-                st.resume(last)
-                logging.info("resumed %s at epoch %d", last, st.epoch)
+        resume_students(trainer.students, lasts)
     if dist.is_main:  # only now: a run refused above (data, teacher, a checkpoint of another config) writes nothing
         clear_preempted(run_dir)
         for c, d in zip(cfgs, dirs):
@@ -156,15 +144,6 @@ def main(argv=None):
         raise UserError(f"student(s) {', '.join(map(str, failed))} of {len(cfgs)} stopped (non-finite loss); "
                         f"the others finished: {os.path.join(run_dir, 'group.json')}")
     return summaries[0] if not group else summaries
-
-
-def _failed_before(student_dir: str):
-    """Why a group's student stopped in an earlier attempt (its summary.json), or None."""
-    path = os.path.join(student_dir, "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("failed")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ last.pt, summary.json.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 
@@ -17,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from common import flat_items
-from common.errors import RuntimeConfigError
+from common.errors import RuntimeConfigError, UserError
 from common.files import save_json_atomic, writing
 from training.checkpoint import CheckpointError, atomic_save, load_model_weights, safe_load
 from training.losses import method_loss, views_needed
@@ -70,19 +71,44 @@ RESUME_MAY_CHANGE = ("optim.epochs", "run.progress", "run.log_every", "run.save_
                      "teacher.cache")
 
 
-def check_resumable(path: str, saved_yaml, cfg) -> None:
-    """Refuses, naming the keys, to continue a checkpoint under a config that trains something else (another
-    model, method, data subset...): only RESUME_MAY_CHANGE may differ. Keys the checkpoint predates are not
-    compared."""
-    if not saved_yaml:
-        return
-    saved = dict(flat_items(OmegaConf.to_container(OmegaConf.create(saved_yaml))))
-    now = dict(flat_items(OmegaConf.to_container(cfg)))
-    diff = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
-    if diff:
-        shown = ", ".join(f"{k} ({saved[k]!r} -> {now[k]!r})" for k in diff[:4]) + (" ..." if len(diff) > 4 else "")
-        raise CheckpointError(f"{path}: --resume under another config: {shown}; only optim.epochs, run.* logging "
-                              f"keys, paths and worker counts may change (start a new run.name instead)")
+def check_resume(lasts: list, cfgs: list) -> None:
+    """`--resume`, before anything is built or written: refuses, naming the file, a run without a checkpoint
+    (`lasts`: each student's last.pt), a file that is not a training checkpoint and, naming the keys, one whose
+    config trains something else (another model, method, data subset...) than its student's: only
+    RESUME_MAY_CHANGE may differ, and keys the checkpoint predates are not compared. A group's student without a
+    checkpoint (killed before its first) restarts."""
+    if not any(os.path.isfile(p) for p in lasts):
+        raise UserError(f"--resume: no checkpoint at {lasts[0]}"
+                        + (" or in the other students' folders" if len(lasts) > 1 else ""))
+    for path, cfg in ((p, c) for p, c in zip(lasts, cfgs) if os.path.isfile(p)):
+        ck = safe_load(path, mmap=True)
+        for key in ("model", "optimizer", "epoch", "step"):
+            if key not in ck:
+                raise CheckpointError(f"{path}: not a training checkpoint (no '{key}'); "
+                                      f"use model.ckpt to start from weights")
+        if not ck.get("config"):
+            continue
+        saved = dict(flat_items(OmegaConf.to_container(OmegaConf.create(ck["config"]))))
+        now = dict(flat_items(OmegaConf.to_container(cfg)))
+        diff = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
+        if diff:
+            shown = ", ".join(f"{k} ({saved[k]!r} -> {now[k]!r})" for k in diff[:4])
+            shown += " ..." if len(diff) > 4 else ""
+            raise CheckpointError(f"{path}: --resume under another config: {shown}; only optim.epochs, run.* "
+                                  f"logging keys, paths and worker counts may change (start a new run.name instead)")
+
+
+def resume_students(students: list, lasts: list) -> None:
+    """Every student of a `--resume` (checked by `check_resume`) continues from its last.pt; one that stopped in
+    an earlier attempt (its summary.json says why) stays stopped."""
+    for st, last in zip(students, lasts):
+        summary = os.path.join(st.run_dir, "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as f:
+                st.failed = json.load(f).get("failed")
+        if st.failed is None and os.path.isfile(last):
+            st.resume(last)
+            logging.info("resumed %s at epoch %d", last, st.epoch)
 
 
 class Student:
@@ -195,11 +221,6 @@ class Student:
         # read onto the CPU: the RNG states must stay CPU byte tensors (set_rng_state refuses device tensors);
         # load_state_dict puts weights and optimizer state on their parameters' device
         ck = safe_load(path, map_location="cpu")
-        for key in ("model", "optimizer", "epoch", "step"):
-            if key not in ck:
-                raise CheckpointError(f"{path}: not a training checkpoint (no '{key}'); "
-                                      f"use model.ckpt to start from weights")
-        check_resumable(path, ck.get("config"), self.cfg)
         self.student.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
