@@ -19,10 +19,13 @@ SIGUSR1 (the unit finishes, exit 75), or with a larger --epochs, the same comman
 Worth it when several students (seeds, sweeps) learn from one teacher; for a single run the online
 teacher costs about the same as building the cache.
 """
+from common.cpus import spin_briefly
+
+spin_briefly()  # before torch loads OpenMP, which reads its settings once
 import argparse
+import os
 import contextlib
 import logging
-import os
 import shutil
 import sys
 import time

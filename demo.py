@@ -11,9 +11,12 @@ held-out split (mean over seeds). A smoke demonstration, not the paper's benchma
 --quick: one epoch, one seed, on a 256-image training subset with every backend (data.subset=256; ffcv, which
 reads whole .beton files, converts a copy of the demo set holding that subset, in DATA/subset256).
 """
+from common.cpus import spin_briefly
+
+spin_briefly()  # before torch loads OpenMP, which reads its settings once
 import argparse
-import json
 import os
+import json
 import statistics
 import sys
 import time

@@ -9,6 +9,9 @@ Any checkpoint `load_model_weights` accepts works (this project's, `{"model": sd
 torchvision's pretrained weights for the torchvision architectures (training/hub_weights.py):
     python eval.py --model imagenet_resnet34 --dataset imagenet --data data/imagenet --ckpt torchvision:IMAGENET1K_V1
 """
+from common.cpus import spin_briefly
+
+spin_briefly()  # before torch loads OpenMP, which reads its settings once
 import argparse
 import sys
 

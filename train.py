@@ -24,6 +24,9 @@ code 75 (training.preemption.EXIT_PREEMPTED), leaving runs/<run.name>/preempted.
 torchrun tests); `--resume` continues from that step with the same batches, views and teacher logits.
 `last.pt` is also written mid-epoch every run.save_every_min minutes.
 """
+from common.cpus import spin_briefly
+
+spin_briefly()  # before torch loads OpenMP, which reads its settings once
 import argparse
 import os
 import shutil

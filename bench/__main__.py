@@ -31,6 +31,9 @@ the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache
 `cache`), with the data-wait fraction. Both add the reference configuration of the paper's code
 (fp32, contiguous, online teacher; e2e: `torch` backend) and report ratios to it.
 """
+from common.cpus import spin_briefly
+
+spin_briefly()  # before torch loads OpenMP, which reads its settings once
 import argparse
 import os
 import sys

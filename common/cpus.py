@@ -7,6 +7,17 @@ import os
 
 log = logging.getLogger(__name__)
 _WARNED = set()
+SPIN_COUNT = "10000"
+
+
+def spin_briefly() -> None:
+    """OpenMP threads waiting at a barrier spin SPIN_COUNT times, then sleep (GNU OpenMP's GOMP_SPINCOUNT; its
+    default spins 300,000 times), unless the user set a wait policy or a spin count: on a shared machine a
+    spinning thread holds the core that the thread it waits for needs, while a short spin keeps a quiet machine's
+    speed (docs/benchmarks.md, "Shared CPUs"). OpenMP reads it once, when torch loads it: call before importing
+    torch."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
 
 
 def usable_cpus() -> int:
