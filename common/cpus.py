@@ -1,9 +1,12 @@
 """How many loader workers and host threads fit this process: the CPUs it may run on (its affinity mask, which
-SLURM, Kubernetes and containers set; not the node's core count), shared among the ranks on the node."""
+SLURM and containers set; not the node's core count), lowered to its cgroup's CPU quota (how Kubernetes and
+docker --cpus limit a container), shared among the ranks on the node."""
 from __future__ import annotations
 
 import logging
+import math
 import os
+from typing import Optional
 
 log = logging.getLogger(__name__)
 _WARNED = set()
@@ -20,9 +23,39 @@ def spin_briefly() -> None:
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_quota(root: str = "") -> Optional[float]:
+    """CPUs the process's cgroup may use per period (its CFS quota: cgroup v2 `cpu.max` "QUOTA PERIOD", v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), as a container sees its own cgroup at the root; None without one."""
+    root = root or CGROUP_ROOT
+    v2 = _read(os.path.join(root, "cpu.max"))
+    if v2:
+        quota, _, period = v2.partition(" ")
+        return None if quota == "max" else int(quota) / int(period or 100000)
+    for v1 in ("cpu", "cpu,cpuacct"):
+        quota, period = (_read(os.path.join(root, v1, f"cpu.cfs_{k}_us")) for k in ("quota", "period"))
+        if quota and period and int(quota) > 0:
+            return int(quota) / int(period)
+    return None
+
+
 def usable_cpus() -> int:
-    """This rank's share of the CPUs the process may run on (torchrun's LOCAL_WORLD_SIZE ranks per node)."""
+    """This rank's share of the CPUs the process may run on: the affinity mask, lowered to the cgroup quota
+    (rounded up), shared by torchrun's LOCAL_WORLD_SIZE ranks per node."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
     return max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 

@@ -90,8 +90,9 @@ def test_a_file_that_is_not_a_checkpoint_is_one_short_line(tmp_path, demo_root, 
     assert len(msg) < 160 and "weights_only" not in msg and not (tmp_path / "r").exists()
 
 
-def test_loader_workers_fit_the_cpus_this_process_may_use(monkeypatch, caplog):
+def test_loader_workers_fit_the_cpus_this_process_may_use(monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", str(tmp_path))  # no quota file: the affinity mask alone
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert cpus.usable_cpus() == 4 and cpus.loader_workers("auto") == 3 and cpus.loader_workers("2") == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this node share the four CPUs
@@ -102,3 +103,22 @@ def test_loader_workers_fit_the_cpus_this_process_may_use(monkeypatch, caplog):
         "pipeline.num_workers=8 lowered to 2: this process may use 2 CPU(s)"]
     assert cpus.loader_workers("0") == 0 and cpus.loader_workers("auto", at_least=1) == 1
     assert cpus.host_threads(0) == 2 and cpus.host_threads(5) == 5
+
+
+@pytest.mark.parametrize("files,quota,usable", [
+    ({"cpu.max": "max 100000"}, None, 16),                                    # cgroup v2, no limit
+    ({"cpu.max": "250000 100000"}, 2.5, 3),                                   # v2: 2.5 CPUs -> 3
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None, 16),   # v1, no limit
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "800000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 8.0, 8),
+])
+def test_the_cgroup_quota_lowers_the_cpus(monkeypatch, tmp_path, files, quota, usable):
+    """A pod limited to a few CPUs on a large node: the CFS quota, not the affinity mask, is the limit."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpus.cpu_quota() == quota and cpus.usable_cpus() == usable
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpus.usable_cpus() == max(1, usable // 2)
