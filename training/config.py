@@ -25,6 +25,7 @@ from common.precision import AMP_SETTINGS
 from pipelines import available_pipelines
 from pipelines.randaugment_graph import PROGRAMS as STRONG_PROGRAMS
 from training.hub_weights import HubWeightsError, hub_weights, is_hub_spec
+from training.losses import distillation_term
 from training.models import input_size_problem, name_problem as model_name_problem
 
 
@@ -397,7 +398,7 @@ def _check_method(m, need) -> None:
     """Combinations of method settings that the methods do not define."""
     need(all(t > 0 for t in m.mlkd_temperatures), "method.mlkd_temperatures",
          f"temperatures must be > 0, got {list(m.mlkd_temperatures)}")
-    uses = m.base if m.name == "crld" else m.name
+    uses = distillation_term(m)
     # the released NKD / NormKD / MLKD code standardises nothing, and NormKD already divides by each row's std
     need(not m.logit_stand or uses not in ("nkd", "normkd", "mlkd"), "method.logit_stand",
          f"not defined for {'method.base' if m.name == 'crld' else 'method.name'}={uses} (the released code "

@@ -76,13 +76,16 @@ def hub_state_dict(spec: str, arch: str, key: str = "teacher.ckpt") -> dict:
                               f"fetch {weights.url} and place it at {path}") from None
 
 
+def local_weights(spec: str, arch: str, key: str = "teacher.ckpt") -> str:
+    """Where `spec`'s file is on this machine, present or not: the path itself, or the hub cache's file of
+    torchvision's weights."""
+    return cached_file(hub_weights(spec, arch, key=key)) if is_hub_spec(spec) else spec
+
+
 def weights_path(spec: str, arch: str, key: str = "teacher.ckpt") -> str:
-    """A local file for `spec`: the path itself, or the hub cache's file of torchvision's weights
-    (downloaded first when missing). The teacher cache hashes this file."""
-    if not is_hub_spec(spec):
-        return spec
-    weights = hub_weights(spec, arch, key=key)
-    path = cached_file(weights)
-    if not os.path.isfile(path):
+    """A local file for `spec` (`local_weights`), a torchvision weights file downloaded first when missing.
+    The teacher cache hashes this file."""
+    path = local_weights(spec, arch, key)
+    if is_hub_spec(spec) and not os.path.isfile(path):
         hub_state_dict(spec, arch, key)
     return path

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from common.errors import RuntimeConfigError, UserError
 from training.checkpoint import CheckpointError, load_model_weights
-from training.hub_weights import cached_file, hub_weights, is_hub_spec
-from training.losses import views_needed
+from training.hub_weights import local_weights
+from training.losses import distillation_term, views_needed
 from training.models import create_model
 from training.preemption import Preempted, StopRequest
 from training.progress import progress
@@ -56,9 +56,9 @@ def open_cache(cfg, train_source, device, methods=()):
         if topk and m.logit_stand:
             raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve method.logit_stand=true"
                                      f"{who} (standardisation needs every logit); build a full cache")
-        uses = {m.name, m.base if m.name == "crld" else m.name} & {"nkd", "normkd", "mlkd"}
-        if topk and uses:
-            raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve {'/'.join(sorted(uses))}"
+        uses = distillation_term(m)
+        if topk and uses in ("nkd", "normkd", "mlkd"):
+            raise RuntimeConfigError(f"{cfg.teacher.cache}: a top-{topk} cache cannot serve {uses}"
                                      f"{who} (it reads the teacher at temperatures other than method.temperature, "
                                      f"or each row's spread); build a full cache")
         if topk and m.temperature != cfg.method.temperature:
@@ -75,11 +75,8 @@ def teacher_sha_if_present(cfg, cache_dir):
     for the teacher) when it is not: a cache built elsewhere travels without its teacher."""
     if not cfg.teacher.ckpt:
         return None
-    path = cfg.teacher.ckpt if os.path.isfile(cfg.teacher.ckpt) else None
-    if path is None and is_hub_spec(cfg.teacher.ckpt):
-        path = cached_file(hub_weights(cfg.teacher.ckpt, cfg.teacher.name))
-        path = path if os.path.isfile(path) else None
-    if path is None:
+    path = local_weights(cfg.teacher.ckpt, cfg.teacher.name)
+    if not os.path.isfile(path):
         log.info("teacher.ckpt %s is not on this machine: trusting the teacher named in %s's fingerprint",
                  cfg.teacher.ckpt, cache_dir)
         return None

@@ -126,6 +126,11 @@ def crld_masks(teacher_weak, teacher_strong, tau_w: float, tau_s: float):
 TWO_VIEW_METHODS = ("crld", "mlkd")
 
 
+def distillation_term(method) -> str:
+    """The term a method config distils with: CRLD's pairwise term (`method.base`), else the method itself."""
+    return method.base if method.name == "crld" else method.name
+
+
 def views_needed(method: str) -> int:
     """Views a method trains on (1 or 2): what its loader must build."""
     return 2 if method in TWO_VIEW_METHODS else 1
