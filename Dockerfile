@@ -2,7 +2,7 @@
 #   docker build -t crld .
 #   docker run --gpus all --ipc=host -v "$PWD/data:/workspace/crld/data" -v "$PWD/runs:/workspace/crld/runs" \
 #       crld torchrun --nproc_per_node=8 train.py --config configs/imagenet/crld/r34_r18.yaml
-#   docker run --gpus all crld bash bench/gpu_run.sh runs/gpu_run
+#   docker run --gpus all crld python -m pytest -m cuda tests/cuda     # the GPU checks
 # 25.10: PyTorch 2.9 built for CUDA 13.0 (matching the project's cu130 torch and nvidia-dali-cuda130), Python 3.12.
 FROM nvcr.io/nvidia/pytorch:25.10-py3
 

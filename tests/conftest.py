@@ -158,12 +158,12 @@ def script_module():
 
 @pytest.fixture(scope="session")
 def gpu_dry_run():
-    """gpu_dry_run(out, work, stages) -> the CompletedProcess of `bench/gpu_run.sh OUT --cpu-dry-run` for those
+    """gpu_dry_run(out, work, stages) -> the CompletedProcess of `gpu_window/run.sh OUT --cpu-dry-run` for those
     STAGES. NO_LIMITS: no stage budget or time limit, so that a slow or loaded machine cannot fail a stage; the
     subprocess timeout only guards against a hang."""
     def run(out, work, stages):
         env = {**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
                "NO_LIMITS": "1", "WORK": str(work), "STAGES": stages}
-        return subprocess.run(["bash", "bench/gpu_run.sh", str(out), "--cpu-dry-run"], cwd=ROOT,
+        return subprocess.run(["bash", "gpu_window/run.sh", str(out), "--cpu-dry-run"], cwd=ROOT,
                               capture_output=True, text=True, timeout=3600, env=env, check=False)
     return run

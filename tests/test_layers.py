@@ -4,7 +4,8 @@ Layers, lowest first: `common/` (what every layer shares: the user errors, atomi
 shares, fork safety; it imports nothing else of the project), `pipelines/` (data backends, data only),
 `training/` (config, models, losses, loop, cache), `datasets_prep/` (conversion programs), the entry
 points at the root (train.py, cache_teacher.py, ...), then `bench/` (measurement: it may drive any of them, and
-nothing but the tests imports it). A module imports only from its own layer or lower ones; every import
+nothing but the tests imports it), then `gpu_window/` (lab tooling that runs the checks and benchmarks on a lent
+GPU machine). A module imports only from its own layer or lower ones; every import
 statement counts, at module level and inside functions, and no chain of them comes back to where it started.
 An import inside a function is only for an optional or heavy dependency (LAZY_OK).
 """
@@ -16,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("common", "pipelines", "training", "datasets_prep")  # in layer order, below the entry points
 ENTRY_LAYER = len(PACKAGES)
-TOP = ("bench",)  # above the entry points
+TOP = ("bench", "gpu_window")  # above the entry points
 
 
 def _module_name(path):
@@ -67,8 +68,8 @@ def imports(path, top_level_only=False):
 def test_the_layout_is_what_this_test_assumes():
     assert {"pipelines", "common.errors", "common.precision", "training.config", "training.cli",
             "datasets_prep.prep_ffcv", "train", "cache_teacher", "bench", "bench.__main__", "bench.loader",
-            "bench.call_count", "bench.gpu_check"} <= set(MODULES)
-    assert layer("bench.loader") > layer("cache_teacher") > layer("datasets_prep.prep_ffcv") > layer("training.loop")
+            "bench.call_count", "gpu_window.preflight", "gpu_window.kit"} <= set(MODULES)
+    assert layer("gpu_window.preflight") > layer("bench.loader") > layer("cache_teacher") > layer("datasets_prep.prep_ffcv") > layer("training.loop")
     assert layer("training.loop") > layer("pipelines.sources") > layer("common.files")
 
 

@@ -1,5 +1,5 @@
-"""The GPU window's tools on the CPU: bench/gpu_run.sh's dry run (every stage's code path but DALI's, the summary), and
-bench/gpu_kit.py's pack -> size check -> unpack round trip on stand-in wheels."""
+"""The GPU window's tools on the CPU: gpu_window/run.sh's dry run (every stage's code path but DALI's, the summary), and
+gpu_window/kit.py's pack -> size check -> unpack round trip on stand-in wheels."""
 import json
 import os
 import subprocess
@@ -8,15 +8,16 @@ import zipfile
 
 import pytest
 
-from bench import gpu_kit
+from gpu_window import kit as gpu_kit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The dali stages run in their own call (tests/test_gpu_run_dali.py), as in the window.
+# The dali stages run in their own call (tests/test_gpu_window_dali.py), as in the window.
 STAGES = ["preflight", "correctness", "cifar_data", "cifar_step", "cifar_e2e", "jpeg_data", "r34_step", "r34_e2e_torch",
           "strong", "group"]
-CORRECTNESS = {"resnet8x4_crld_bf16_channels_last", "resnet8x4_crld_fp16_channels_last", "augmenter_device_vs_cpu",
-               "gpu_pipeline_device_vs_cpu", "prefetcher_vs_unwrapped", "train_step_torch", "train_step_gpu",
-               "strong_graph_program_vs_cpu"}
+CORRECTNESS = {"test_crld_steps_under_autocast_channels_last[bf16]", "test_crld_steps_under_autocast_channels_last[fp16]",
+               "test_augmenter_on_device_matches_cpu", "test_graph_program_on_device_matches_cpu",
+               "test_gpu_route_on_device_matches_cpu", "test_prefetcher_hands_over_every_batch_intact",
+               "test_one_crld_epoch[torch]", "test_one_crld_epoch[gpu]"}
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,14 @@ def test_dry_run_every_stage_passes(dry_run):
 
 def test_dry_run_records_checks_and_rates(dry_run):
     out, _ = dry_run
-    pre = json.loads((out / "preflight" / "gpu_check.json").read_text())
+    pre = json.loads((out / "preflight" / "preflight.json").read_text())
     assert pre["env"]["project"]["importable"], pre["env"]["project"]
     for name in ("dali", "ffcv", "apex"):
         assert isinstance(pre["env"][name]["importable"], bool)
-    doc = json.loads((out / "correctness" / "gpu_check.json").read_text())
-    checks = {c["name"]: c for c in doc["checks"]}
-    assert CORRECTNESS <= set(checks) and doc["correctness_ok"] and doc["finished"], checks
+    assert pre["matmul_bf16"]["tflops"] > 0 and pre["env"]["dry_run"] is True
+    doc = json.loads((out / "correctness.json").read_text())
+    checks = {c["name"]: c["outcome"] for c in doc["checks"]}
+    assert set(checks) == CORRECTNESS and set(checks.values()) == {"passed"}, checks
     step = json.loads((out / "cifar_step.json").read_text())
     e2e = json.loads((out / "cifar_e2e.json").read_text())
     assert [r["teacher_source"] for r in step] == ["online", "online", "cache"]
@@ -55,9 +57,9 @@ def test_dry_run_records_checks_and_rates(dry_run):
 
 
 def test_usage(tmp_path):
-    r = subprocess.run(["bash", "bench/gpu_run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["bash", "gpu_window/run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "usage" in r.stderr
-    r = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path), "--bogus"], cwd=ROOT, capture_output=True,
+    r = subprocess.run(["bash", "gpu_window/run.sh", str(tmp_path), "--bogus"], cwd=ROOT, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2 and "--bogus" in r.stderr
 

@@ -3,28 +3,29 @@
 # and JSON written to OUT_DIR when it ends, a summary table (OUT_DIR/summary.md) at the end. Stages, most
 # decisive first:
 #   preflight    GPU, versions, every import in a fresh interpreter (DALI when present), bf16 matmul rate
-#   correctness  CUDA against CPU: the `gpu` route's batches, the prefetcher, one training epoch per backend
-#                present, the graph strong program compiled and captured vs the segmented one (bench/gpu_check.py)
+#   correctness  `pytest -m "cuda and not dali"` (tests/cuda/): the accelerator route against the CPU's (CRLD
+#                steps under autocast, the augmenter, the graph strong program, the `gpu` route, the prefetcher,
+#                one training epoch per backend)
 #   cifar        resnet32x4 -> resnet8x4 at 32: step mode, then end to end through `gpu` (online and cache)
 #   r34          ResNet34 -> ResNet18 at 224: step mode (online and cache), end to end through `torch`
-#   dali         (DALI present) its decode on the GPU against the `torch` reference and one training epoch
-#                (bench/gpu_check.py --only dali), the `dali` loader alone vs `torch`, `dali` end to end
+#   dali         (DALI present) `pytest -m "cuda and dali"`: its decode on the GPU against the `torch` reference
+#                and one training epoch; the `dali` loader alone vs `torch`, `dali` end to end
 #   strong       both strong-view programs on the same crops (pipeline.strong_program)
 #   group        K = 1, 2, 4 ResNet18 students from one data pass (train.py --student) with the cache, through
 #                `dali` when present (else `torch`): student-samples/s against K solo runs, peak memory per K
-# e2e/step ratios per configuration land in the summary (bench/gpu_summary.py).
-#   bash bench/gpu_run.sh OUT_DIR                          # all stages
-#   STAGES="dali strong" bash bench/gpu_run.sh OUT_DIR     # a subset
-#   KIT=.gpu_kit bash bench/gpu_run.sh OUT_DIR             # first install the device kit's wheels and gather
-#                                                          # its DALI parts (bench/gpu_kit.py, README)
-#   bash bench/gpu_run.sh OUT_DIR --cpu-dry-run            # every stage's code path on a CPU, tiny sizes
+# e2e/step ratios per configuration land in the summary (gpu_window/summary.py).
+#   bash gpu_window/run.sh OUT_DIR                          # all stages
+#   STAGES="dali strong" bash gpu_window/run.sh OUT_DIR     # a subset
+#   KIT=.gpu_kit bash gpu_window/run.sh OUT_DIR             # first install the device kit's wheels and gather
+#                                                           # its DALI parts (gpu_window/kit.py, README.md here)
+#   bash gpu_window/run.sh OUT_DIR --cpu-dry-run            # every stage's code path on a CPU, tiny sizes
 # Sizes: BATCH (256), STEPS (20 timed), WARMUP (5), N_JPEG (8000: the timed e2e steps cross no epoch boundary),
 # CIFAR_N (50000); BUDGET (seconds, default 540) stops starting stages that cannot finish in time;
 # NO_LIMITS=1 lifts the budget and every stage's time limit (the tests' dry runs).
 # Exit 0: every stage ran and passed; 1: a stage failed or timed out (see the summary); 2: usage.
 set -uo pipefail
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: bash bench/gpu_run.sh OUT_DIR [--cpu-dry-run]" >&2
+  echo "usage: bash gpu_window/run.sh OUT_DIR [--cpu-dry-run]" >&2
   exit 2
 fi
 OUT=$1
@@ -43,10 +44,11 @@ mkdir -p "$WORK"
 if [ "$DRY" = --cpu-dry-run ]; then
   DEVICE=cpu BATCH=${BATCH:-4} STEPS=${STEPS:-2} WARMUP=${WARMUP:-1} IMAGE=${IMAGE:-32} N_JPEG=${N_JPEG:-48}
   CIFAR_N=${CIFAR_N:-64} CHECK_ARGS=--cpu-dry-run STRONG_SIZE=32 AMP=off
+  export CRLD_CUDA_CHECKS_ON=cpu  # tests/cuda on the CPU at tiny sizes
   # the smallest models of each zoo: the dry run proves code paths, its rates mean nothing
   CIFAR_MODELS=${CIFAR_MODELS:-"resnet8 resnet8"} R34_MODELS=${R34_MODELS:-"imagenet_resnet18 imagenet_resnet18"}
 elif [ -n "$DRY" ]; then
-  echo "gpu_run: unknown option $DRY" >&2
+  echo "run.sh: unknown option $DRY" >&2
   exit 2
 fi
 DEVICE=${DEVICE:-cuda} BATCH=${BATCH:-256} STEPS=${STEPS:-20} WARMUP=${WARMUP:-5} IMAGE=${IMAGE:-224}
@@ -60,11 +62,11 @@ STATUS="$OUT/stages.tsv"
 [ -f "$STATUS" ] || printf 'stage\tstatus\tseconds\n' > "$STATUS"
 
 if [ -n "${KIT:-}" ]; then  # the device kit: base wheels always, DALI once all its parts have travelled
-  if kit_env=$("$PYTHON" -m bench.gpu_kit unpack "$KIT" "$WORK/kit" --env 2> "$OUT/kit.log"); then
+  if kit_env=$("$PYTHON" -m gpu_window.kit unpack "$KIT" "$WORK/kit" --env 2> "$OUT/kit.log"); then
     eval "$kit_env"
     echo "$kit_env" | tail -1 | tee -a "$OUT/kit.log"
   else
-    echo "gpu_run: device kit not unpacked: $(tail -1 "$OUT/kit.log")" >&2
+    echo "run.sh: device kit not unpacked: $(tail -1 "$OUT/kit.log")" >&2
   fi
 fi
 has_dali() { "$PYTHON" -c 'import nvidia.dali' >/dev/null 2>&1; }
@@ -103,9 +105,11 @@ JPEG=$WORK/jpeg_$N_JPEG
 CIFAR=$WORK/cifar_$CIFAR_N
 E2E_JPEG=(--data "$JPEG" --dataset imagefolder --workers "$CORES" data.train_crop=rrc "data.val_resize=$IMAGE")
 
-want preflight && stage preflight 120 "$PYTHON" -m bench.gpu_check "$OUT/preflight" --only env $CHECK_ARGS
-want correctness && stage correctness 240 "$PYTHON" -m bench.gpu_check "$OUT/correctness" --only correctness \
-  --work "$WORK/checks" $CHECK_ARGS
+# tests/cuda's checks: one JSON record each in OUT/<stage>.json (CRLD_CHECKS_REPORT), read by the summary
+CHECKS=("$PYTHON" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/cuda)
+want preflight && stage preflight 120 "$PYTHON" -m gpu_window.preflight "$OUT/preflight" $CHECK_ARGS
+want correctness && stage correctness 300 env CRLD_CHECKS_REPORT="$OUT/correctness.json" "${CHECKS[@]}" \
+  -m "cuda and not dali" --basetemp "$WORK/correctness"
 if want cifar; then
   stage cifar_data 60 "$PYTHON" datasets_prep/make_cifar_like.py --out "$CIFAR" --train "$CIFAR_N" --test 1000
   stage cifar_step 90 "${BENCH[@]}" step "${CIFAR_PAIR[@]}" --json "$OUT/cifar_step.json"
@@ -126,7 +130,8 @@ if want r34; then
 fi
 if want dali; then
   if has_dali; then
-    stage dali_check 150 "$PYTHON" -m bench.gpu_check "$OUT/dali_check" --only dali --work "$WORK/checks" $CHECK_ARGS
+    stage dali_check 150 env CRLD_CHECKS_REPORT="$OUT/dali_check.json" "${CHECKS[@]}" -m "cuda and dali" \
+      --basetemp "$WORK/dali_check"
     stage dali_loader 120 "${BENCH[@]}" loader --device "$DEVICE" --pipelines torch,dali --data "$JPEG" --image-size "$IMAGE" \
       --batch-size "$BATCH" --batches "$STEPS" --warmup 3 --workers "$CORES" --json "$OUT/dali_loader.json"
     stage r34_e2e_dali 180 "${BENCH[@]}" e2e --pipelines dali --no-reference "${E2E_JPEG[@]}" "${R34[@]}" \
@@ -145,7 +150,7 @@ if want group; then
     --teacher-source cache --students 1,2,4 --json "$OUT/group_e2e.json"
 fi
 
-"$PYTHON" -m bench.gpu_summary "$OUT" > "$OUT/summary.md" 2> "$OUT/summary.log" || cat "$OUT/summary.log" >&2
+"$PYTHON" -m gpu_window.summary "$OUT" > "$OUT/summary.md" 2> "$OUT/summary.log" || cat "$OUT/summary.log" >&2
 cat "$OUT/summary.md"
 if awk -F'\t' 'NR > 1 && $2 != "ok" && $2 !~ /^skipped/ {bad = 1} END {exit !bad}' "$STATUS"; then
   exit 1

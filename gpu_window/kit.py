@@ -1,13 +1,13 @@
 """The device kit: what a bare GPU machine (PyTorch + CUDA 13, Python 3.12, no network) lacks to run
-`bench/gpu_run.sh` (and `timm:<arch>` models), packed to travel in pieces of at most ~60 MiB (a GPU call carries 64 MiB in all).
+`gpu_window/run.sh` (`pytest -m cuda` and `timm:<arch>` models included), packed to travel in pieces of at most ~60 MiB (a GPU call carries 64 MiB in all).
 
-    python -m bench.gpu_kit build .gpu_kit       # here: downloads the cp312 wheels from PyPI, packs them
-    python -m bench.gpu_kit check .gpu_kit       # here: every piece within the travel limit (also after build)
-    python -m bench.gpu_kit unpack .gpu_kit /tmp/kit [--parts DIR]   # there: verify, join, unpack
+    python -m gpu_window.kit build .gpu_kit       # here: downloads the cp312 wheels from PyPI, packs them
+    python -m gpu_window.kit check .gpu_kit       # here: every piece within the travel limit (also after build)
+    python -m gpu_window.kit unpack .gpu_kit /tmp/kit [--parts DIR]   # there: verify, join, unpack
 
 Layout of the kit folder (git-ignored):
-  base/      the small pure-Python wheels (omegaconf, antlr4), packed-site.tar.xz (timm, unpacked from its wheel
-             and xz'd), the parts' SHA256SUMS and MANIFEST.{json,md} (exact wheel names, versions, sizes):
+  base/      the small pure-Python wheels (omegaconf, antlr4), packed-site.tar.xz (timm and pytest, unpacked from
+             their wheels and xz'd), the parts' SHA256SUMS and MANIFEST.{json,md} (exact wheel names, versions, sizes):
              carried on every GPU call
   parts/     dali-site.tar.xz.NN: DALI 2.4 with nvImageCodec and nvJPEG and their pure-Python needs, unpacked
              from the wheels into one site folder (extension modules of other CPython versions dropped), xz'd,
@@ -16,7 +16,7 @@ Layout of the kit folder (git-ignored):
 `unpack` gathers the parts carried so far into `--parts` (default DEST/parts), verifies each against
 SHA256SUMS, and once all are there unpacks DALI into DEST/dali (with a sitecustomize.py that joins its
 `nvidia` package to the installed one in every interpreter, subprocesses included); the base wheels and
-packed-site.tar.xz go to DEST/site. It prints the PYTHONPATH and LD_LIBRARY_PATH entries to add. README "GPU check" shows the calls.
+packed-site.tar.xz go to DEST/site. It prints the PYTHONPATH and LD_LIBRARY_PATH entries to add. gpu_window/README.md shows the calls.
 """
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ PART_MIB = 60
 PY_TAG = "312"
 # Installed there with `pip install --target`: pure Python, missing from the GPU image.
 BASE = ["omegaconf==2.3.0", "antlr4-python3-runtime==4.9.3"]
-# Pure Python too, but its 2.7 MiB wheel beside a 60 MiB part and the tree would pass the call limit: unpacked and
-# xz'd (1.5 MiB) into base/, so it arrives with every call. Its huggingface_hub and safetensors are optional
-# imports (weights are never downloaded there; .safetensors checkpoints are the one thing that needs the latter).
-PACKED = ["timm==1.0.31"]
+# Pure Python too, but timm's 2.7 MiB wheel beside a 60 MiB part and the tree would pass the call limit: unpacked
+# and xz'd into base/, so they arrive with every call. timm's huggingface_hub and safetensors are optional imports
+# (weights are never downloaded there; .safetensors checkpoints are the one thing that needs the latter); pytest
+# runs the correctness stage (`pytest -m cuda`) and imports pygments only to colour a terminal's output.
+PACKED = ["timm==1.0.31", "pytest==8.4.2", "pluggy==1.7.0", "iniconfig==2.3.1"]
 PACKED_SITE = "packed-site.tar.xz"
 # DALI and what it needs beyond the GPU image (numpy, six, packaging, PyYAML are there); nvimgcodec's
 # nvjpeg2k/nvtiff/nvcomp extras are left out: the project decodes JPEG only.
@@ -53,7 +54,7 @@ DALI = ["nvidia-dali-cuda130==2.4.0", "nvidia-nvimgcodec-cu13==0.9.0.20", "nvidi
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 PART_PREFIX = "dali-site.tar.xz."
 SITECUSTOMIZE = '''\
-# Written by bench/gpu_kit.py: DALI unpacked into this folder lives in an `nvidia` package, and the GPU
+# Written by gpu_window/kit.py: DALI unpacked into this folder lives in an `nvidia` package, and the GPU
 # image's CUDA wheels install one too (a regular package, so the two do not merge by themselves). Joined
 # here, at start-up, so that every interpreter (subprocesses, spawned workers) imports nvidia.dali.
 import os as _os
@@ -193,7 +194,7 @@ def check(kit: str, limit_mib: float = CALL_LIMIT_MIB, tree: int = None) -> dict
     base, parts = os.path.join(kit, "base"), os.path.join(kit, "parts")
     sums = os.path.join(base, "SHA256SUMS")
     if not os.path.isfile(sums):
-        raise KitError(f"{sums}: missing (run `python -m bench.gpu_kit build {kit}` first)")
+        raise KitError(f"{sums}: missing (run `python -m gpu_window.kit build {kit}` first)")
     tree = tree_bytes() if tree is None else tree
     base_bytes = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base))
     listed = _read_sums(sums)

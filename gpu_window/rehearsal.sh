@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Rehearse the GPU window on this CPU before one is lent: the window's calls (README "GPU check"), each from
+# Rehearse the GPU window on this CPU before one is lent: the window's calls (gpu_window/README.md), each from
 # a fresh copy of the working tree (what a device call gets: tracked and untracked, not ignored files) with
 # .gpu_kit/base and one DALI part, run by a Python 3.12 venv holding what the GPU image holds (PyTorch 2.11 /
 # torchvision 0.26 with their CUDA 13 wheels, used on the CPU; numpy 2.5, numba, OpenCV, scikit-learn, six;
 # no OmegaConf, DALI or FFCV), every stage --cpu-dry-run. It proves the kit's unpacking, DALI's `nvidia`
 # namespace next to the CUDA wheels' one, and the project on the image's Python and PyTorch, none of which
 # the suite's dry run (this machine's venv) covers.
-#   python -m bench.gpu_kit build .gpu_kit     # first, if .gpu_kit is missing
-#   bash bench/gpu_rehearsal.sh [DIR]          # DIR default /tmp/gpu_rehearsal; ~3 GB of wheels the first time
+#   python -m gpu_window.kit build .gpu_kit     # first, if .gpu_kit is missing
+#   bash gpu_window/rehearsal.sh [DIR]         # DIR default /tmp/gpu_rehearsal; ~3 GB of wheels the first time
 # Exit 0 when every call's stages passed; each call's output is in DIR/out_N, its log in DIR/call_N.log.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,7 +15,7 @@ DIR=${1:-/tmp/gpu_rehearsal}
 KIT=$ROOT/.gpu_kit
 PARTS=("$KIT"/parts/dali-site.tar.xz.*)
 if [ ! -d "$KIT/base" ] || [ ! -f "${PARTS[0]}" ]; then
-  echo "gpu_rehearsal: no kit at $KIT: run python -m bench.gpu_kit build .gpu_kit" >&2
+  echo "gpu_rehearsal: no kit at $KIT: run python -m gpu_window.kit build .gpu_kit" >&2
   exit 2
 fi
 if [ -z "${PY312:-}" ]; then  # the first that runs (a pyenv shim may exist and refuse to)
@@ -34,7 +34,7 @@ if [ ! -x "$VENV/bin/python3" ] || ! "$VENV/bin/python3" -c 'import torch, torch
   "$VENV/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 pillow tqdm pyyaml matplotlib numba \
     opencv-python-headless scikit-learn tensorboard psutil six packaging || exit 1
 fi
-# each call: STAGES and BUDGET of README's window plan; call N carries part N (the group stage goes last)
+# each call: STAGES and BUDGET of the window plan (gpu_window/README.md); call N carries part N (the group stage goes last)
 CALL_STAGES=("preflight correctness cifar r34" "strong" "dali group")
 rm -rf "$DIR/work" "$DIR"/out_*
 bad=0
@@ -48,7 +48,7 @@ for i in "${!PARTS[@]}"; do
   echo "== call $i: $(basename "${PARTS[$i]}"), STAGES=\"$stages\""
   (cd "$tree" && env -u PYTHONPATH PATH="$VENV/bin:$PATH" PYTHON=python3 WORK="$DIR/work" OMP_NUM_THREADS=2 \
     CUDA_VISIBLE_DEVICES= KIT=.gpu_kit STAGES="$stages" BUDGET=2000 \
-    bash bench/gpu_run.sh "$DIR/out_$i" --cpu-dry-run > "$DIR/call_$i.log" 2>&1)
+    bash gpu_window/run.sh "$DIR/out_$i" --cpu-dry-run > "$DIR/call_$i.log" 2>&1)
   rc=$?
   grep -h '^# gpu_kit' "$DIR/call_$i.log"
   sed -n '/^| stage /,/^$/p' "$DIR/out_$i/summary.md"

@@ -1,7 +1,7 @@
-"""The summary of a `bench/gpu_run.sh` output folder, as Markdown on stdout: stages (status, seconds),
+"""The summary of a `gpu_window/run.sh` output folder, as Markdown on stdout: stages (status, seconds),
 correctness checks, step and end-to-end rates with e2e / step per configuration, loader and strong-program rates.
 
-    python -m bench.gpu_summary OUT_DIR > OUT_DIR/summary.md
+    python -m gpu_window.summary OUT_DIR > OUT_DIR/summary.md
 
 Reads whatever the stages left (a stage that failed or never ran is simply missing from its table).
 """
@@ -32,30 +32,41 @@ def stages(out):
     return lines + [""]
 
 
+def _commit(git):
+    if isinstance(git, dict):
+        return (git.get("commit") or "?")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+    return git
+
+
 def checks(out):
     lines = []
-    for group in ("preflight", "correctness", "dali_check"):
-        doc = _load(os.path.join(out, group, "gpu_check.json"))
+    pre = _load(os.path.join(out, "preflight", "preflight.json"))
+    if pre:
+        env, mm = pre.get("env", {}), pre.get("matmul_bf16", {})
+        lines += ["## Preflight", "", f"{env.get('device_name')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+                  f"Python {env.get('python')}, commit {_commit(env.get('git'))}; bf16 matmul {mm.get('tflops', 0):.1f} TFLOP/s", ""]
+        for k in ("dali", "ffcv", "apex", "project", "project_dali", "project_ffcv"):
+            v = env.get(k)
+            if isinstance(v, dict):
+                lines.append(f"- {k}: " + (v.get("version", "ok") if v.get("importable") else
+                                          f"not importable ({v.get('error')})"))
+        lines.append("")
+    for group, title in (("correctness", "Correctness"), ("dali_check", "DALI")):
+        doc = _load(os.path.join(out, f"{group}.json"))  # tests/cuda's records (CRLD_CHECKS_REPORT)
         if not doc:
             continue
-        env = doc.get("env", {})
-        if group == "preflight":
-            lines += ["## Preflight", "", f"{env.get('device_name')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
-                      f"Python {env.get('python')}, commit {env.get('git')}", ""]
-            for k in ("dali", "ffcv", "apex", "project", "project_dali", "project_ffcv"):
-                v = env.get(k)
-                if isinstance(v, dict):
-                    lines.append(f"- {k}: " + (v.get("version", "ok") if v.get("importable") else
-                                              f"not importable ({v.get('error')})"))
-            lines.append("")
-        title = {"dali_check": "DALI"}.get(group, group.capitalize())
-        lines += [f"## {title} checks", "", "| check | result | seconds | details |", "|---|---|---|---|"]
+        lines += [f"## {title} checks ({doc.get('device')})", "", "| check | result | seconds | details |",
+                  "|---|---|---|---|"]
         for c in doc.get("checks", []):
-            res = "pass" if c["ok"] else ("FAIL" if c["kind"] == "correctness" else "not ok")
-            detail = str(c.get("error") or c["details"].get("summary", "")).replace("|", "/")
+            res = {"passed": "pass", "failed": "FAIL"}.get(c["outcome"], c["outcome"])
+            detail = str(c.get("error") or c.get("summary", "")).replace("|", "/")
             lines.append(f"| {c['name']} | {res} | {c['seconds']:.1f} | {detail} |")
         lines.append("")
     return lines
+
+
+def _first_line(error):
+    return (str(error or "?").strip().splitlines() or ["?"])[0].replace("|", "/")[:160]
 
 
 def _cfg(r):
@@ -71,6 +82,11 @@ def rates(out, pair, step_file, e2e_files):
         return []
     lines = [f"## {pair}", "", "| mode | configuration | samples/s | data wait | peak MiB | e2e / step |",
              "|---|---|---|---|---|---|"]
+    # a configuration that raised is a record with its error instead of a rate
+    lines += [f"| {mode} | {r.get('pipeline', '-')}/{r.get('teacher_source')}/amp={r.get('amp')} | FAILED: "
+              f"{_first_line(r.get('error'))} | | | |"
+              for mode, rs in (("step", step), ("e2e", e2e)) for r in rs if "samples_per_s" not in r]
+    step, e2e = [r for r in step if "samples_per_s" in r], [r for r in e2e if "samples_per_s" in r]
     for r in step:
         lines.append(f"| step | {'REFERENCE ' if r.get('reference') else ''}{_cfg(dict(r, pipeline='-'))} | "
                      f"{r['samples_per_s']:.0f} | {r['data_wait_frac']:.1%} | {r.get('peak_memory_mib') or 0:.0f} | |")
@@ -113,6 +129,9 @@ def group(out):
     lines = ["## Several students, one data pass (ResNet34 -> K x ResNet18, cache)", "",
              "| K | samples/s | student-samples/s | vs K solo runs | peak MiB |", "|---|---|---|---|---|"]
     for r in recs:
+        if "samples_per_s" not in r:
+            lines.append(f"| {r.get('students', 1)} | FAILED: {_first_line(r.get('error'))} | | | |")
+            continue
         vs = f"{r['vs_solo_runs']:.2f}x" if r.get("vs_solo_runs") else "-"
         mem = f"{r['peak_memory_mib']:.0f}" if r.get("peak_memory_mib") is not None else "-"
         lines.append(f"| {r.get('students', 1)} | {r['samples_per_s']:.0f} | {r['student_samples_per_s']:.0f} | {vs} | "
