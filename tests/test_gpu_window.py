@@ -2,6 +2,7 @@
 gpu_window/kit.py's pack -> size check -> unpack round trip on stand-in wheels."""
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -54,6 +55,18 @@ def test_dry_run_records_checks_and_rates(dry_run):
     for s in ("## Stages", "## Correctness checks", "## resnet32x4 -> resnet8x4 at 32", "## ResNet34 -> ResNet18",
               "## Strong-view programs", "| e2e | gpu/cache/amp=off/cl |", "## Several students, one data pass"):
         assert s in summary, s
+
+
+def test_cuda_checks_are_collected_and_skipped_without_cuda():
+    """`pytest -m cuda` on a CPU: every check of tests/cuda/ collected, each skipped with its reason, none run."""
+    env = {k: v for k, v in os.environ.items() if k != "CRLD_CUDA_CHECKS_ON"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-rs",
+                        "tests/cuda"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stdout[-2000:]
+    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|error)", r.stdout))
+    assert counts.get("skipped", 0) >= 10 and "passed" not in counts and "failed" not in counts, r.stdout[-2000:]
+    assert counts.get("deselected", 0) >= 5 and "no CUDA device" in r.stdout, r.stdout[-2000:]
 
 
 def test_usage(tmp_path):
