@@ -43,7 +43,8 @@ from training.config import ConfigError, load_config, to_yaml
 from training.hub_weights import weights_path
 from training.loop import evaluate, frozen_teacher
 from training.preemption import StopRequest
-from training.runtime import autocast_for, check_same_config, dist_from_env, init_distributed, resolve_device
+from training.runtime import (autocast_for, check_same_config, cpu_threads, dist_from_env, init_distributed,
+                              resolve_device)
 from training.teacher_cache import CacheError, epoch_dir, file_sha256, fingerprint, write_meta
 
 log = logging.getLogger("cache_teacher")
@@ -96,6 +97,13 @@ def main(argv=None):
     check_writable(args.out)  # before the data and the teacher's checksum
     dist = dist_from_env()
     device = resolve_device(cfg.run.device, dist)
+    with cpu_threads(cfg, device) as cpus:  # the split train.py applies, before any thread pool starts
+        return fill(args, cfg, epochs, dist, device, cpus)
+
+
+def fill(args, cfg, epochs, dist, device, cpus):
+    """The cache in --out made to hold `epochs` epochs, built by every rank (on the CPU threads `cpus`)."""
+    c = cfg.data.num_classes
     init_distributed(dist, device, cfg.run.dist_timeout_s)
     try:
         check_same_config(to_yaml(cfg) + repr(sorted(vars(args).items())), dist)
@@ -108,6 +116,8 @@ def main(argv=None):
                     os.makedirs(args.out, exist_ok=True)
             meta = agree(dist, lambda: (held.enter_context(build_lock(args.out)),
                                         prepare(args.out, fp, args.overwrite, len(src), c))[1])
+            if dist.is_main:
+                log.info(cpus.line())
             return build(args, cfg, src, meta, epochs, dist, device)
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():

@@ -24,7 +24,7 @@ from training.cli import run_main
 from training.config import load_config
 from training.loop import evaluate
 from training.models import create_model
-from training.runtime import autocast_for, dist_from_env, resolve_device
+from training.runtime import autocast_for, cpu_threads, dist_from_env, resolve_device
 
 
 def main(argv=None):
@@ -55,11 +55,12 @@ def main(argv=None):
     if args.json:
         check_writable(args.json)
     device = resolve_device(cfg.run.device, dist_from_env())
-    model = create_model(cfg.model.name, cfg.data.num_classes)
-    load_model_weights(model, args.ckpt, cfg.model.name, "--ckpt")  # before the data: a bad --ckpt fails fast
-    val, src = val_loader(cfg, device)
-    model.to(device, memory_format=torch.channels_last)
-    metrics = evaluate([model], val, device, autocast_for(cfg.run.amp, device)[0])[0]
+    with cpu_threads(cfg, device):  # the split train.py applies, before any thread pool starts
+        model = create_model(cfg.model.name, cfg.data.num_classes)
+        load_model_weights(model, args.ckpt, cfg.model.name, "--ckpt")  # before the data: a bad --ckpt fails fast
+        val, src = val_loader(cfg, device)
+        model.to(device, memory_format=torch.channels_last)
+        metrics = evaluate([model], val, device, autocast_for(cfg.run.amp, device)[0])[0]
     print(f"{cfg.model.name} on {cfg.data.dataset} ({len(src)} images): top-1 {metrics['val_top1']:.2f}  "
           f"top-5 {metrics['val_top5']:.2f}  loss {metrics['val_loss']:.4f}")
     if args.json:

@@ -41,7 +41,7 @@ NOT_LOSS_PARTS = ("train_loss", "train_top1", "train_top5")
 SEED_KEYS = ("run.seed", "model.init_seed")
 # where a run is written and read from, how it logs, how many threads feed it: seeds launched on other
 # machines or folders still share a row (a subset of what --resume lets change, training/student.py)
-BOOKKEEPING_KEYS = ("run.name", "run.out_dir", "run.progress", "run.log_every", "run.save_every",
+BOOKKEEPING_KEYS = ("run.name", "run.out_dir", "run.progress", "run.log_every", "run.save_every", "run.cpus",
                     "run.save_every_min", "run.tensorboard", "run.dist_timeout_s", "pipeline.num_workers",
                     "pipeline.host_threads", "pipeline.dali_threads", "pipeline.dali_prefetch", "data.root",
                     "teacher.cache")

@@ -28,6 +28,7 @@ from common.cpus import spin_briefly
 
 spin_briefly()  # before torch loads OpenMP, which reads its settings once
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -44,9 +45,11 @@ from training.config import load_group, to_yaml
 from training.loop import Trainer
 from training.losses import views_needed
 from training.preemption import Preempted, StopRequest, clear_preempted, mark_preempted
-from training.runtime import (check_same_config, check_world, dist_from_env, init_distributed, resolve_device,
-                              seed_everything, write_run_info)
+from training.runtime import (check_same_config, check_world, cpu_threads, dist_from_env, init_distributed,
+                              resolve_device, seed_everything, write_run_info)
 from training.student import check_resume, resume_students
+
+log = logging.getLogger("train")
 
 
 def parse_args(argv=None):
@@ -81,13 +84,20 @@ def main(argv=None):
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"pipeline.name={args.pipeline}"] if args.pipeline else [])
     cfgs = load_group(args.config, overrides, args.student)
-    cfg, group = cfgs[0], len(cfgs) > 1
+    cfg = cfgs[0]
     if args.print_config:
         print("\n---\n".join(to_yaml(c) for c in cfgs))
         return None
     dist = dist_from_env()
     check_world(cfg, dist)
     device = resolve_device(cfg.run.device, dist)
+    with cpu_threads(cfg, device) as cpus:  # before any thread pool starts
+        return run(args, cfgs, dist, device, cpus)
+
+
+def run(args, cfgs, dist, device, cpus):
+    """Every rank's training, on the CPU threads `main` set (`cpus`: common.cpus.CpuUse)."""
+    cfg, group = cfgs[0], len(cfgs) > 1
     init_distributed(dist, device, cfg.run.dist_timeout_s)
     check_same_config("".join(to_yaml(c) for c in cfgs), dist)
     name = cfg.run.name or f"{cfg.method.name}_{cfg.model.name}"
@@ -114,8 +124,9 @@ def main(argv=None):
         resume_students(trainer.students, lasts)
     if dist.is_main:  # only now: a run refused above (data, teacher, a checkpoint of another config) writes nothing
         clear_preempted(run_dir)
+        log.info(cpus.line())
         for c, d in zip(cfgs, dirs):
-            write_run_info(d, to_yaml(c), device)
+            write_run_info(d, to_yaml(c), device, cpus.info())
         if group:
             write_group(run_dir, cfgs)
     trainer.stop = StopRequest().install()  # SIGTERM / SIGUSR1: a checkpoint at the next step, then EXIT_PREEMPTED

@@ -6,6 +6,7 @@
         --image-size 224 --batch-size 256 --teacher-source online,cache --amp bf16 --topk 0 [--compile on,off]
     python -m bench e2e --pipelines torch,dali --teacher-source online,cache     # demo data at 32x32
     python -m bench e2e --pipelines torch --students 1,4     # a group of 4 students against 4 solo runs
+    python -m bench e2e --pipelines torch,dali --neighbours 3     # quiet, then beside 3 busy processes
     torchrun --nproc_per_node=8 -m bench step ...                               # per rank + aggregate
     python -m bench cache --teacher resnet32x4 --epochs 2 [--topk K] [--precision fp16]   # cache build samples/s
     torchrun --nproc_per_node=8 -m bench cache ...                              # per rank + aggregate
@@ -29,7 +30,9 @@ on-disk cache read, two student forwards, CRLD loss, backward, optimizer), per-p
 events on a GPU, wall clock on a CPU), FLOPs per sample, achieved TFLOP/s and, on a GPU, MFU over
 the card's measured bf16 matmul rate. E2E mode: real loader + trainer (+ a cache built first for
 `cache`), with the data-wait fraction. Both add the reference configuration of the paper's code
-(fp32, contiguous, online teacher; e2e: `torch` backend) and report ratios to it.
+(fp32, contiguous, online teacher; e2e: `torch` backend) and report ratios to it. `--neighbours N` measures
+each e2e configuration again beside N processes spinning on the same CPUs (bench/neighbours.py): records gain
+quiet_samples_per_s, loaded_samples_per_s and loaded_vs_quiet.
 """
 from common.cpus import spin_briefly
 
@@ -42,8 +45,10 @@ import torch
 
 from bench.cache_build import run_cache_bench
 from bench.loader import run_loader_bench
+from bench.neighbours import print_loaded
 from bench.sweep import run_training_bench
 from training.cli import run_main
+from training.runtime import dist_from_env
 
 
 def main(argv=None):
@@ -72,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--students", default="1", help="e2e: comma list of group sizes K (K copies of the student "
                     "trained from one data pass); K>1 reports student-samples/s against K solo runs")
+    ap.add_argument("--neighbours", type=int, default=0, metavar="N",
+                    help="e2e: measure each configuration again beside N busy processes (pure Python spinning)")
     ap.add_argument("--topk", type=int, default=0, help="step and cache modes: the cache stores the top-k logits")
     ap.add_argument("--epochs", type=int, default=1, help="cache mode: augmentation epochs built")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="cache mode: storage")
@@ -89,12 +96,17 @@ def main(argv=None):
                     help="loader: count no pipeline's calls")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. pipeline.route=device")
     args = ap.parse_intermixed_args(argv)
+    if args.neighbours and args.mode != "e2e" or args.neighbours < 0:
+        ap.error(f"--neighbours must be a count >= 0, for e2e mode only (got {args.neighbours}, mode {args.mode})")
     if args.mode == "loader":
         return run_loader_bench(args)
     if args.mode == "cache":
         args.data = "data/demo" if args.data == ap.get_default("data") else args.data
         return run_cache_bench(args)
-    return run_training_bench(args, ap)
+    records = run_training_bench(args, ap)
+    if args.neighbours and dist_from_env().is_main:  # the main table's rank
+        print_loaded([r for r in records if "neighbours" in r])
+    return records
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.neighbours import beside_neighbours
 from pipelines import build_loaders
 from pipelines.contract import Batch
 from pipelines.device import input_dtype
@@ -25,6 +26,7 @@ from training.config import load_config
 from training.loop import Trainer
 from training.losses import views_needed
 from training.models import create_model
+from training.runtime import cpu_threads
 from training.teacher_cache import EpochWriter, epoch_bytes, file_sha256, fingerprint, write_meta
 
 REFERENCE = {"teacher_source": "online", "amp": "off", "channels_last": False, "compile": False, "pipeline": "torch"}
@@ -274,29 +276,37 @@ def matmul_peak_tflops(device, dtype=torch.bfloat16, n=8192, reps=10):
 
 
 def e2e_one(args, pipeline, source, amp, channels_last, cache_dir, folder, dist=None, compiled=False, students=1):
-    """Real loader + trainer for `--steps` steps after `--warmup` (epochs wrap as needed); `students` copies of
-    the student trained from each batch (a group run)."""
+    """Real loader + trainer for `--steps` steps after `--warmup` (epochs wrap as needed), on the CPU threads
+    train.py would use; `students` copies of the student trained from each batch (a group run). With
+    `--neighbours N`, the same steps again beside N busy processes."""
     device = torch.device(args.device)
     extra = [*data_overrides(args, pipeline), "optim.epochs=1000"]
     if source == "cache":
         extra += ["teacher.cache_cycle=true"]
     cfg = step_config(args, source, amp, channels_last, folder, extra, cache_dir=cache_dir, compiled=compiled)
-    train, _, src = build_loaders(cfg, device, dist.rank if dist else 0, dist.world if dist else 1,
-                                 views_needed(cfg.method.name))
-    trainer = Trainer(cfg, device, folder, train, None, dist, train_source=src, students=[(cfg, folder)] * students)
+    with cpu_threads(cfg, device) as cpus:
+        train, _, src = build_loaders(cfg, device, dist.rank if dist else 0, dist.world if dist else 1,
+                                     views_needed(cfg.method.name))
+        trainer = Trainer(cfg, device, folder, train, None, dist, train_source=src,
+                          students=[(cfg, folder)] * students)
 
-    def stream():  # epochs back to back, each with its own views (and cache rows)
-        epoch = 0
-        while True:
-            yield from trainer.epoch_batches(epoch)
-            epoch += 1
-    pairs = stream()
-    n, dt, wait = time_steps(trainer, pairs, args.warmup, args.steps)
-    peak = peak_memory_mib(device)  # the timed steps', not the profiled ones'
-    if getattr(args, "profile", None):
-        profile_steps(trainer, pairs, min(10, args.steps), os.path.join(args.profile, f"prof_{pipeline}_{source}_{amp}.txt"))
+        def stream():  # epochs back to back, each with its own views (and cache rows)
+            epoch = 0
+            while True:
+                yield from trainer.epoch_batches(epoch)
+                epoch += 1
+        pairs = stream()
+        n, dt, wait = time_steps(trainer, pairs, args.warmup, args.steps)
+        peak = peak_memory_mib(device)  # the timed steps', not the profiled or loaded ones'
+        loaded = {}
+        if getattr(args, "neighbours", 0):
+            loaded = beside_neighbours(lambda: time_steps(trainer, pairs, args.warmup, args.steps), args.neighbours,
+                                       n / dt)
+        if getattr(args, "profile", None):
+            profile_steps(trainer, pairs, min(10, args.steps),
+                          os.path.join(args.profile, f"prof_{pipeline}_{source}_{amp}.txt"))
     return {"mode": "e2e", "pipeline": pipeline, "teacher": args.teacher, "student": args.student,
             "image_size": args.image_size, "teacher_source": source, "amp": amp, "channels_last": channels_last,
             "compile": compiled, "students": students, "batch_size": args.batch_size, "steps": args.steps,
-            "samples_per_s": n / dt,
-            "data_wait_frac": wait / dt, "peak_memory_mib": peak, "device": str(device)}
+            "samples_per_s": n / dt, "data_wait_frac": wait / dt, "peak_memory_mib": peak, "device": str(device),
+            "cpus": cpus.info(), **loaded}

@@ -7,6 +7,9 @@ ffcv) register only when their library imports; `gpu` needs only torch.
 import importlib
 import importlib.util
 
+import torch
+
+from common.cpus import ThreadPlan, cpu_budget, thread_plan
 from common.errors import UserError
 from pipelines.device import on_device
 from pipelines.prefetch import prefetched
@@ -31,6 +34,14 @@ def get_backend(name: str):
     if name in _OPTIONAL:
         return importlib.import_module(_OPTIONAL[name][0])
     raise UserError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
+
+
+def cpu_plan(cfg, device) -> ThreadPlan:
+    """This run's split of its CPU budget (`run.cpus`, or the CPUs measured by common.cpus): the same counts
+    where an entry point applies them and where a backend starts its threads."""
+    p = cfg.pipeline
+    return thread_plan(cpu_budget(cfg.run.cpus).cpus, torch.device(device).type, p.name, not on_device(cfg, device),
+                       p.num_workers, p.dali_threads, p.host_threads)
 
 
 # Every loader of every entry point is made here: the configured backend, the route (`on_device`, a pure

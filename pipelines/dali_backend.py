@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from common.cpus import host_threads
+from pipelines import cpu_plan
 from pipelines.contract import Batch, ValBatch
 from pipelines.dali_geometry import path_table, roi, val_geometry
 from pipelines.device import Normalizer, to_device
@@ -270,9 +270,9 @@ class _DaliLoader:
 
 
 class _DaliTrainLoader(_DaliLoader):
-    def __init__(self, feeder, pipe, steps, normalize, cfg, views):
+    def __init__(self, feeder, pipe, steps, normalize, cfg, views, host_threads):
         super().__init__(feeder, pipe, steps, normalize, _outputs(True, feeder.device_route, views))
-        self.cfg, self.views = cfg, views
+        self.cfg, self.views, self.host_threads = cfg, views, host_threads
         self.strong_program = strong_program(cfg.pipeline.strong_program)
         # the route, fixed when the loader is built: views cut by DALI, or on the host
         self._views = self._device_views if feeder.device_route else self._views_on_host
@@ -301,7 +301,7 @@ class _DaliTrainLoader(_DaliLoader):
         """Views cut from the decoded images on the host (`pipelines.finish_views`)."""
         vb = ViewBatch(np.array(outs["boxes"].as_array()), strong)
         return views_from_decoded([np.asarray(im) for im in outs["image"]], vb, self.cfg.data.image_size, self.views,
-                                  self.normalize, self.cfg.pipeline.host_threads, self.feeder.resize)
+                                  self.normalize, self.host_threads, self.feeder.resize)
 
     def _batches(self):
         for outs in self._epoch_outputs():
@@ -353,7 +353,8 @@ def _build(source, cfg, device, rank, world, train, views, device_route):
                            world=world, pad=train)
     drop_last = train and pc.drop_last
     feeder = _Feeder(source, sampler, batch, cfg, views, train, drop_last, device_route)
-    kw = dict(batch_size=batch, num_threads=host_threads(pc.dali_threads),
+    plan = cpu_plan(cfg, device)
+    kw = dict(batch_size=batch, num_threads=plan.dali_threads,
               device_id=_device_index(device) if dec == "mixed" else None,
               prefetch_queue_depth=pc.dali_prefetch, seed=cfg.run.seed, exec_dynamic=True)
     if train:
@@ -364,7 +365,9 @@ def _build(source, cfg, device, rank, world, train, views, device_route):
     n = len(sampler)
     steps = n // batch if drop_last else -(-n // batch)
     norm = Normalizer.for_run(source.mean_std, cfg, device)
-    return _DaliTrainLoader(feeder, pipe, steps, norm, cfg, views) if train else _DaliValLoader(feeder, pipe, steps, norm)
+    if train:
+        return _DaliTrainLoader(feeder, pipe, steps, norm, cfg, views, plan.host_threads)
+    return _DaliValLoader(feeder, pipe, steps, norm)
 
 
 def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int = 2, *, device_route: bool):

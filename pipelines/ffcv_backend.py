@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
-from common.cpus import loader_workers
+from pipelines import cpu_plan
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer, to_device
 from pipelines.finish_views import crop_pairs, pair_finisher, pool, views_from_decoded
@@ -256,9 +256,9 @@ class _FfcvLoader:
 
 
 class _FfcvTrainLoader(_FfcvLoader):
-    def __init__(self, loader, table, normalize, cfg, views, device_route):
+    def __init__(self, loader, table, normalize, cfg, views, device_route, host_threads):
         super().__init__(loader, normalize)
-        self.table, self.cfg, self.views = table, cfg, views
+        self.table, self.cfg, self.views, self.host_threads = table, cfg, views, host_threads
         # where the views are cut and how they are finished, fixed when the loader is built
         self._finish = pair_finisher(device_route, strong_program(cfg.pipeline.strong_program))
         self._views = (self._compiled_views if table.crops_in_pipeline else
@@ -275,7 +275,7 @@ class _FfcvTrainLoader(_FfcvLoader):
         """Host route: the decoded images, cut per sample on the host pool."""
         idx = idx_cpu.numpy()
         return views_from_decoded(self._decoded(x, idx), ViewBatch(self.table.boxes(self.epoch, idx), strong),
-                                  self.cfg.data.image_size, self.views, self.normalize, self.cfg.pipeline.host_threads,
+                                  self.cfg.data.image_size, self.views, self.normalize, self.host_threads,
                                   self.cfg.data.resize_source)
 
     def _resized_on_device(self, x, idx_cpu, strong):
@@ -283,7 +283,7 @@ class _FfcvTrainLoader(_FfcvLoader):
         FFCV's compiled resize does not reproduce), finished on the device."""
         idx, dc = idx_cpu.numpy(), self.cfg.data
         pairs = crop_pairs(self._decoded(x, idx), ViewBatch(self.table.boxes(self.epoch, idx), None),
-                           dc.image_size, dc.resize_source, self.cfg.pipeline.host_threads)
+                           dc.image_size, dc.resize_source, self.host_threads)
         return self._finish(pairs, strong, self.normalize, self.views)
 
     def __iter__(self):
@@ -298,10 +298,11 @@ class _FfcvTrainLoader(_FfcvLoader):
 
 
 class _FfcvValLoader(_FfcvLoader):
-    def __init__(self, loader, normalize, keep=None, resized=None):
+    def __init__(self, loader, normalize, keep=None, resized=None, host_threads=0):
         super().__init__(loader, normalize)
         self.keep = keep  # this rank's real validation samples (positions rank, rank + world, ...)
         self.resized = resized  # (stored sizes, data.resize_source, data.image_size): views made on the host
+        self.host_threads = host_threads
 
     def _val_views(self, x, idx):
         """`data.resize_source`: each decoded image through the reference's validation transform."""
@@ -312,7 +313,7 @@ class _FfcvValLoader(_FfcvLoader):
             h, w = hw[idx[j]].tolist()
             img = Image.fromarray(x[j, :3 * h * w].view(h, w, 3).numpy())
             out[j] = torch.from_numpy(np.asarray(val_view_pil(img, s, size)))
-        list(pool().map(one, range(len(idx))))
+        list(pool(self.host_threads).map(one, range(len(idx))))
         return out
 
     def __iter__(self):
@@ -328,7 +329,7 @@ class _FfcvValLoader(_FfcvLoader):
             yield ValBatch(self.normalize(x), y, i)
 
 
-def _loader(path, cfg, batch, image_pipe, train, world):
+def _loader(path, cfg, batch, image_pipe, train, world, workers):
     pc = cfg.pipeline
     quasi = train and pc.ffcv_order == "quasi_random"
     if quasi and world > 1:
@@ -338,7 +339,7 @@ def _loader(path, cfg, batch, image_pipe, train, world):
         log.warning("pipeline.ffcv_order=quasi_random pays off with pipeline.ffcv_os_cache=false (datasets larger "
                     "than memory); over the OS page cache it only costs randomness")
     order = OrderOption.QUASI_RANDOM if quasi else OrderOption.RANDOM
-    return Loader(path, batch_size=batch, num_workers=loader_workers(pc.num_workers, at_least=1),
+    return Loader(path, batch_size=batch, num_workers=workers,
                   order=order if train else OrderOption.SEQUENTIAL, os_cache=pc.ffcv_os_cache,
                   distributed=world > 1, seed=cfg.run.seed, drop_last=train and pc.drop_last,
                   pipelines={"image": image_pipe, "label": [LabelIndexDecoder()]})
@@ -359,8 +360,10 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     compiled = (device_route or cfg.data.train_crop == "pad") and not cfg.data.resize_source
     table = ViewTable(reader.metadata["f0"], cfg.data, cfg.run.seed, compiled)
     decoder = TwoViewDecoder(cfg.data.image_size, table) if compiled else DecodeOnceDecoder(table)
-    loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [decoder], True, world)
-    return _FfcvTrainLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), cfg, views, device_route)
+    plan = cpu_plan(cfg, device)
+    loader = _loader(path, cfg, cfg.pipeline.batch_size // world, [decoder], True, world, plan.workers)
+    return _FfcvTrainLoader(loader, table, Normalizer.for_run(meta["mean_std"], cfg, device), cfg, views, device_route,
+                            plan.host_threads)
 
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_route: bool):
@@ -376,6 +379,8 @@ def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_rout
         dec = CenterCropRGBImageDecoder((size, size), ratio=size / resize)
     else:
         dec = SimpleRGBImageDecoder()
-    loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world)
+    plan = cpu_plan(cfg, device)
+    loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world, plan.workers)
     return _FfcvValLoader(loader, Normalizer.for_run(meta["mean_std"], cfg, device),
-                          keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None, resized=resized)
+                          keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None, resized=resized,
+                          host_threads=plan.host_threads)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.cpus import usable_cpus
+from common.cpus import HOST_POOL_MAX, usable_cpus
 from pipelines.device import to_device
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
@@ -35,7 +35,7 @@ def pool(threads: int = 0) -> ThreadPoolExecutor:
     docs/benchmarks.md); each keeps a single
     intra-op torch thread (a per-thread OpenMP setting) so nested parallel regions do not
     oversubscribe the cores."""
-    threads = threads or min(16, usable_cpus())
+    threads = threads or min(HOST_POOL_MAX, usable_cpus())
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="views",
                                              initializer=torch.set_num_threads, initargs=(1,))

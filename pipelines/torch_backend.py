@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common.cpus import loader_workers
 from common.forking import fork_safely
+from pipelines import cpu_plan
 from pipelines.contract import Batch, ValBatch
 from pipelines.device import Normalizer
 from pipelines.randaugment_pil import apply_strong
@@ -134,8 +134,8 @@ class _ValLoader(_DeviceLoader):
             yield ValBatch(self.normalize(x), y.to(dev, non_blocking=True), i.to(dev, non_blocking=True))
 
 
-def _loader(dataset, sampler, pipe_cfg, device, per_rank_batch, drop_last, seed):
-    workers = loader_workers(pipe_cfg.num_workers)
+def _loader(dataset, sampler, cfg, device, per_rank_batch, drop_last, seed):
+    workers = cpu_plan(cfg, device).workers
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
@@ -149,12 +149,12 @@ def build_train(source, cfg, device, rank: int = 0, world: int = 1, views: int =
     per_rank = cfg.pipeline.batch_size // world
     sampler = EpochSampler(len(source), seed=cfg.run.seed, shuffle=True, rank=rank, world=world)
     ds = TwoViewDataset(source, cfg.data, cfg.pipeline, cfg.run.seed, views)
-    dl = _loader(ds, sampler, cfg.pipeline, device, per_rank, cfg.pipeline.drop_last, cfg.run.seed)
+    dl = _loader(ds, sampler, cfg, device, per_rank, cfg.pipeline.drop_last, cfg.run.seed)
     return _TrainLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device))
 
 
 def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_route: bool):
     sampler = EpochSampler(len(source), seed=0, shuffle=False, rank=rank, world=world, pad=False)
-    dl = _loader(ValDataset(source, cfg.data), sampler, cfg.pipeline, device,
+    dl = _loader(ValDataset(source, cfg.data), sampler, cfg, device,
                  cfg.pipeline.val_batch_size, False, 0)
     return _ValLoader(dl, sampler, Normalizer.for_run(source.mean_std, cfg, device))

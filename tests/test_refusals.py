@@ -1,13 +1,12 @@
 """Input that cannot be right is refused in one line, with exit code 2 and nothing written: a resume under
-another config, an empty class folder, a file that is not a checkpoint; and loader workers that fit the CPUs."""
+another config, an empty class folder, a file that is not a checkpoint. (Thread counts above the CPU budget are
+lowered, not refused: tests/test_cpu_budget.py.)"""
 import hashlib
-import logging
 import os
 
 import pytest
 import torch
 
-from common import cpus
 import train
 from datasets_prep import prep_ffcv
 from training.checkpoint import CheckpointError, safe_load
@@ -88,37 +87,3 @@ def test_a_file_that_is_not_a_checkpoint_is_one_short_line(tmp_path, demo_root, 
     assert safe_load(str(good))["model"]["w"].shape == (3,)
     msg = one_error_line(capsys, args(demo_root, tmp_path, "method.name=kd", f"teacher.ckpt={text}"))
     assert len(msg) < 160 and "weights_only" not in msg and not (tmp_path / "r").exists()
-
-
-def test_loader_workers_fit_the_cpus_this_process_may_use(monkeypatch, caplog, tmp_path):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(cpus, "CGROUP_ROOT", str(tmp_path))  # no quota file: the affinity mask alone
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert cpus.usable_cpus() == 4 and cpus.loader_workers("auto") == 3 and cpus.loader_workers("2") == 2
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this node share the four CPUs
-    assert cpus.usable_cpus() == 2 and cpus.loader_workers("auto") == 1
-    with caplog.at_level(logging.WARNING):
-        assert cpus.loader_workers("8") == 2 and cpus.loader_workers("8") == 2
-    assert [r.getMessage() for r in caplog.records] == [
-        "pipeline.num_workers=8 lowered to 2: this process may use 2 CPU(s)"]
-    assert cpus.loader_workers("0") == 0 and cpus.loader_workers("auto", at_least=1) == 1
-    assert cpus.host_threads(0) == 2 and cpus.host_threads(5) == 5
-
-
-@pytest.mark.parametrize("files,quota,usable", [
-    ({"cpu.max": "max 100000"}, None, 16),                                    # cgroup v2, no limit
-    ({"cpu.max": "250000 100000"}, 2.5, 3),                                   # v2: 2.5 CPUs -> 3
-    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None, 16),   # v1, no limit
-    ({"cpu,cpuacct/cpu.cfs_quota_us": "800000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 8.0, 8),
-])
-def test_the_cgroup_quota_lowers_the_cpus(monkeypatch, tmp_path, files, quota, usable):
-    """A pod limited to a few CPUs on a large node: the CFS quota, not the affinity mask, is the limit."""
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text + "\n")
-    monkeypatch.setattr(cpus, "CGROUP_ROOT", str(tmp_path))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert cpus.cpu_quota() == quota and cpus.usable_cpus() == usable
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert cpus.usable_cpus() == max(1, usable // 2)

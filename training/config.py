@@ -89,16 +89,16 @@ class PipelineConfig:
     route: str = one_of("auto", ("auto", "host", "device"))
     batch_size: int = within(64, 1)  # global batch (split over ranks under DDP)
     val_batch_size: int = within(256, 1)
-    num_workers: str = "auto"      # loader workers: auto (the CPUs this rank may use, less one) or a number
+    num_workers: str = "auto"      # loader workers: auto (their share of run.cpus, common.cpus) or a number
     randaug_n: int = within(2, 0, 8)  # ops per strong view (the paper: 2)
     strong_aug: bool = True        # False: the strong view gets only crop + flip (ablation)
     # accelerator route's strong view: segmented (host-planned, per-op slices) or graph (a static-shape
     # program, compiled and replayed as a CUDA graph on CUDA): the same pixels (pipelines/randaugment_graph.py)
     strong_program: str = one_of("segmented", STRONG_PROGRAMS)
     drop_last: bool = True
-    host_threads: int = within(0, 0)  # dali CPU mode, ffcv: threads cutting views on the host (0: one per core)
+    host_threads: int = within(0, 0)  # dali CPU mode, ffcv: threads cutting views on the host (0: their share)
     # dali
-    dali_threads: int = within(0, 0)  # DALI's CPU threads (0: one per core)
+    dali_threads: int = within(0, 0)  # DALI's CPU threads (0: their share of run.cpus)
     dali_prefetch: int = within(2, 1)  # batches in flight
     dali_size_cache: bool = True   # keep the image-size table on disk (<root>/.crld_sizes.npz or ~/.cache/crld)
     # ffcv
@@ -179,6 +179,7 @@ class RunConfig:
     save_every_min: float = within(10.0, 0)  # also mid-epoch, this often (minutes; 0: epoch ends only)
     tensorboard: bool = False      # also write metrics.jsonl's scalars as TensorBoard events (RUN_DIR/tensorboard)
     dist_timeout_s: int = within(600, 1)  # DDP: a collective waiting longer (a dead or hung rank) is an error
+    cpus: int = within(0, 0)       # CPUs each rank keeps busy, loader and step together; 0: measured (common.cpus)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Process-level set-up: device and precision, seeding, distributed environment, run directory."""
+"""Process-level set-up: device and precision, CPU threads, seeding, distributed environment, run directory."""
 from __future__ import annotations
 
 import atexit
@@ -11,15 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from common.cpus import CpuUse, cpu_budget
 from common.errors import RuntimeConfigError
 from common.files import save_json_atomic, writing
 from common.precision import amp_dtype
+from pipelines import cpu_plan
 
 
 @dataclass
@@ -59,6 +61,27 @@ def autocast_for(amp: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype, dtype == torch.float16
 
 
+@contextmanager
+def cpu_threads(cfg, device: torch.device):
+    """The run's CPU plan (`pipelines.cpu_plan`) applied to this process before anything runs on torch's thread
+    pools: the intra-op threads lowered to the step's share (never raised: OMP_NUM_THREADS, torchrun's default of
+    1 or a caller's torch.set_num_threads stay when smaller), one inter-op thread. Yields the `CpuUse` applied
+    (the start log's line, run_info.json's "cpus"). The intra-op count is restored on exit (tests and benchmarks
+    train several times in one process); the inter-op count can be set once per process only, before inter-op
+    work starts, so a later call keeps it."""
+    budget, plan = cpu_budget(cfg.run.cpus), cpu_plan(cfg, device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, plan.intra_op))
+    if torch.get_num_interop_threads() > plan.interop:
+        with suppress(RuntimeError):  # inter-op work has begun, or an earlier run set it
+            torch.set_num_interop_threads(plan.interop)
+    applied = replace(plan, intra_op=torch.get_num_threads(), interop=torch.get_num_interop_threads())
+    try:
+        yield CpuUse(budget, applied)
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -85,14 +108,14 @@ def git_commit() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def write_run_info(run_dir: str, cfg_yaml: str, device: torch.device) -> None:
+def write_run_info(run_dir: str, cfg_yaml: str, device: torch.device, cpus: dict) -> None:
     with writing(run_dir):
         os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
     with writing(path, len(cfg_yaml)), open(path, "w") as f:
         f.write(cfg_yaml)
     info = {**git_commit(), "argv": sys.argv, "python": platform.python_version(),
-            "torch": torch.__version__, "device": str(device), "host": platform.node()}
+            "torch": torch.__version__, "device": str(device), "host": platform.node(), "cpus": cpus}
     save_json_atomic(os.path.join(run_dir, "run_info.json"), info)
 
 

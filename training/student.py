@@ -68,7 +68,7 @@ RESUME_MAY_CHANGE = ("optim.epochs", "run.progress", "run.log_every", "run.save_
                      "run.dist_timeout_s", "run.out_dir", "run.name", "run.device", "run.compile",
                      "run.deterministic", "run.tensorboard", "pipeline.num_workers", "pipeline.host_threads",
                      "pipeline.dali_threads", "pipeline.dali_prefetch", "pipeline.val_batch_size", "data.root",
-                     "teacher.cache")
+                     "teacher.cache", "run.cpus")
 
 
 def check_resume(lasts: list, cfgs: list) -> None:
