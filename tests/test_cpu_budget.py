@@ -65,7 +65,7 @@ def test_the_log_line():
     assert CpuBudget(4, 8.0, 128, 128, ranks=2).line() == "cpus: 4 (quota 8 of 128 online; affinity 128; shared by 2 ranks)"
     assert CpuBudget(1, None, 2, 2, chosen=1).line() == "cpus: 1 (run.cpus=1; no quota; 2 online; affinity 2)"
     plan = thread_plan(8, "cpu", "torch")
-    assert plan.line() == "7 loader workers, 1 intra-op, 1 inter-op"
+    assert plan.line() == "2 loader workers, 6 intra-op, 1 inter-op"
     assert thread_plan(8, "cpu", "dali").line() == "4 DALI, 4 host, 4 intra-op, 1 inter-op"
 
 
@@ -97,7 +97,9 @@ def test_the_threads_of_a_plan_never_exceed_the_budget(device):
 
 
 def test_auto_splits_and_explicit_requests(caplog):
-    assert thread_plan(8, "cpu", "torch") == cpus.ThreadPlan(8, workers=7, intra_op=1)
+    # a step on the CPU is the work: the torch backend's workers get a quarter, none below 4 CPUs
+    assert thread_plan(8, "cpu", "torch") == cpus.ThreadPlan(8, workers=2, intra_op=6)
+    assert thread_plan(2, "cpu", "torch") == cpus.ThreadPlan(2, intra_op=2)
     assert thread_plan(8, "cpu", "torch", workers="0") == cpus.ThreadPlan(8, intra_op=8)
     assert thread_plan(8, "cuda", "torch") == cpus.ThreadPlan(8, workers=7, intra_op=1)
     assert thread_plan(8, "cpu", "gpu") == cpus.ThreadPlan(8, intra_op=8)
