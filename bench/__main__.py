@@ -63,7 +63,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1, help="alternate the pipelines this many times; report medians")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--workers", type=int, help="loader workers (default: loader mode one per CPU; e2e mode "
+                    "pipeline.num_workers=auto, the run's CPU plan as train.py makes it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json")
     ap.add_argument("--teacher", default="resnet32x4")
@@ -99,6 +100,7 @@ def main(argv=None):
     if args.neighbours and args.mode != "e2e" or args.neighbours < 0:
         ap.error(f"--neighbours must be a count >= 0, for e2e mode only (got {args.neighbours}, mode {args.mode})")
     if args.mode == "loader":
+        args.workers = (os.cpu_count() or 2) if args.workers is None else args.workers
         return run_loader_bench(args)
     if args.mode == "cache":
         args.data = "data/demo" if args.data == ap.get_default("data") else args.data

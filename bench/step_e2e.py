@@ -128,7 +128,7 @@ def run_overrides(args, amp, folder):
 def data_overrides(args, pipeline):
     """e2e: the real data through `pipeline`."""
     return [f"data.dataset={args.dataset}", f"data.root={args.data}", f"pipeline.name={pipeline}",
-            f"pipeline.num_workers={args.workers}", *args.overrides]
+            f"pipeline.num_workers={'auto' if args.workers is None else args.workers}", *args.overrides]
 
 
 def step_config(args, source, amp, channels_last, folder, extra=(), cache_dir=None, compiled=False):
