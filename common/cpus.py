@@ -150,11 +150,11 @@ def thread_plan(budget: int, device_type: str, pipeline: str, host_views: bool =
     (auto or a count); `dali_threads`, `host_threads`: 0 for auto. `host_views`: the host route (the training
     process cuts views on its pool), else the accelerator route.
 
-    The loader's share (auto): on CUDA all but one CPU, the one left to the step (the torch backend's workers do
-    all the per-sample work; on the accelerator route the step and the finishing are kernel launches); half where
-    the training process also cuts views on the host; a quarter for the torch backend's workers when the step
-    runs on the CPU, which is then the work (below 4 CPUs none: batches are made between steps, and the step's
-    threads keep every CPU; docs/benchmarks.md, "Shared CPUs"). An explicit count is lowered to all but one CPU (at least one:
+    The loader's share (auto): when the step runs on the CPU it is the work, so the loader has a quarter (the
+    torch backend below 4 CPUs none: batches are made between steps, and the step's threads keep every CPU;
+    docs/benchmarks.md, "Shared CPUs"). On CUDA the loader has all but one CPU, the one left to the step (the
+    torch backend's workers do all the per-sample work; on the accelerator route the step and the finishing are
+    kernel launches), or half where the training process also cuts views on the host. An explicit count is lowered to all but one CPU (at least one:
     a user who asks for workers gets one). On CUDA the step only launches kernels: one intra-op thread; on a CPU
     the step has what the loader leaves. At most `budget` threads run at once, and 2 with a budget of one CPU
     where the loader needs a thread of its own (dali, ffcv, explicit workers)."""
@@ -163,10 +163,10 @@ def thread_plan(budget: int, device_type: str, pipeline: str, host_views: bool =
     least = 1 if pipeline in ("dali", "ffcv") else 0
     cuts_on_host = pipeline in ("dali", "ffcv") and host_views
     if asked == "auto":
-        if cuts_on_host:
-            loader = budget // 2
-        elif device_type == "cpu" and key == "pipeline.num_workers":
+        if device_type == "cpu":
             loader = budget // 4
+        elif cuts_on_host:
+            loader = budget // 2
         else:
             loader = budget - 1
         loader = max(least, loader)
