@@ -48,7 +48,7 @@ def demo_betons(demo_root, tmp_path_factory):
 def demo_cut(demo_root, tmp_path_factory):
     """demo_cut(n_train, n_val, betons=False) -> a data.root holding the demo set's first n_train training and
     n_val validation images (meta.json unchanged), made once per size; with betons, both splits are also
-    converted for FFCV into root/ffcv/ (once). For tests that walk whole epochs: the full set is 1437 / 359."""
+    converted for FFCV into root/ffcv/ (once). For tests that walk whole epochs: the full set is 1437 / 360."""
     made = {}
 
     def make(n_train, n_val, betons=False):
