@@ -15,7 +15,8 @@ The work is cut into units (whole epochs, or blocks of batches when epochs are f
 round-robin by the ranks, each written complete (temp + rename); an epoch's units are then assembled into
 its folder with checksums, and meta.json is written last. The cache's size and the file system's free space
 are printed before the teacher runs, and a cache that cannot fit is refused. After a kill, SIGTERM or
-SIGUSR1 (the unit finishes, exit 75), or with a larger --epochs, the same command builds only what is missing.
+SIGUSR1 (the unit finishes, exit 75 and OUT/preempted.json, as train.py leaves), or with a larger --epochs,
+the same command builds only what is missing.
 Worth it when several students (seeds, sweeps) learn from one teacher; for a single run the online
 teacher costs about the same as building the cache.
 """
@@ -42,7 +43,7 @@ from training.cli import run_main
 from training.config import ConfigError, load_config, to_yaml
 from training.hub_weights import weights_path
 from training.loop import evaluate, frozen_teacher
-from training.preemption import StopRequest
+from training.preemption import Preempted, StopRequest, clear_preempted, mark_preempted
 from training.runtime import (autocast_for, check_same_config, cpu_threads, dist_from_env, init_distributed,
                               resolve_device)
 from training.teacher_cache import CacheError, epoch_dir, file_sha256, fingerprint, write_meta
@@ -118,7 +119,13 @@ def fill(args, cfg, epochs, dist, device, cpus):
                                         prepare(args.out, fp, args.overwrite, len(src), c))[1])
             if dist.is_main:
                 log.info(cpus.line())
-            return build(args, cfg, src, meta, epochs, dist, device)
+                clear_preempted(args.out)
+            try:
+                return build(args, cfg, src, meta, epochs, dist, device)
+            except Preempted as e:  # the job script's test under torchrun, which reports exit 75 as a failure
+                if dist.is_main:
+                    mark_preempted(args.out, str(e), resume="the same cache_teacher.py command")
+                raise
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -2,6 +2,7 @@
 for byte, a killed or signalled build completed by the same command, the size line and the refusal before any
 forward, the size estimate against the bytes on disk, `--verify`."""
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -93,9 +94,12 @@ def test_torchrun_builds_equal_one_process_after_a_kill_a_sigterm_and_an_extensi
     assert "preempted: stopped by a signal on another rank after 2 of 3 units" in cut.stderr, _why(cut)
     assert sorted(os.listdir(out / ".units")) == ["e0002_r0000000000-0000000032_b32",
                                                   "e0002_r0000000032-0000000064_b32"]
+    marker = json.loads((out / "preempted.json").read_text())  # what a job script under torchrun tests
+    assert marker["exit_code"] == 75 and "after 2 of 3 units" in marker["reason"], marker
     nodes = launch(argv(demo_root, teacher_ckpt, out, epochs=3), nodes=2)
     assert all(n.returncode == 0 for n in nodes), [_why(n) for n in nodes]
     assert "to build: 1 epochs in 1 units (2 present)" in nodes[0].stdout
+    assert not (out / "preempted.json").exists()
     same_epochs(out, reference / "full", 3)
     assert not (out / ".units").exists() and not (out / ".build.json").exists()
     meta = cache_teacher.main(["--verify", str(out)])

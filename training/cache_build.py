@@ -23,7 +23,7 @@ from common.errors import UserError
 from common.files import human, output_error, writing
 from training.cache_units import (UNITS, assemble_epoch, block_size, epoch_disk_bytes, plan_units, present_units,
                                   stale_entries, unit_writer)
-from training.preemption import Preempted
+from training.preemption import MARKER, Preempted
 from training.progress import progress
 from training.teacher_cache import CacheError, compare_fingerprints, epoch_dir, read_meta, write_meta
 
@@ -59,7 +59,7 @@ def gather(dist, device, values) -> list:
 
 
 def _is_cache_entry(name: str) -> bool:
-    return name == "meta.json" or name.startswith(".") or re.fullmatch(r"epoch_\d{4}", name) is not None
+    return name in ("meta.json", MARKER) or name.startswith(".") or re.fullmatch(r"epoch_\d{4}", name) is not None
 
 
 def _create_lock(lock: str) -> int:

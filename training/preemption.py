@@ -56,8 +56,8 @@ class StopRequest:
                     self.signal)
 
 
-def mark_preempted(run_dir: str, reason: str) -> None:
-    doc = {"reason": reason, "exit_code": EXIT_PREEMPTED, "resume": "train.py ... --resume"}
+def mark_preempted(run_dir: str, reason: str, resume: str = "train.py ... --resume") -> None:
+    doc = {"reason": reason, "exit_code": EXIT_PREEMPTED, "resume": resume}
     save_json_atomic(os.path.join(run_dir, MARKER), doc)
 
 
