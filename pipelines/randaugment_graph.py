@@ -109,11 +109,14 @@ class StrongGraph:
     of the parameters (from pinned memory, asynchronous), the replay, and a copy out (the caller keeps
     its batch while the next one is made). Off CUDA the program runs eagerly (`compile=True` compiles
     it there too, for the tests), so the same code path runs on a CPU. Each captured shape holds its
-    own memory pool; the first `max_graphs` shapes are captured (the full batch comes first), later ones
-    (a ragged last batch) run eagerly, with no second compilation."""
+    own memory pool; a shape is compiled and captured when it comes a second time, up to `max_graphs` shapes:
+    the full batch at once, while a ragged last batch (which comes first in a run resumed at an epoch's last
+    batch) returns only an epoch later, when the full batch holds the slot. A shape's first batch, and every
+    batch of a shape beyond the slots, runs the program eagerly, with no compilation for it."""
 
     def __init__(self, compile: Optional[bool] = None, max_graphs: int = 1):
         self.compile, self.max_graphs, self.graphs, self._compiled = compile, max_graphs, {}, None
+        self.seen = set()
 
     def _program(self, device: torch.device):
         if not (self.compile if self.compile is not None else device.type == "cuda"):
@@ -128,14 +131,14 @@ class StrongGraph:
     def __call__(self, x: torch.Tensor, params: StrongBatch, channels_last_input: bool = False) -> torch.Tensor:
         k = params.ops.shape[1]
         key = (tuple(x.shape), x.dtype, x.device, k, channels_last_input)
-        program = self._program(x.device)
-        if key not in self.graphs:
-            if len(self.graphs) >= self.max_graphs:  # a shape seen rarely: no new compilation or capture
-                program = apply_strong_static
-            else:
-                self.graphs[key] = _Captured(program, x, k, channels_last_input) if x.is_cuda else None
-        if self.graphs.get(key) is not None:
-            return self.graphs[key].run(x, params)
+        program = apply_strong_static
+        if key not in self.graphs and key in self.seen and len(self.graphs) < self.max_graphs:
+            self.graphs[key] = _Captured(self._program(x.device), x, k, channels_last_input) if x.is_cuda else None
+        self.seen.add(key)
+        if key in self.graphs:
+            if self.graphs[key] is not None:
+                return self.graphs[key].run(x, params)
+            program = self._program(x.device)  # off CUDA: compiled when asked to, not captured
         ops, mags, cut = _to_device([params.ops, params.mags, params.cutout], x.device)
         fill = fill_colour(x.device, torch.uint8, len(CUTOUT_FILL))
         return program(x, ops.view(-1, k), mags.view(-1, k), cut.view(-1, 3), channels_last_input, fill)

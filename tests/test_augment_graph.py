@@ -100,15 +100,28 @@ def test_compiles_as_one_graph_and_stays_exact():
     rng = np.random.default_rng(4)
     x = batch(rng, 28, 20, 18)
     program = StrongGraph(compile=True, max_graphs=1)
-    for seed in range(2):  # the second batch reuses the compiled shape
-        params = every_op_in_every_round(1, 28, rng) if seed == 0 else \
-            StrongBatch.from_draws(strong_draws(seed, 0, np.arange(28), 1))
+    every = every_op_in_every_round(1, 28, rng)
+    for params in (every, every, StrongBatch.from_draws(strong_draws(1, 0, np.arange(28), 1))):
+        # the first batch of a shape runs eagerly, the second compiles it, the third reuses it
         assert torch.equal(program(x, params, True), apply_strong_batch(x, params, channels_last_input=True))
-    assert len(program.graphs) == 1
+        assert program._compiled is None or len(program.graphs) == 1
+    assert len(program.graphs) == 1 and program._compiled is not None
     other = batch(rng, 3, 20, 18)  # beyond max_graphs: the eager program, no second compilation
     p3 = StrongBatch.from_draws(strong_draws(0, 0, np.arange(3), 1))
     assert torch.equal(program(other, p3, True), apply_strong_batch(other, p3, channels_last_input=True))
     assert len(program.graphs) == 1
+
+
+def test_a_ragged_first_batch_leaves_the_slot_to_the_full_batch():
+    """A run resumed at an epoch's short last batch: that shape runs eagerly, and the full batch that comes
+    after it (twice) takes the one slot; the short one, back an epoch later, stays eager."""
+    rng = np.random.default_rng(5)
+    program = StrongGraph(max_graphs=1)
+    full, short = batch(rng, 8, 12, 12), batch(rng, 3, 12, 12)
+    for x in (short, full, full, full, short):
+        p = StrongBatch.from_draws(strong_draws(0, 0, np.arange(len(x)), 2))
+        assert torch.equal(program(x, p, True), apply_strong_batch(x, p, channels_last_input=True))
+    assert [key[0] for key in program.graphs] == [tuple(full.shape)]
 
 
 class _FakeStream:

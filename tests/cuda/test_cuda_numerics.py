@@ -93,7 +93,7 @@ def test_augmenter_comparison_catches_two_grey_levels():
 
 def graph_program_diff(device, small, program=None):
     """`pipeline.strong_program=graph` on `device` against the segmented augmenter on the CPU over 4 batches
-    (the first is the capture's): the fraction of pixels that differ per batch."""
+    (the first runs eagerly, the second is the capture's): the fraction of pixels that differ per batch."""
     n, hw = (16, 24) if small else (256, 64)
     gen, program, rows = torch.Generator().manual_seed(1), program or StrongGraph(), []
     for b in range(4):
