@@ -43,7 +43,8 @@ def measure(name, x, plans, batches, repeat, compile_on_cpu=False):
     program, device = strong_program(name), x.device
     if name == "graph" and compile_on_cpu:
         program = StrongGraph(compile=True)
-    program(x, plans[0], channels_last_input=True)  # warm-up (and, for graph on CUDA, the capture)
+    for plan in plans[:2]:  # warm-up: the graph program compiles and captures a shape on its second batch
+        program(x, plan, channels_last_input=True)
     calls = None  # a compiled program's launches are not ATen calls (and a dispatch mode stops compilation)
     if not (name == "graph" and (compile_on_cpu or device.type == "cuda")):
         with _CountAten() as count:
