@@ -1,5 +1,6 @@
 """The device kit: what a bare GPU machine (PyTorch + CUDA 13, Python 3.12, no network) lacks to run
-`gpu_window/run.sh` (`pytest -m cuda` and `timm:<arch>` models included), packed to travel in pieces of at most ~60 MiB (a GPU call carries 64 MiB in all).
+`gpu_window/run.sh` (`pytest -m cuda` and `timm:<arch>` models included), packed to travel in pieces of at most
+58 MiB (a GPU call carries 64 MiB in all: the working tree and base/ take the rest, with room to grow).
 
     python -m gpu_window.kit build .gpu_kit       # here: downloads the cp312 wheels from PyPI, packs them
     python -m gpu_window.kit check .gpu_kit       # here: every piece within the travel limit (also after build)
@@ -16,7 +17,8 @@ Layout of the kit folder (git-ignored):
 `unpack` gathers the parts carried so far into `--parts` (default DEST/parts), verifies each against
 SHA256SUMS, and once all are there unpacks DALI into DEST/dali (with a sitecustomize.py that joins its
 `nvidia` package to the installed one in every interpreter, subprocesses included); the base wheels and
-packed-site.tar.xz go to DEST/site. It prints the PYTHONPATH and LD_LIBRARY_PATH entries to add. gpu_window/README.md shows the calls.
+packed-site.tar.xz go to DEST/site. It prints the PYTHONPATH and LD_LIBRARY_PATH entries to add.
+gpu_window/README.md shows the calls.
 """
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2 ** 20
 CALL_LIMIT_MIB = 64  # what one GPU call may carry: the working tree plus the carried paths
-PART_MIB = 60
+PART_MIB = 58
 PY_TAG = "312"
 # Installed there with `pip install --target`: pure Python, missing from the GPU image.
 BASE = ["omegaconf==2.3.0", "antlr4-python3-runtime==4.9.3"]
-# Pure Python too, but timm's 2.7 MiB wheel beside a 60 MiB part and the tree would pass the call limit: unpacked
+# Pure Python too, but timm's 2.7 MiB wheel beside a 58 MiB part and the tree would pass the call limit: unpacked
 # and xz'd into base/, so they arrive with every call. timm's huggingface_hub and safetensors are optional imports
 # (weights are never downloaded there; .safetensors checkpoints are the one thing that needs the latter). pytest
 # runs the correctness stages (`pytest -m cuda`): 8.3, the last that does not import pygments (~1 MiB more).
