@@ -6,10 +6,11 @@ ffcv) register only when their library imports; `gpu` needs only torch.
 """
 import importlib
 import importlib.util
+from typing import Optional
 
 import torch
 
-from common.cpus import ThreadPlan, cpu_budget, thread_plan
+from common.cpus import CpuBudget, ThreadPlan, cpu_budget, thread_plan
 from common.errors import UserError
 from pipelines.device import on_device
 from pipelines.prefetch import prefetched
@@ -36,11 +37,11 @@ def get_backend(name: str):
     raise UserError(f"unknown pipeline '{name}'; available: {', '.join(available_pipelines())}")
 
 
-def cpu_plan(cfg, device) -> ThreadPlan:
-    """This run's split of its CPU budget (`run.cpus`, or the CPUs measured by common.cpus): the same counts
-    where an entry point applies them and where a backend starts its threads."""
-    p = cfg.pipeline
-    return thread_plan(cpu_budget(cfg.run.cpus).cpus, torch.device(device).type, p.name, not on_device(cfg, device),
+def cpu_plan(cfg, device, budget: Optional[CpuBudget] = None) -> ThreadPlan:
+    """This run's split of its CPU budget (`budget`, else `run.cpus` or the CPUs measured by common.cpus): the
+    same counts where an entry point applies them and where a backend starts its threads."""
+    p, budget = cfg.pipeline, budget or cpu_budget(cfg.run.cpus)
+    return thread_plan(budget.cpus, torch.device(device).type, p.name, not on_device(cfg, device),
                        p.num_workers, p.dali_threads, p.host_threads)
 
 

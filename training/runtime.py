@@ -69,7 +69,8 @@ def cpu_threads(cfg, device: torch.device):
     (the start log's line, run_info.json's "cpus"). The intra-op count is restored on exit (tests and benchmarks
     train several times in one process); the inter-op count can be set once per process only, before inter-op
     work starts, so a later call keeps it."""
-    budget, plan = cpu_budget(cfg.run.cpus), cpu_plan(cfg, device)
+    budget = cpu_budget(cfg.run.cpus)
+    plan = cpu_plan(cfg, device, budget)
     before = torch.get_num_threads()
     torch.set_num_threads(min(before, plan.intra_op))
     if torch.get_num_interop_threads() > plan.interop:
