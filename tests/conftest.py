@@ -116,8 +116,8 @@ def teacher_ckpt(random_teacher):
 
 @pytest.fixture
 def one_epoch_crld(demo_root, teacher_ckpt, tmp_path):
-    """one_epoch_crld(pipeline, *overrides): train.py runs one CRLD epoch on 128 demo images through `pipeline`;
-    the loss stays finite and the run records the pipeline."""
+    """one_epoch_crld(pipeline, *overrides) -> train.py's summary of one CRLD epoch on 128 demo images through
+    `pipeline`, run in tmp_path/<pipeline>; the loss stays finite and the run records the pipeline."""
     def run(pipeline, *over):
         s = train.main(["--config", os.path.join(ROOT, "configs/demo/crld.yaml"), "--pipeline", pipeline,
                         f"data.root={demo_root}", f"run.out_dir={tmp_path}", f"run.name={pipeline}",
@@ -126,6 +126,7 @@ def one_epoch_crld(demo_root, teacher_ckpt, tmp_path):
                         f"teacher.ckpt={teacher_ckpt}", *over])
         assert s["epochs"] == 1 and np.isfinite(s["best_top1"])
         assert f"name: {pipeline}" in open(tmp_path / pipeline / "config.yaml").read()
+        return s
     return run
 
 

@@ -30,7 +30,7 @@ def gpu_route(root, dev):
     return build_loaders(cfg, torch.device(dev))
 
 
-def first_batches(train, n, epoch=1):
+def take_batches(train, n, epoch=1):
     train.set_epoch(epoch)
     it = iter(train)
     return [next(it) for _ in range(n)]
@@ -53,7 +53,7 @@ def test_gpu_route_on_device_matches_cpu(device, small, work, record_property):
     root = cifar_like(work, small)
     ref_train, _, src = gpu_route(root, "cpu")
     got_train, _, _ = gpu_route(root, str(device))
-    d = gpu_route_diff(first_batches(ref_train, 2), first_batches(got_train, 2), src.mean_std)
+    d = gpu_route_diff(take_batches(ref_train, 2), take_batches(got_train, 2), src.mean_std)
     record_property("summary", f"weak max {d['weak']} grey levels (bit-exact {d['weak_bit_exact']}), "
                                f"strong max {d['strong']}")
     assert d["index_equal"] and d["weak"] == 0 and d["strong"] <= 1, d
@@ -62,7 +62,7 @@ def test_gpu_route_on_device_matches_cpu(device, small, work, record_property):
 def test_gpu_route_comparison_takes_a_last_bit_but_not_a_grey_level(work):
     """A weak view one float ulp off (a fused multiply-add) passes; one pixel a grey level off fails."""
     train, _, src = gpu_route(cifar_like(work, True), "cpu")
-    ref = first_batches(train, 2)
+    ref = take_batches(train, 2)
     std = src.mean_std[1][0]
     ulp = [b._replace(weak=torch.nextafter(b.weak, torch.full_like(b.weak, 10.0))) for b in ref]
     d = gpu_route_diff(ref, ulp, src.mean_std)
@@ -123,7 +123,7 @@ def dali_against_torch(device, small, work):
                                  "pipeline.batch_size=16", "pipeline.val_batch_size=16", "pipeline.num_workers=0",
                                  f"pipeline.name={pipe}", "pipeline.route=device", "run.amp=off", f"run.device={dev}"])
         train, val, src = build_loaders(cfg, torch.device(dev))
-        runs.append((first_batches(train, 2), next(iter(val)), src.mean_std))
+        runs.append((take_batches(train, 2), next(iter(val)), src.mean_std))
     return runs
 
 
