@@ -45,7 +45,34 @@ fi
 # otherwise ends in pip's bare "[Errno 28] No space left on device" halfway through.
 NEED_GIB=9
 free_gib() { df -Pk "$1" 2>/dev/null | awk 'NR==2 {print int($4 / 1048576)}'; }
-for d in . "${TMPDIR:-/tmp}"; do
+# CRLD_VENV_FALLBACK=DIR (.ci/run sets /dev/shm): where this disk lacks the space, the environment is made in
+# DIR (a RAM-backed tmpfs holds it in memory) and .venv links to it. Only when DIR has the space and the
+# memory left beside it is at least RAM_LEFT_GIB, for the runs the environment is for.
+RAM_LEFT_GIB=10
+avail_ram_gib() { awk '/^MemAvailable:/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null; }
+if [ -L "$VENV" ] && [ ! -e "$VENV" ]; then
+  # A fallback environment lost with its tmpfs (a reboot): made again where the link points.
+  mkdir -p "$(readlink "$VENV")"
+fi
+fb=${CRLD_VENV_FALLBACK:-}
+if [ -n "$fb" ] && [ ! -e "$VENV" ] && [ "$(free_gib .)" -lt "$NEED_GIB" ]; then
+  fb_free=$(free_gib "$fb"); ram=$(avail_ram_gib)
+  if [ -n "$fb_free" ] && [ "$fb_free" -ge "$NEED_GIB" ] && [ -n "$ram" ] && [ $((ram - NEED_GIB)) -ge "$RAM_LEFT_GIB" ]; then
+    target="$fb/crld-venv-$(printf %s "$HERE" | sha1sum | cut -c1-8)"
+    mkdir -p "$target/tmp"
+    ln -s "$target" "$VENV"
+    echo "[setup] $(free_gib .) GiB free here, ${NEED_GIB} needed: the environment goes to $target (${fb_free} GiB free, ${ram} GiB of memory available), .venv links to it" >&2
+  else
+    echo "[setup] CRLD_VENV_FALLBACK=$fb cannot take the environment (${fb_free:-?} GiB free there, ${ram:-?} GiB of memory available; ${NEED_GIB} GiB needed, ${RAM_LEFT_GIB} to be left)" >&2
+  fi
+fi
+if [ -L "$VENV" ]; then
+  # pip's downloads and unpacking beside the environment, not on the short disk.
+  mkdir -p "$VENV/tmp"
+  export TMPDIR="$(readlink "$VENV")/tmp"
+fi
+for d in "$VENV" "${TMPDIR:-/tmp}"; do
+  [ -e "$d" ] || d=.
   f=$(free_gib "$d")
   if [ -n "$f" ] && [ "$f" -lt "$NEED_GIB" ]; then
     echo "[setup] warning: only ${f} GiB free on the filesystem of $(cd "$d" && pwd); the environment needs about ${NEED_GIB} GiB" >&2
