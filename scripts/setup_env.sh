@@ -85,7 +85,8 @@ pip_failed() {
   exit 1
 }
 
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# venv refuses a link: it makes the environment where a fallback link points.
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$(readlink -f "$VENV")"
 # This machine's pip config lists local wheel folders that may not exist; drop that noise only.
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2 || true); }
 quiet "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools || pip_failed
