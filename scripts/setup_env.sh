@@ -49,7 +49,8 @@ free_gib() { df -Pk "$1" 2>/dev/null | awk 'NR==2 {print int($4 / 1048576)}'; }
 # DIR (a RAM-backed tmpfs holds it in memory) and .venv links to it. Only when DIR has the space and the
 # memory left beside it is at least RAM_LEFT_GIB, for the runs the environment is for.
 RAM_LEFT_GIB=10
-avail_ram_gib() { awk '/^MemAvailable:/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null; }
+# CRLD_MEMINFO: another meminfo file (the tests').
+avail_ram_gib() { awk '/^MemAvailable:/ {print int($2 / 1048576)}' "${CRLD_MEMINFO:-/proc/meminfo}" 2>/dev/null; }
 if [ -L "$VENV" ] && [ ! -e "$VENV" ]; then
   # A fallback environment lost with its tmpfs (a reboot): made again where the link points.
   mkdir -p "$(readlink "$VENV")"

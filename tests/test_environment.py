@@ -47,3 +47,55 @@ def test_the_project_imports_from_any_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     assert os.path.dirname(os.path.dirname(r.stdout.strip())) == os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))
+
+
+def _setup_script_copy(tmp_path, free_kib_here: int, free_kib_fallback: int, ram_kib: int = 23 << 20):
+    """scripts/setup_env.sh with what its stamp reads, in a checkout of its own, and a PATH where `df` reports
+    the given free space (the fallback folder's when asked of it), `dpkg` has every package, and the Python
+    that would make the environment records where it was asked to and stops there; `ram_kib` available."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo, fallback, bin_dir = tmp_path / "checkout", tmp_path / "ram", tmp_path / "bin"
+    for d in (repo / "scripts", fallback, bin_dir):
+        d.mkdir(parents=True)
+    for f in ("requirements.txt", "requirements-ffcv.txt", "pyproject.toml", "scripts/setup_env.sh"):
+        shutil.copy(os.path.join(root, f), repo / f)
+    (bin_dir / "df").write_text(
+        "#!/bin/sh\necho 'Filesystem 1024-blocks Used Available Capacity Mounted on'\n"
+        f"case \"$2\" in {fallback}*) echo \"x 1 1 {free_kib_fallback} 1% /r\" ;; "
+        f"*) echo \"x 1 1 {free_kib_here} 1% /\" ;; esac\n")
+    (bin_dir / "dpkg").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "python-stub").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/venv-args\nexit 3\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "meminfo").write_text(f"MemTotal: {24 << 20} kB\nMemAvailable: {ram_kib} kB\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python-stub"),
+           "CRLD_VENV_FALLBACK": str(fallback),
+           "CRLD_MEMINFO": str(tmp_path / "meminfo")}
+    r = subprocess.run(["bash", str(repo / "scripts/setup_env.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    return repo, fallback, r
+
+
+def test_a_disk_too_small_puts_the_environment_in_the_fallback_folder(tmp_path):
+    repo, fallback, r = _setup_script_copy(tmp_path, free_kib_here=3 << 20, free_kib_fallback=64 << 20)
+    venv = repo / ".venv"
+    assert r.returncode == 3, r.stderr  # stopped by the stub, where the environment would be made
+    assert venv.is_symlink() and os.path.dirname(os.readlink(venv)) == str(fallback), r.stderr
+    # venv refuses a link: it is asked to make the environment at the link's target
+    assert (tmp_path / "venv-args").read_text().split() == ["-m", "venv", os.readlink(venv)]
+    assert "3 GiB free here, 9 needed" in r.stderr
+
+
+def test_a_disk_with_room_keeps_the_environment_in_the_checkout(tmp_path):
+    repo, fallback, r = _setup_script_copy(tmp_path, free_kib_here=64 << 20, free_kib_fallback=64 << 20)
+    assert r.returncode == 3, r.stderr
+    assert not (repo / ".venv").is_symlink() and not any(fallback.iterdir())
+    assert (tmp_path / "venv-args").read_text().split() == ["-m", "venv", str(repo / ".venv")]
+
+
+@pytest.mark.parametrize("fallback_kib, ram_kib, why", [(2 << 20, 23 << 20, "2 GiB free there, 23 GiB"),
+                                                        (64 << 20, 18 << 20, "64 GiB free there, 18 GiB")])
+def test_a_fallback_without_room_or_memory_beside_it_is_refused_in_one_line(tmp_path, fallback_kib, ram_kib, why):
+    repo, fallback, r = _setup_script_copy(tmp_path, 3 << 20, fallback_kib, ram_kib)
+    assert not (repo / ".venv").is_symlink() and not any(fallback.iterdir())
+    assert f"CRLD_VENV_FALLBACK={fallback} cannot take the environment ({why} of memory available" in r.stderr
