@@ -14,7 +14,7 @@ from bench.records import machine, save_json
 from common.errors import UserError
 from datasets_prep.make_jpeg_folder import make_jpeg_folder
 from datasets_prep.prep_ffcv import main as prep
-from pipelines import build_loaders
+from pipelines import build_loaders, cpu_plan
 from pipelines.device import Normalizer, on_device
 from pipelines.finish_views import pair_finisher
 from pipelines.sources import FolderSource
@@ -102,7 +102,7 @@ def bench_ffcv_two_decode(over, args):
     device = torch.device(args.device)  # the same device as the other pipelines: GPU finishing on a GPU
     norm = Normalizer(tuple(map(tuple, meta["mean_std"])), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    finish = pair_finisher(on_device(cfg, device))
+    finish = pair_finisher(on_device(cfg, device), cpu_plan(cfg, device).host_threads)  # as `ffcv`'s host pool
     n, t0, epoch = 0, None, 0
     while True:
         for b, outs in enumerate(loader):

@@ -83,10 +83,6 @@ def cpu_budget(chosen: int = 0) -> CpuBudget:
     return CpuBudget(chosen or max(1, n // ranks), quota, online, affinity, ranks, chosen)
 
 
-def usable_cpus() -> int:
-    return cpu_budget().cpus
-
-
 # Threads of the host pool at most: more mostly contend for the interpreter lock (docs/benchmarks.md).
 HOST_POOL_MAX = 16
 LOADER_KEYS = {"torch": "pipeline.num_workers", "ffcv": "pipeline.num_workers", "dali": "pipeline.dali_threads"}

@@ -260,7 +260,7 @@ class _FfcvTrainLoader(_FfcvLoader):
         super().__init__(loader, normalize)
         self.table, self.cfg, self.views, self.host_threads = table, cfg, views, host_threads
         # where the views are cut and how they are finished, fixed when the loader is built
-        self._finish = pair_finisher(device_route, strong_program(cfg.pipeline.strong_program))
+        self._finish = pair_finisher(device_route, host_threads, strong_program(cfg.pipeline.strong_program))
         self._views = (self._compiled_views if table.crops_in_pipeline else
                        self._resized_on_device if device_route else self._views_on_host)
 
@@ -298,7 +298,7 @@ class _FfcvTrainLoader(_FfcvLoader):
 
 
 class _FfcvValLoader(_FfcvLoader):
-    def __init__(self, loader, normalize, keep=None, resized=None, host_threads=0):
+    def __init__(self, loader, normalize, host_threads, keep=None, resized=None):
         super().__init__(loader, normalize)
         self.keep = keep  # this rank's real validation samples (positions rank, rank + world, ...)
         self.resized = resized  # (stored sizes, data.resize_source, data.image_size): views made on the host
@@ -381,6 +381,5 @@ def build_val(source, cfg, device, rank: int = 0, world: int = 1, *, device_rout
         dec = SimpleRGBImageDecoder()
     plan = cpu_plan(cfg, device)
     loader = _loader(path, cfg, cfg.pipeline.val_batch_size, [dec], False, world, plan.workers)
-    return _FfcvValLoader(loader, Normalizer.for_run(meta["mean_std"], cfg, device),
-                          keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None, resized=resized,
-                          host_threads=plan.host_threads)
+    return _FfcvValLoader(loader, Normalizer.for_run(meta["mean_std"], cfg, device), plan.host_threads,
+                          keep=len(range(rank, meta["num_samples"], world)) if world > 1 else None, resized=resized)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.cpus import HOST_POOL_MAX, usable_cpus
 from pipelines.device import to_device
 from pipelines.randaugment_pil import apply_strong
 from pipelines.randaugment_segmented import StrongBatch, apply_strong_batch
@@ -30,12 +29,10 @@ _POOLS = {}
 _resize_aa = torch.ops.aten._upsample_bilinear2d_aa.out
 
 
-def pool(threads: int = 0) -> ThreadPoolExecutor:
-    """One thread per usable core by default (more threads mostly contend for the GIL:
-    docs/benchmarks.md); each keeps a single
+def pool(threads: int) -> ThreadPoolExecutor:
+    """The host pool of `threads` threads (the run's CPU plan, `pipelines.cpu_plan`); each keeps a single
     intra-op torch thread (a per-thread OpenMP setting) so nested parallel regions do not
     oversubscribe the cores."""
-    threads = threads or min(HOST_POOL_MAX, usable_cpus())
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="views",
                                              initializer=torch.set_num_threads, initargs=(1,))
@@ -71,7 +68,7 @@ def finish_pairs_on_device(x: torch.Tensor, strong: Optional[StrongDraws], norma
     return weak, normalize(strong_on_device(x[:, 1], strong, normalize.device, program))
 
 
-def finish_pairs_on_host(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int):
+def finish_pairs_on_host(x: torch.Tensor, strong: Optional[StrongDraws], normalize, views: int, threads: int):
     """Host route: the same, per sample on the host pool (contiguous per-sample slices normalise faster
     than the strided batch, and the PIL ops run beside them)."""
     def pair(j):
@@ -79,16 +76,18 @@ def finish_pairs_on_host(x: torch.Tensor, strong: Optional[StrongDraws], normali
             return x[j, 0], None
         return x[j, 0], x[j, 1] if strong is None else strong_pil(x[j, 1], strong.params(j))
 
-    return _normalised_on_host(x.shape[0], x.shape[2:4], views, normalize, pair)
+    return _normalised_on_host(x.shape[0], x.shape[2:4], views, normalize, pair, threads)
 
 
-def pair_finisher(device_route: bool, program=apply_strong_batch):
+def pair_finisher(device_route: bool, threads: int, program=apply_strong_batch):
     """The route's `finish(x, strong, normalize, views)` for uint8 (N, 2, H, W, 3) crop pairs, picked once
-    when a loader is built (no per-batch branch on the route)."""
-    return functools.partial(finish_pairs_on_device, program=program) if device_route else finish_pairs_on_host
+    when a loader is built (no per-batch branch on the route); the host route's on `threads` threads."""
+    if device_route:
+        return functools.partial(finish_pairs_on_device, program=program)
+    return functools.partial(finish_pairs_on_host, threads=threads)
 
 
-def _normalised_on_host(n, hw, views, normalize, pair, threads: int = 0):
+def _normalised_on_host(n, hw, views, normalize, pair, threads: int):
     """Per sample on the host pool: `pair(j)` gives sample j's uint8 HWC (weak, strong or None), each
     normalised into its row of one NHWC buffer per view (contiguous per-sample slices normalise faster
     than the strided batch). Returned on the training device as NCHW views: channels-last memory, as the
@@ -133,7 +132,7 @@ def crop_resize(img: np.ndarray, c: Crop, size: int) -> torch.Tensor:
     return out
 
 
-def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, threads: int = 0,
+def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, threads: int,
                        resize: int = 0):
     """Host route: decoded uint8 HWC images (one per sample, any size) -> normalised float (weak, strong)
     NCHW channels-last. Per sample on the host pool: the image resized first when `resize`
@@ -150,7 +149,7 @@ def views_from_decoded(images, vb: ViewBatch, size: int, views: int, normalize, 
     return _normalised_on_host(len(images), (size, size), views, normalize, pair, threads)
 
 
-def crop_pairs(images, vb: ViewBatch, size: int, resize: int, threads: int = 0) -> torch.Tensor:
+def crop_pairs(images, vb: ViewBatch, size: int, resize: int, threads: int) -> torch.Tensor:
     """Decoded uint8 HWC images -> uint8 (N, 2, size, size, 3) weak / strong crops, each image resized first
     as `views_from_decoded` does, per sample on the host pool: for a device route whose compiled cutter has
     no PIL-exact bicubic resize (ffcv), the views then finished on the device."""
