@@ -51,16 +51,11 @@ free_gib() { df -Pk "$1" 2>/dev/null | awk 'NR==2 {print int($4 / 1048576)}'; }
 RAM_LEFT_GIB=10
 # CRLD_MEMINFO: another meminfo file (the tests').
 avail_ram_gib() { awk '/^MemAvailable:/ {print int($2 / 1048576)}' "${CRLD_MEMINFO:-/proc/meminfo}" 2>/dev/null; }
-if [ -L "$VENV" ] && [ ! -e "$VENV" ]; then
-  # A fallback environment lost with its tmpfs (a reboot): made again where the link points.
-  mkdir -p "$(readlink "$VENV")"
-fi
 fb=${CRLD_VENV_FALLBACK:-}
-if [ -n "$fb" ] && [ ! -e "$VENV" ] && [ "$(free_gib .)" -lt "$NEED_GIB" ]; then
+if [ -n "$fb" ] && [ ! -e "$VENV" ] && [ ! -L "$VENV" ] && [ "$(free_gib .)" -lt "$NEED_GIB" ]; then
   fb_free=$(free_gib "$fb"); ram=$(avail_ram_gib)
   if [ -n "$fb_free" ] && [ "$fb_free" -ge "$NEED_GIB" ] && [ -n "$ram" ] && [ $((ram - NEED_GIB)) -ge "$RAM_LEFT_GIB" ]; then
     target="$fb/crld-venv-$(printf %s "$HERE" | sha1sum | cut -c1-8)"
-    mkdir -p "$target/tmp"
     ln -s "$target" "$VENV"
     echo "[setup] $(free_gib .) GiB free here, ${NEED_GIB} needed: the environment goes to $target (${fb_free} GiB free, ${ram} GiB of memory available), .venv links to it" >&2
   else
@@ -68,9 +63,10 @@ if [ -n "$fb" ] && [ ! -e "$VENV" ] && [ "$(free_gib .)" -lt "$NEED_GIB" ]; then
   fi
 fi
 if [ -L "$VENV" ]; then
-  # pip's downloads and unpacking beside the environment, not on the short disk.
-  mkdir -p "$VENV/tmp"
+  # pip's downloads and unpacking beside the environment, not on the short disk; the folder made (again,
+  # where a reboot emptied the tmpfs) where the link points.
   export TMPDIR="$(readlink "$VENV")/tmp"
+  mkdir -p "$TMPDIR"
 fi
 for d in "$VENV" "${TMPDIR:-/tmp}"; do
   [ -e "$d" ] || d=.
